@@ -1,0 +1,23 @@
+// Errors that graft reports to people.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace graft {
+
+/// Every error graft raises for a bad file, value or usage. The message is one line, already
+/// carrying its context ("model.gguf: tensor 'blk.0.attn_q.weight': data runs past the end of
+/// the file"), ready to print as it is.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// An error about the contents of a file: prints as "<path>: <what>".
+class FileError : public Error {
+ public:
+  FileError(const std::string& path, const std::string& what) : Error(path + ": " + what) {}
+};
+
+}  // namespace graft
