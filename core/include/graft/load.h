@@ -1,0 +1,47 @@
+// Loading models: from a GGUF file, a Hugging Face folder, or a name found on the model path.
+#pragma once
+
+#include <graft/model.h>
+#include <graft/tokenizer.h>
+
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace graft {
+
+struct LoadOptions {
+  std::string family;                   ///< when set, the file must be of this family
+  c10::ScalarType dtype = c10::kFloat;  ///< parameter dtype after loading
+  c10::Device device = c10::kCPU;
+};
+
+struct LoadedModel {
+  std::shared_ptr<Model> model;          ///< in eval mode, parameters frozen (requires_grad off)
+  std::shared_ptr<Tokenizer> tokenizer;  ///< null when the checkpoint carries none
+  std::filesystem::path path;            ///< the file or folder it came from
+  std::string format;                    ///< "gguf" or "hf"
+};
+
+/// Folders searched for a model given by name, in order: each entry of $GRAFT_MODELS
+/// (colon-separated), the shared models folder next to the source checkout (../shared/models),
+/// and ./models.
+std::vector<std::filesystem::path> model_search_path();
+
+/// Resolves a model argument: an existing file or folder is used as it is; otherwise NAME is
+/// looked up on the search path as NAME/ (a folder holding a .gguf file or config.json) or
+/// NAME.gguf. Throws graft::Error naming every place it looked and how to provide the model.
+std::filesystem::path resolve_model(const std::string& path_or_name);
+
+/// Loads a model and its tokenizer. Throws graft::FileError for an unreadable or inconsistent
+/// checkpoint (missing tensors, wrong shapes, unsupported architecture).
+LoadedModel load_model(const std::string& path_or_name, const LoadOptions& options = {});
+
+/// Sets libtorch's intra-op thread count: `threads` when positive, else the machine's cores.
+void set_threads(int threads = 0);
+
+}  // namespace graft

@@ -1,0 +1,128 @@
+// The native model families' common interface: configuration, injection sites, the one linear
+// choke point every projection goes through, the forward pass and its key/value cache.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <nlohmann/json.hpp>
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace graft {
+
+/// How rotary position embeddings pair up the dimensions of a head.
+enum class RopeStyle {
+  interleaved,  ///< adjacent pairs (x0, x1), (x2, x3), ...: llama2.c, GGUF llama files
+  half_split,   ///< pairs (x_i, x_{i + d/2}): Hugging Face checkpoints
+};
+
+/// Everything needed to build a model of one family. Field names follow Hugging Face's
+/// config.json where one exists.
+struct ModelConfig {
+  std::string family;        ///< "llama", "bert" or "gpt2"
+  std::string architecture;  ///< e.g. "LlamaForCausalLM", "BertForSequenceClassification"
+  std::int64_t vocab_size = 0;
+  std::int64_t hidden_size = 0;        ///< d
+  std::int64_t num_layers = 0;
+  std::int64_t num_heads = 0;          ///< query heads
+  std::int64_t num_kv_heads = 0;       ///< key/value heads (grouped-query attention when fewer)
+  std::int64_t head_dim = 0;
+  std::int64_t intermediate_size = 0;  ///< feed-forward width
+  std::int64_t max_positions = 0;      ///< learned-position table size, or trained context
+  double norm_eps = 1e-5;
+  double rope_theta = 10000.0;
+  RopeStyle rope_style = RopeStyle::half_split;
+  bool tie_embeddings = false;   ///< the LM head reuses the token embedding matrix
+  bool attention_bias = false;   ///< biases on q, k, v (Qwen2; always on for bert and gpt2)
+  std::string hidden_act;        ///< "silu", "gelu" (erf), "gelu_new" (tanh approximation)
+  std::int64_t type_vocab_size = 0;  ///< bert token types
+  std::int64_t num_labels = 0;       ///< classifier width; 0 means no classification head
+  std::string classifier;            ///< "" none, "pooler" (BERT), "roberta" (dense + out_proj)
+  bool roberta_positions = false;    ///< positions start at pad_token_id + 1 and skip padding
+  std::int64_t pad_token_id = -1;
+  std::int64_t bos_token_id = -1;
+  std::int64_t eos_token_id = -1;
+
+  nlohmann::json to_json() const;
+};
+
+/// One injection site: where a method can attach. Names read like module paths
+/// ("layers.3.attn.q", "embed", "head"); points come from one closed vocabulary shared by all
+/// families (see docs/sites.md).
+struct Site {
+  std::string name;
+  std::string point;            ///< "attn.q", "ffn.act", "norm.attn", ...
+  std::int64_t layer = -1;      ///< layer index, or -1 outside the layer stack
+  std::int64_t in_features = 0;   ///< linear sites: input width; other sites: the width seen
+  std::int64_t out_features = 0;  ///< linear sites: output width; other sites: the width seen
+};
+
+/// The closed vocabulary of site points, in the order a layer meets them.
+const std::vector<std::string>& site_points();
+
+/// The one linear choke point: every projection of every family is a graft::Linear, so a method
+/// written against it works on all of them. y = x W^T + b, W: [out, in], b: [out].
+class LinearImpl : public torch::nn::Module {
+ public:
+  LinearImpl(std::int64_t in_features, std::int64_t out_features, bool bias);
+  /// x: [..., in] -> [..., out]
+  at::Tensor forward(const at::Tensor& x);
+  /// Shares `weight` (e.g. a tied LM head uses the embedding matrix) without registering it as
+  /// this module's parameter.
+  void tie_weight(const at::Tensor& weight);
+
+  at::Tensor weight;
+  at::Tensor bias;  ///< undefined when the projection has none
+  std::int64_t in_features, out_features;
+};
+TORCH_MODULE(Linear);
+
+/// The inputs of one forward pass.
+struct ForwardInput {
+  at::Tensor input_ids;       ///< [batch, seq] int64
+  at::Tensor attention_mask;  ///< [batch, seq], 1 for tokens and 0 for padding; undefined = all 1
+  at::Tensor token_type_ids;  ///< [batch, seq] (bert); undefined = zeros
+  at::Tensor position_ids;    ///< [batch, seq]; undefined = derived from the mask (see below)
+};
+
+/// The outputs of one forward pass.
+struct ForwardOutput {
+  at::Tensor logits;  ///< [batch, seq, vocab] (LM) or [batch, num_labels] (classifier); may be undefined
+  at::Tensor hidden;  ///< [batch, seq, d]: the last hidden states (after the final norm)
+  at::Tensor pooled;  ///< [batch, d]: bert's pooler output, when the model has one
+};
+
+/// Keys and values of the tokens seen so far, per layer, for incremental decoding.
+struct KVCache {
+  std::vector<at::Tensor> keys;    ///< per layer: [batch, kv_heads, cached, head_dim]
+  std::vector<at::Tensor> values;  ///< per layer: [batch, kv_heads, cached, head_dim]
+  at::Tensor mask;                 ///< [batch, cached]: the attention mask of the cached tokens
+  std::int64_t length() const { return mask.defined() ? mask.size(1) : 0; }
+};
+
+/// A native libtorch model. Positions: causal families (llama, gpt2) number each row's tokens
+/// from its first unmasked token (so left padding does not shift them, as in transformers'
+/// generate); bert numbers them 0..seq-1, roberta from pad_token_id + 1 over unmasked tokens.
+class Model : public torch::nn::Module {
+ public:
+  explicit Model(ModelConfig config) : config_(std::move(config)) {}
+  const ModelConfig& config() const { return config_; }
+  const std::vector<Site>& sites() const { return sites_; }
+  /// Whether attention is causal (decoder) or bidirectional (encoder).
+  virtual bool causal() const = 0;
+  /// One forward pass. With a cache, `in` holds only the new tokens and their mask; the cache
+  /// is extended with them.
+  virtual ForwardOutput forward(const ForwardInput& in, KVCache* cache = nullptr) = 0;
+
+ protected:
+  void add_site(Site site) { sites_.push_back(std::move(site)); }
+  ModelConfig config_;
+
+ private:
+  std::vector<Site> sites_;
+};
+
+}  // namespace graft

@@ -1,0 +1,26 @@
+// The graft command line: one function per command, sharing option parsing and error handling.
+#pragma once
+
+#include <graft/error.h>
+
+#include <string>
+#include <vector>
+
+namespace graft::cli {
+
+/// A mistake in how a command was called: printed with the command's usage, exit code 2.
+class UsageError : public Error {
+ public:
+  using Error::Error;
+};
+
+using Args = std::vector<std::string>;
+
+int run_generate(const Args& args);
+int run_inspect(const Args& args);
+int run_forward(const Args& args);
+
+/// Parses "1,5,9" into integers; `what` names the option in errors.
+std::vector<std::int64_t> parse_int_list(const std::string& text, const std::string& what);
+
+}  // namespace graft::cli

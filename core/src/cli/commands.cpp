@@ -1,0 +1,203 @@
+// graft generate, graft inspect, graft forward.
+#include <graft/generate.h>
+#include <graft/io/gguf.h>
+#include <graft/io/safetensors.h>
+#include <graft/load.h>
+
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+
+#include "cli/options.h"
+
+namespace graft::cli {
+
+std::vector<std::int64_t> parse_int_list(const std::string& text, const std::string& what) {
+  std::vector<std::int64_t> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    try {
+      std::size_t used = 0;
+      out.push_back(std::stoll(item, &used));
+      if (used != item.size()) throw std::invalid_argument(item);
+    } catch (const std::exception&) {
+      throw UsageError(what + ": expected comma-separated integers, got \"" + text + "\"");
+    }
+  }
+  if (out.empty()) throw UsageError(what + ": expected at least one integer");
+  return out;
+}
+
+namespace {
+
+std::string with_commas(std::int64_t n) {
+  auto s = std::to_string(n);
+  for (int i = static_cast<int>(s.size()) - 3; i > 0; i -= 3) s.insert(i, ",");
+  return s;
+}
+
+}  // namespace
+
+int run_generate(const Args& args) {
+  po::options_description desc("options");
+  desc.add_options()
+      ("model,m", po::value<std::string>()->required(), "GGUF file, Hugging Face folder or model name")
+      ("prompt,p", po::value<std::string>()->default_value(""), "text to continue")
+      ("max-new-tokens,n", po::value<std::int64_t>()->default_value(128), "tokens to generate")
+      ("temperature,t", po::value<double>()->default_value(0.0), "0 = greedy")
+      ("top-k", po::value<std::int64_t>()->default_value(0), "sample from the k most likely (0 = all)")
+      ("top-p", po::value<double>()->default_value(1.0), "nucleus sampling threshold")
+      ("seed", po::value<std::uint64_t>()->default_value(0), "sampling seed")
+      ("no-bos", "do not start with the BOS token");
+  po::variables_map vm;
+  if (!parse(args, desc, vm, "usage: graft generate --model PATH [--prompt TEXT] [options]")) return 0;
+  GenerationOptions o;
+  o.max_new_tokens = vm["max-new-tokens"].as<std::int64_t>();
+  o.temperature = vm["temperature"].as<double>();
+  o.top_k = vm["top-k"].as<std::int64_t>();
+  o.top_p = vm["top-p"].as<double>();
+  o.seed = vm["seed"].as<std::uint64_t>();
+  if (o.max_new_tokens < 0) throw UsageError("--max-new-tokens: expected a non-negative integer");
+  if (o.temperature < 0) throw UsageError("--temperature: expected a non-negative number");
+  if (o.top_p <= 0 || o.top_p > 1) throw UsageError("--top-p: expected a number in (0, 1]");
+
+  set_threads(vm["threads"].as<int>());
+  auto loaded = load_model(vm["model"].as<std::string>());
+  if (!loaded.tokenizer) throw Error(loaded.path.string() + ": has no tokenizer to encode the prompt");
+  if (!loaded.model->causal()) throw Error(loaded.path.string() + ": is not a causal language model");
+  const auto& tok = *loaded.tokenizer;
+  auto prompt = tok.encode(vm["prompt"].as<std::string>(), !vm.count("no-bos"));
+  if (prompt.empty()) throw UsageError("the prompt is empty and the model has no BOS token");
+  if (tok.eos_id() >= 0) o.stop_ids.push_back(tok.eos_id());
+
+  auto ids = torch::tensor(prompt, torch::kLong).unsqueeze(0);
+  std::vector<std::int64_t> all = prompt;
+  std::string shown = tok.decode(all);
+  std::cout << shown << std::flush;
+  generate(*loaded.model, ids, {}, o, [&](const at::Tensor& next) {
+    auto id = next[0].item<std::int64_t>();
+    if (id < 0) return;
+    all.push_back(id);
+    // Decode everything so far and print what is new: byte tokens only form characters together.
+    auto text = tok.decode(all);
+    if (text.size() > shown.size() && text.compare(0, shown.size(), shown) == 0) {
+      std::cout << text.substr(shown.size()) << std::flush;
+      shown = std::move(text);
+    }
+  });
+  std::cout << "\n";
+  return 0;
+}
+
+int run_inspect(const Args& args) {
+  po::options_description desc("options");
+  desc.add_options()("model,m", po::value<std::string>()->required(), "GGUF file, Hugging Face folder or name")
+      ("metadata", "list every GGUF metadata entry");
+  po::positional_options_description pos;
+  pos.add("model", 1);
+  po::variables_map vm;
+  if (!parse(args, desc, vm, "usage: graft inspect PATH [--metadata]", &pos)) return 0;
+  const auto path = resolve_model(vm["model"].as<std::string>());
+  std::vector<std::tuple<std::string, std::string, std::string>> rows;  // name, shape, dtype
+  std::cout << "file: " << path.string();
+  if (std::filesystem::is_directory(path)) {
+    std::cout << " (Hugging Face folder)\n";
+    for (const auto& [name, t] : io::read_safetensors_model(path))
+      rows.emplace_back(name, c10::str(t.sizes()), std::string(c10::toString(t.scalar_type())));
+  } else {
+    io::GgufFile f(path);
+    std::cout << " (GGUF v" << f.version() << ", " << f.metadata().size() << " metadata entries)\n";
+    if (vm.count("metadata"))
+      for (const auto& [k, v] : f.metadata()) std::cout << "  " << k << " = " << v.to_string() << "\n";
+    for (const auto& t : f.tensors())
+      rows.emplace_back(t.name, c10::str(c10::IntArrayRef(t.shape)), io::ggml_type_name(t.type));
+  }
+  set_threads(vm["threads"].as<int>());
+  auto loaded = load_model(path.string());
+  const auto& c = loaded.model->config();
+  std::int64_t params = 0;
+  for (const auto& p : loaded.model->parameters()) params += p.numel();
+  std::cout << "family: " << c.family << " (" << c.architecture << ")\n"
+            << "config: " << c.to_json().dump() << "\n"
+            << "parameters: " << with_commas(params) << "\n"
+            << "sites: " << loaded.model->sites().size() << "\n";
+  if (loaded.tokenizer)
+    std::cout << "tokenizer: " << loaded.tokenizer->vocab_size() << " tokens (bos " << loaded.tokenizer->bos_id()
+              << ", eos " << loaded.tokenizer->eos_id() << ")\n";
+  std::size_t width = 4;
+  for (const auto& r : rows) width = std::max(width, std::get<0>(r).size());
+  std::cout << "tensors: " << rows.size() << "\n";
+  for (const auto& [name, shape, dtype] : rows)
+    std::cout << "  " << std::left << std::setw(static_cast<int>(width)) << name << "  "
+              << std::setw(16) << shape << " " << dtype << "\n";
+  return 0;
+}
+
+int run_forward(const Args& args) {
+  po::options_description desc("options");
+  desc.add_options()
+      ("model,m", po::value<std::string>()->required(), "GGUF file, Hugging Face folder or model name")
+      ("tokens", po::value<std::vector<std::string>>()->required(),
+       "one sequence of comma-separated ids; repeat for a batch")
+      ("mask", po::value<std::vector<std::string>>(), "attention mask per sequence (1 token, 0 padding)")
+      ("token-types", po::value<std::vector<std::string>>(), "token type ids per sequence (bert)")
+      ("padding", po::value<std::string>()->default_value("right"), "pad shorter sequences on the left or right")
+      ("out,o", po::value<std::string>()->required(), "output .safetensors file");
+  po::variables_map vm;
+  if (!parse(args, desc, vm, "usage: graft forward --model PATH --tokens 1,5,9 [--tokens ...] --out FILE.safetensors"))
+    return 0;
+  const auto padding = vm["padding"].as<std::string>();
+  if (padding != "left" && padding != "right") throw UsageError("--padding: expected left or right");
+  std::vector<std::vector<std::int64_t>> seqs, masks, types;
+  for (const auto& s : vm["tokens"].as<std::vector<std::string>>()) seqs.push_back(parse_int_list(s, "--tokens"));
+  if (vm.count("mask"))
+    for (const auto& s : vm["mask"].as<std::vector<std::string>>()) masks.push_back(parse_int_list(s, "--mask"));
+  if (vm.count("token-types"))
+    for (const auto& s : vm["token-types"].as<std::vector<std::string>>()) types.push_back(parse_int_list(s, "--token-types"));
+  if (!masks.empty() && masks.size() != seqs.size()) throw UsageError("give one --mask per --tokens");
+  if (!types.empty() && types.size() != seqs.size()) throw UsageError("give one --token-types per --tokens");
+  for (std::size_t i = 0; i < masks.size(); ++i)
+    if (masks[i].size() != seqs[i].size()) throw UsageError("--mask " + std::to_string(i + 1) + " has a different length from its --tokens");
+  for (std::size_t i = 0; i < types.size(); ++i)
+    if (types[i].size() != seqs[i].size()) throw UsageError("--token-types " + std::to_string(i + 1) + " has a different length from its --tokens");
+
+  set_threads(vm["threads"].as<int>());
+  auto loaded = load_model(vm["model"].as<std::string>());
+  const auto vocab = loaded.model->config().vocab_size;
+  std::size_t len = 0;
+  for (const auto& s : seqs) len = std::max(len, s.size());
+  const auto pad_id = std::max<std::int64_t>(loaded.model->config().pad_token_id, 0);
+  const auto batch = static_cast<std::int64_t>(seqs.size());
+  auto ids = torch::full({batch, static_cast<std::int64_t>(len)}, pad_id, torch::kLong);
+  auto mask = torch::zeros({batch, static_cast<std::int64_t>(len)}, torch::kLong);
+  auto tt = torch::zeros({batch, static_cast<std::int64_t>(len)}, torch::kLong);
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const auto n = static_cast<std::int64_t>(seqs[b].size());
+    const std::int64_t off = padding == "left" ? static_cast<std::int64_t>(len) - n : 0;
+    for (std::int64_t t = 0; t < n; ++t) {
+      if (seqs[b][t] < 0 || seqs[b][t] >= vocab)
+        throw UsageError("--tokens: id " + std::to_string(seqs[b][t]) + " is outside the vocabulary of " + std::to_string(vocab));
+      ids[b][off + t] = seqs[b][t];
+      mask[b][off + t] = masks.empty() ? 1 : masks[b][t];
+      if (!types.empty()) tt[b][off + t] = types[b][t];
+    }
+  }
+  torch::NoGradGuard no_grad;
+  ForwardInput in{ids, mask, types.empty() ? at::Tensor() : tt, {}};
+  auto out = loaded.model->forward(in, nullptr);
+  io::TensorMap tensors{{"input_ids", ids}, {"attention_mask", mask}, {"hidden", out.hidden.contiguous()}};
+  if (out.logits.defined()) tensors["logits"] = out.logits.contiguous();
+  if (out.pooled.defined()) tensors["pooled"] = out.pooled.contiguous();
+  io::write_safetensors(vm["out"].as<std::string>(), tensors,
+                        {{"model", loaded.path.string()}, {"family", loaded.model->config().family}});
+  std::cout << "wrote " << vm["out"].as<std::string>() << ": logits "
+            << (out.logits.defined() ? c10::str(out.logits.sizes()) : std::string("(none)"))
+            << ", hidden " << c10::str(out.hidden.sizes()) << "\n";
+  return 0;
+}
+
+}  // namespace graft::cli

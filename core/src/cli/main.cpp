@@ -1,0 +1,72 @@
+// graft: parameter-efficient fine-tuning for transformer models.
+#include <graft/load.h>
+#include <graft/version.h>
+
+#include <c10/util/Exception.h>
+#include <torch/version.h>
+
+#include <cstring>
+#include <iostream>
+
+#include "cli/cli.h"
+
+namespace {
+
+constexpr const char* kUsage = R"(usage: graft <command> [options]
+
+commands:
+  generate   continue a prompt with a model (greedy or sampled)
+  inspect    show a model file's family, configuration, tensors and sites
+  forward    run one forward pass and write logits and hidden states to safetensors
+  version    print graft's and libtorch's versions
+
+'graft <command> --help' shows a command's options.
+)";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace graft;
+  std::vector<std::string> args(argv + 1, argv + argc);
+  bool verbose = false;
+  for (auto it = args.begin(); it != args.end();) {
+    if (*it == "--verbose" || *it == "-v") {
+      verbose = true;
+      it = args.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+    std::cout << kUsage;
+    return args.empty() ? 2 : 0;
+  }
+  const std::string command = args[0];
+  args.erase(args.begin());
+  try {
+    if (command == "generate") return cli::run_generate(args);
+    if (command == "inspect") return cli::run_inspect(args);
+    if (command == "forward") return cli::run_forward(args);
+    if (command == "version" || command == "--version") {
+      std::cout << "graft " << GRAFT_VERSION << " (libtorch " << TORCH_VERSION << ")\n";
+      return 0;
+    }
+    std::cerr << "graft: unknown command '" << command << "'\n\n" << kUsage;
+    return 2;
+  } catch (const cli::UsageError& e) {
+    std::cerr << "graft " << command << ": " << e.what() << " (see 'graft " << command
+              << " --help')\n";
+    return 2;
+  } catch (const Error& e) {
+    std::cerr << "graft: error: " << e.what() << "\n";
+    return 1;
+  } catch (const c10::Error& e) {
+    std::string msg = verbose ? e.what() : e.what_without_backtrace();
+    if (!verbose) msg = msg.substr(0, msg.find('\n'));
+    std::cerr << "graft: error: " << msg << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "graft: error: " << e.what() << "\n";
+    return 1;
+  }
+}

@@ -1,0 +1,35 @@
+// Option parsing shared by the commands (Boost.Program_options, kept out of public headers).
+#pragma once
+
+#include <boost/program_options.hpp>
+
+#include <iostream>
+
+#include "cli/cli.h"
+
+namespace graft::cli {
+
+namespace po = boost::program_options;
+
+/// Parses `args` against `desc` (and positional names); prints help and returns false for
+/// --help; throws UsageError for anything malformed.
+inline bool parse(const Args& args, po::options_description& desc, po::variables_map& vm,
+                  const char* usage, const po::positional_options_description* pos = nullptr) {
+  desc.add_options()("help,h", "show this help")("threads", po::value<int>()->default_value(0),
+                                                 "intra-op threads (0 = all cores)");
+  try {
+    auto parser = po::command_line_parser(args).options(desc);
+    if (pos) parser.positional(*pos);
+    po::store(parser.run(), vm);
+    if (vm.count("help")) {
+      std::cout << usage << "\n\n" << desc << "\n";
+      return false;
+    }
+    po::notify(vm);
+  } catch (const po::error& e) {
+    throw UsageError(e.what());
+  }
+  return true;
+}
+
+}  // namespace graft::cli

@@ -1,0 +1,203 @@
+// The bert family: BERT and RoBERTa encoders. Post-norm LayerNorm, bidirectional attention,
+// learned absolute positions and token types, the pooler, and the sequence-classification heads
+// of BertForSequenceClassification (on the pooled output) and RobertaForSequenceClassification
+// (dense + tanh + out_proj on the first token).
+#include <graft/error.h>
+
+#include "models/common.h"
+#include "models/families.h"
+
+namespace graft::models {
+namespace {
+
+class BertAttentionImpl : public torch::nn::Module {
+ public:
+  explicit BertAttentionImpl(const ModelConfig& c) {
+    const auto d = c.hidden_size;
+    q = register_module("q", Linear(d, d, true));
+    k = register_module("k", Linear(d, d, true));
+    v = register_module("v", Linear(d, d, true));
+    o = register_module("o", Linear(d, d, true));
+  }
+  Linear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr};
+};
+TORCH_MODULE(BertAttention);
+
+class BertFfnImpl : public torch::nn::Module {
+ public:
+  explicit BertFfnImpl(const ModelConfig& c) {
+    up = register_module("up", Linear(c.hidden_size, c.intermediate_size, true));
+    down = register_module("down", Linear(c.intermediate_size, c.hidden_size, true));
+  }
+  Linear up{nullptr}, down{nullptr};
+};
+TORCH_MODULE(BertFfn);
+
+class BertLayerImpl : public torch::nn::Module {
+ public:
+  explicit BertLayerImpl(const ModelConfig& c) : c_(c) {
+    attn = register_module("attn", BertAttention(c));
+    attn_norm = register_module("attn_norm", Norm(c.hidden_size, c.norm_eps, true));
+    ffn = register_module("ffn", BertFfn(c));
+    ffn_norm = register_module("ffn_norm", Norm(c.hidden_size, c.norm_eps, true));
+  }
+  at::Tensor forward(at::Tensor x, const at::Tensor& key_mask) {
+    auto q = split_heads(attn->q(x), c_.num_heads, c_.head_dim);
+    auto k = split_heads(attn->k(x), c_.num_heads, c_.head_dim);
+    auto v = split_heads(attn->v(x), c_.num_heads, c_.head_dim);
+    x = attn_norm(x + attn->o(attend(q, k, v, key_mask, false)));
+    return ffn_norm(x + ffn->down(activate(ffn->up(x), c_.hidden_act)));
+  }
+  BertAttention attn{nullptr};
+  Norm attn_norm{nullptr}, ffn_norm{nullptr};
+  BertFfn ffn{nullptr};
+
+ private:
+  ModelConfig c_;
+};
+TORCH_MODULE(BertLayer);
+
+class Bert : public Model {
+ public:
+  explicit Bert(ModelConfig c) : Model(std::move(c)) {
+    const auto& cfg = config_;
+    const auto d = cfg.hidden_size;
+    embed = register_module("embed", torch::nn::Embedding(cfg.vocab_size, d));
+    pos_embed = register_module("pos_embed", torch::nn::Embedding(cfg.max_positions, d));
+    type_embed = register_module("type_embed", torch::nn::Embedding(std::max<std::int64_t>(cfg.type_vocab_size, 1), d));
+    embed_norm = register_module("embed_norm", Norm(d, cfg.norm_eps, true));
+    layers = register_module("layers", torch::nn::ModuleList());
+    for (std::int64_t i = 0; i < cfg.num_layers; ++i) layers->push_back(BertLayer(cfg));
+    if (cfg.classifier != "roberta") pooler = register_module("pooler", Linear(d, d, true));
+    if (cfg.classifier == "roberta") head_dense = register_module("head_dense", Linear(d, d, true));
+    if (!cfg.classifier.empty()) head = register_module("head", Linear(d, cfg.num_labels, true));
+
+    add_site({"embed", "embed", -1, cfg.vocab_size, d});
+    add_site({"embed_norm", "norm.embed", -1, d, d});
+    for (std::int64_t i = 0; i < cfg.num_layers; ++i)
+      for (auto& s : layer_sites(cfg, i, false, true)) add_site(std::move(s));
+    if (head) add_site({"head", "head", -1, d, cfg.num_labels});
+  }
+
+  bool causal() const override { return false; }
+
+  ForwardOutput forward(const ForwardInput& in, KVCache* cache) override {
+    TORCH_CHECK(cache == nullptr, "bert is an encoder: it has no key/value cache");
+    const auto batch = in.input_ids.size(0), seq = in.input_ids.size(1);
+    auto key_mask = full_key_mask(in.input_ids, in.attention_mask, nullptr);
+    at::Tensor positions = in.position_ids;
+    if (!positions.defined()) {
+      if (config_.roberta_positions) {
+        // RoBERTa numbers tokens from padding_idx + 1 and gives padding the padding index.
+        positions = key_mask.cumsum(1) * key_mask + config_.pad_token_id;
+      } else {
+        positions = torch::arange(seq, in.input_ids.options().dtype(torch::kLong)).expand({batch, seq});
+      }
+    }
+    auto types = in.token_type_ids.defined() ? in.token_type_ids : torch::zeros_like(in.input_ids);
+    auto x = embed_norm(embed(in.input_ids) + pos_embed(positions) + type_embed(types));
+    for (std::size_t i = 0; i < layers->size(); ++i)
+      x = layers->ptr<BertLayerImpl>(i)->forward(x, key_mask);
+    ForwardOutput out;
+    out.hidden = x;
+    auto first = x.select(1, 0);
+    if (pooler) out.pooled = torch::tanh(pooler(first));
+    if (config_.classifier == "pooler") out.logits = head(out.pooled);
+    if (config_.classifier == "roberta") out.logits = head(torch::tanh(head_dense(first)));
+    return out;
+  }
+
+  torch::nn::Embedding embed{nullptr}, pos_embed{nullptr}, type_embed{nullptr};
+  Norm embed_norm{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  Linear pooler{nullptr}, head_dense{nullptr}, head{nullptr};
+};
+
+const std::vector<NameRule> kHfRules = {
+    {"embed.weight", "embeddings.word_embeddings.weight"},
+    {"pos_embed.weight", "embeddings.position_embeddings.weight"},
+    {"type_embed.weight", "embeddings.token_type_embeddings.weight"},
+    {"embed_norm.weight", "embeddings.LayerNorm.weight"},
+    {"embed_norm.bias", "embeddings.LayerNorm.bias"},
+    {"layers.{L}.attn.q.weight", "encoder.layer.{L}.attention.self.query.weight"},
+    {"layers.{L}.attn.q.bias", "encoder.layer.{L}.attention.self.query.bias"},
+    {"layers.{L}.attn.k.weight", "encoder.layer.{L}.attention.self.key.weight"},
+    {"layers.{L}.attn.k.bias", "encoder.layer.{L}.attention.self.key.bias"},
+    {"layers.{L}.attn.v.weight", "encoder.layer.{L}.attention.self.value.weight"},
+    {"layers.{L}.attn.v.bias", "encoder.layer.{L}.attention.self.value.bias"},
+    {"layers.{L}.attn.o.weight", "encoder.layer.{L}.attention.output.dense.weight"},
+    {"layers.{L}.attn.o.bias", "encoder.layer.{L}.attention.output.dense.bias"},
+    {"layers.{L}.attn_norm.weight", "encoder.layer.{L}.attention.output.LayerNorm.weight"},
+    {"layers.{L}.attn_norm.bias", "encoder.layer.{L}.attention.output.LayerNorm.bias"},
+    {"layers.{L}.ffn.up.weight", "encoder.layer.{L}.intermediate.dense.weight"},
+    {"layers.{L}.ffn.up.bias", "encoder.layer.{L}.intermediate.dense.bias"},
+    {"layers.{L}.ffn.down.weight", "encoder.layer.{L}.output.dense.weight"},
+    {"layers.{L}.ffn.down.bias", "encoder.layer.{L}.output.dense.bias"},
+    {"layers.{L}.ffn_norm.weight", "encoder.layer.{L}.output.LayerNorm.weight"},
+    {"layers.{L}.ffn_norm.bias", "encoder.layer.{L}.output.LayerNorm.bias"},
+    {"pooler.weight", "pooler.dense.weight"},
+    {"pooler.bias", "pooler.dense.bias"},
+    {"head_dense.weight", "classifier.dense.weight"},
+    {"head_dense.bias", "classifier.dense.bias"},
+    {"head.weight", "classifier.out_proj.weight"},
+    {"head.bias", "classifier.out_proj.bias"},
+    {"head.weight", "classifier.weight"},
+    {"head.bias", "classifier.bias"},
+};
+
+}  // namespace
+
+std::shared_ptr<Model> make_bert(const ModelConfig& config) { return std::make_shared<Bert>(config); }
+
+ModelConfig bert_config_from_hf(const nlohmann::json& j, const std::string& source) {
+  JsonConfig c(j, source);
+  ModelConfig m;
+  m.family = "bert";
+  const auto type = c.string("model_type", "bert");
+  m.architecture = j.contains("architectures") && j["architectures"].is_array() &&
+                           !j["architectures"].empty()
+                       ? j["architectures"][0].get<std::string>()
+                       : (type == "roberta" ? "RobertaModel" : "BertModel");
+  m.vocab_size = c.integer("vocab_size");
+  m.hidden_size = c.integer("hidden_size");
+  m.num_layers = c.integer("num_hidden_layers");
+  m.num_heads = m.num_kv_heads = c.integer("num_attention_heads");
+  m.head_dim = m.hidden_size / m.num_heads;
+  m.intermediate_size = c.integer("intermediate_size");
+  m.max_positions = c.integer("max_position_embeddings", 512);
+  m.type_vocab_size = c.integer("type_vocab_size", 2);
+  m.norm_eps = c.number("layer_norm_eps", 1e-12);
+  m.hidden_act = c.string("hidden_act", "gelu");
+  m.pad_token_id = c.integer("pad_token_id", type == "roberta" ? 1 : 0);
+  m.roberta_positions = type == "roberta";
+  m.attention_bias = true;
+  if (c.string("position_embedding_type", "absolute") != "absolute")
+    throw FileError(source, "position_embedding_type \"" +
+                                c.string("position_embedding_type", "") +
+                                "\" is not supported (graft reads \"absolute\")");
+  if (m.architecture.find("ForSequenceClassification") != std::string::npos) {
+    m.classifier = type == "roberta" ? "roberta" : "pooler";
+    m.num_labels = j.contains("id2label") && j["id2label"].is_object()
+                       ? static_cast<std::int64_t>(j["id2label"].size())
+                       : c.integer("num_labels", 2);
+  }
+  return m;
+}
+
+io::TensorMap bert_from_hf(const ModelConfig&, const io::TensorMap& checkpoint) {
+  // BertModel has no prefix; the task models put the encoder under "bert." or "roberta.". Old
+  // TensorFlow-era checkpoints call LayerNorm's parameters gamma and beta.
+  io::TensorMap stripped;
+  for (const auto& [name, t] : checkpoint) {
+    std::string n = name;
+    for (const std::string prefix : {"bert.", "roberta."})
+      if (n.rfind(prefix, 0) == 0) n = n.substr(prefix.size());
+    for (const auto& [from, to] : {std::pair<std::string, std::string>{".gamma", ".weight"}, {".beta", ".bias"}})
+      if (n.size() > from.size() && n.compare(n.size() - from.size(), from.size(), from) == 0)
+        n = n.substr(0, n.size() - from.size()) + to;
+    stripped.emplace(n, t);
+  }
+  return rename_to_graft(stripped, kHfRules);
+}
+
+}  // namespace graft::models

@@ -1,0 +1,298 @@
+#include "models/common.h"
+
+#include <graft/error.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+#include <limits>
+
+namespace graft {
+
+const std::vector<std::string>& site_points() {
+  static const std::vector<std::string> points = {
+      "embed",    "attn.in",  "attn.q",   "attn.k",   "attn.v",  "attn.kv",
+      "attn.o",   "attn.out", "ffn.in",   "ffn.gate", "ffn.up",  "ffn.act",
+      "ffn.down", "ffn.out",  "norm.embed", "norm.attn", "norm.ffn", "norm.final",
+      "bias.attn.q", "bias.attn.k", "bias.attn.v", "bias.attn.o", "bias.ffn.gate",
+      "bias.ffn.up", "bias.ffn.down", "head"};
+  return points;
+}
+
+LinearImpl::LinearImpl(std::int64_t in, std::int64_t out, bool with_bias)
+    : in_features(in), out_features(out) {
+  weight = register_parameter("weight", torch::empty({out, in}));
+  if (with_bias) bias = register_parameter("bias", torch::zeros({out}));
+}
+
+at::Tensor LinearImpl::forward(const at::Tensor& x) {
+  return bias.defined() ? torch::linear(x, weight, bias) : torch::linear(x, weight);
+}
+
+void LinearImpl::tie_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == out_features && w.size(1) == in_features,
+              "tie_weight: expected a [", out_features, ", ", in_features, "] matrix, got ",
+              w.sizes());
+  // The shared matrix stays a parameter of the module that owns it, not of this one.
+  if (parameters_.contains("weight")) parameters_.erase("weight");
+  weight = w;
+}
+
+nlohmann::json ModelConfig::to_json() const {
+  nlohmann::json j = {
+      {"family", family},
+      {"architecture", architecture},
+      {"vocab_size", vocab_size},
+      {"hidden_size", hidden_size},
+      {"num_layers", num_layers},
+      {"num_heads", num_heads},
+      {"num_kv_heads", num_kv_heads},
+      {"head_dim", head_dim},
+      {"intermediate_size", intermediate_size},
+      {"max_positions", max_positions},
+      {"norm_eps", norm_eps},
+      {"hidden_act", hidden_act},
+      {"tie_embeddings", tie_embeddings},
+      {"attention_bias", attention_bias},
+  };
+  if (family == "llama") {
+    j["rope_theta"] = rope_theta;
+    j["rope_style"] = rope_style == RopeStyle::interleaved ? "interleaved" : "half_split";
+  }
+  if (family == "bert") {
+    j["type_vocab_size"] = type_vocab_size;
+    j["roberta_positions"] = roberta_positions;
+  }
+  if (num_labels) {
+    j["num_labels"] = num_labels;
+    j["classifier"] = classifier;
+  }
+  if (pad_token_id >= 0) j["pad_token_id"] = pad_token_id;
+  if (bos_token_id >= 0) j["bos_token_id"] = bos_token_id;
+  if (eos_token_id >= 0) j["eos_token_id"] = eos_token_id;
+  return j;
+}
+
+}  // namespace graft
+
+namespace graft::models {
+
+NormImpl::NormImpl(std::int64_t width, double eps_, bool layer_norm_)
+    : eps(eps_), layer_norm(layer_norm_) {
+  weight = register_parameter("weight", torch::ones({width}));
+  if (layer_norm) bias = register_parameter("bias", torch::zeros({width}));
+}
+
+at::Tensor NormImpl::forward(const at::Tensor& x) {
+  if (layer_norm) return torch::layer_norm(x, {x.size(-1)}, weight, bias, eps);
+  // RMSNorm in float32, as transformers and llama.cpp compute it, whatever the model's dtype.
+  auto xf = x.to(torch::kFloat);
+  auto y = xf * torch::rsqrt(xf.pow(2).mean(-1, true) + eps);
+  return weight * y.to(x.scalar_type());
+}
+
+at::Tensor full_key_mask(const at::Tensor& input_ids, const at::Tensor& mask, const KVCache* cache) {
+  auto m = mask.defined() ? mask.to(torch::kLong)
+                          : torch::ones_like(input_ids, input_ids.options().dtype(torch::kLong));
+  TORCH_CHECK(m.sizes() == input_ids.sizes(), "attention_mask shape ", m.sizes(),
+              " does not match input_ids shape ", input_ids.sizes());
+  if (cache && cache->length() > 0) {
+    TORCH_CHECK(cache->mask.size(0) == m.size(0), "the cache holds a batch of ",
+                cache->mask.size(0), " rows but the input has ", m.size(0));
+    m = torch::cat({cache->mask, m}, 1);
+  }
+  return m;
+}
+
+at::Tensor positions_from_mask(const at::Tensor& key_mask, std::int64_t new_tokens) {
+  auto pos = (key_mask.cumsum(1) - 1).clamp_min(0);
+  return pos.narrow(1, key_mask.size(1) - new_tokens, new_tokens);
+}
+
+std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, std::int64_t dim,
+                                              double theta) {
+  auto opts = torch::TensorOptions().dtype(torch::kFloat).device(positions.device());
+  auto exponents = torch::arange(0, dim, 2, opts) / static_cast<double>(dim);
+  auto inv_freq = torch::pow(torch::tensor(theta, opts), -exponents);  // [dim/2]
+  auto angles = positions.to(torch::kFloat).unsqueeze(-1) * inv_freq;  // [B, T, dim/2]
+  angles = angles.unsqueeze(1);                                        // [B, 1, T, dim/2]
+  return {angles.cos(), angles.sin()};
+}
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                      RopeStyle style) {
+  const auto half = x.size(-1) / 2;
+  auto xf = x.to(torch::kFloat);
+  at::Tensor out;
+  if (style == RopeStyle::interleaved) {
+    auto pairs = xf.unflatten(-1, {half, 2});
+    auto x0 = pairs.select(-1, 0), x1 = pairs.select(-1, 1);
+    out = torch::stack({x0 * cos - x1 * sin, x0 * sin + x1 * cos}, -1).flatten(-2);
+  } else {
+    auto x0 = xf.narrow(-1, 0, half), x1 = xf.narrow(-1, half, half);
+    out = torch::cat({x0 * cos - x1 * sin, x1 * cos + x0 * sin}, -1);
+  }
+  return out.to(x.scalar_type());
+}
+
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& key_mask, bool causal) {
+  const auto batch = q.size(0), heads = q.size(1), seq = q.size(2), dim = q.size(3);
+  const auto kv_heads = k.size(1), keys = k.size(2);
+  TORCH_CHECK(heads % kv_heads == 0, "attention: ", heads, " query heads are not a multiple of ",
+              kv_heads, " key/value heads");
+  auto kk = k, vv = v;
+  if (kv_heads != heads) {
+    kk = k.repeat_interleave(heads / kv_heads, 1);
+    vv = v.repeat_interleave(heads / kv_heads, 1);
+  }
+  auto scores = torch::matmul(q, kk.transpose(-2, -1)).to(torch::kFloat) / std::sqrt(double(dim));
+  auto allowed = key_mask.to(torch::kBool).view({batch, 1, 1, keys});
+  if (causal) {
+    auto opts = torch::TensorOptions().dtype(torch::kLong).device(q.device());
+    auto qpos = torch::arange(keys - seq, keys, opts).view({seq, 1});
+    auto kpos = torch::arange(0, keys, opts).view({1, keys});
+    allowed = allowed & (kpos <= qpos).view({1, 1, seq, keys});
+  }
+  scores = scores.masked_fill(allowed.logical_not(), std::numeric_limits<float>::lowest());
+  auto probs = torch::softmax(scores, -1).to(v.scalar_type());
+  auto out = torch::matmul(probs, vv);  // [B, H, T, dim]
+  return out.transpose(1, 2).reshape({batch, seq, heads * dim});
+}
+
+at::Tensor split_heads(const at::Tensor& x, std::int64_t heads, std::int64_t dim) {
+  return x.view({x.size(0), x.size(1), heads, dim}).transpose(1, 2);
+}
+
+std::pair<at::Tensor, at::Tensor> extend_cache(KVCache* cache, std::int64_t layer, at::Tensor k,
+                                               at::Tensor v) {
+  if (!cache) return {std::move(k), std::move(v)};
+  if (static_cast<std::int64_t>(cache->keys.size()) <= layer) {
+    cache->keys.resize(layer + 1);
+    cache->values.resize(layer + 1);
+  }
+  auto& ck = cache->keys[layer];
+  auto& cv = cache->values[layer];
+  ck = ck.defined() ? torch::cat({ck, k}, 2) : k;
+  cv = cv.defined() ? torch::cat({cv, v}, 2) : v;
+  return {ck, cv};
+}
+
+at::Tensor activate(const at::Tensor& x, const std::string& name) {
+  if (name == "silu" || name == "swish") return torch::silu(x);
+  if (name == "gelu") return torch::gelu(x);
+  if (name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_fast")
+    return torch::gelu(x, "tanh");
+  if (name == "relu") return torch::relu(x);
+  throw Error("unsupported activation \"" + name + "\" (graft has silu, gelu, gelu_new, relu)");
+}
+
+std::vector<Site> layer_sites(const ModelConfig& c, std::int64_t layer, bool gated, bool biases) {
+  const std::string p = "layers." + std::to_string(layer) + ".";
+  const auto d = c.hidden_size, q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
+  const auto f = c.intermediate_size;
+  std::vector<Site> s = {
+      {p + "attn_norm", "norm.attn", layer, d, d},
+      {p + "attn.in", "attn.in", layer, d, d},
+      {p + "attn.q", "attn.q", layer, d, q},
+      {p + "attn.k", "attn.k", layer, d, kv},
+      {p + "attn.v", "attn.v", layer, d, kv},
+      {p + "attn.kv", "attn.kv", layer, kv, kv},
+      {p + "attn.o", "attn.o", layer, q, d},
+      {p + "attn.out", "attn.out", layer, d, d},
+      {p + "ffn_norm", "norm.ffn", layer, d, d},
+      {p + "ffn.in", "ffn.in", layer, d, d},
+  };
+  if (gated) s.push_back({p + "ffn.gate", "ffn.gate", layer, d, f});
+  s.push_back({p + "ffn.up", "ffn.up", layer, d, f});
+  s.push_back({p + "ffn.act", "ffn.act", layer, f, f});
+  s.push_back({p + "ffn.down", "ffn.down", layer, f, d});
+  s.push_back({p + "ffn.out", "ffn.out", layer, d, d});
+  if (biases) {
+    std::vector<Site> b;
+    for (const auto& site : s)
+      if (site.point == "attn.q" || site.point == "attn.k" || site.point == "attn.v" ||
+          site.point == "attn.o" || site.point == "ffn.up" || site.point == "ffn.down" ||
+          site.point == "ffn.gate")
+        b.push_back({site.name + ".bias", "bias." + site.point, layer, site.out_features,
+                     site.out_features});
+    s.insert(s.end(), b.begin(), b.end());
+  }
+  return s;
+}
+
+namespace {
+
+// Matches `name` against `pattern` where "{L}" stands for a decimal layer index; on success
+// stores the index in *layer.
+bool match_rule(const std::string& pattern, const std::string& name, std::string* layer) {
+  auto at = pattern.find("{L}");
+  if (at == std::string::npos) return pattern == name;
+  const auto prefix = pattern.substr(0, at), suffix = pattern.substr(at + 3);
+  if (name.size() <= prefix.size() + suffix.size() || name.compare(0, prefix.size(), prefix) != 0 ||
+      name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0)
+    return false;
+  auto digits = name.substr(prefix.size(), name.size() - prefix.size() - suffix.size());
+  if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) return false;
+  *layer = digits;
+  return true;
+}
+
+std::string fill_rule(const std::string& pattern, const std::string& layer) {
+  auto at = pattern.find("{L}");
+  return at == std::string::npos ? pattern : pattern.substr(0, at) + layer + pattern.substr(at + 3);
+}
+
+io::TensorMap rename(const io::TensorMap& in, const std::vector<NameRule>& rules, bool to_graft) {
+  io::TensorMap out;
+  for (const auto& [name, t] : in) {
+    for (const auto& [graft, ckpt] : rules) {
+      std::string layer;
+      if (match_rule(to_graft ? ckpt : graft, name, &layer)) {
+        out.emplace(fill_rule(to_graft ? graft : ckpt, layer), t);
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+io::TensorMap rename_to_graft(const io::TensorMap& checkpoint, const std::vector<NameRule>& rules) {
+  return rename(checkpoint, rules, true);
+}
+
+io::TensorMap rename_from_graft(const io::TensorMap& tensors, const std::vector<NameRule>& rules) {
+  return rename(tensors, rules, false);
+}
+
+void load_parameters(torch::nn::Module& model, const io::TensorMap& tensors,
+                     const std::string& source) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : model.named_parameters(true)) {
+    auto it = tensors.find(p.key());
+    if (it == tensors.end())
+      throw FileError(source, "missing tensor for parameter '" + p.key() + "' (shape " +
+                                  c10::str(p.value().sizes()) + ")");
+    const auto& t = it->second;
+    if (t.sizes() != p.value().sizes())
+      throw FileError(source, "parameter '" + p.key() + "' has shape " + c10::str(t.sizes()) +
+                                  " in the file but the model expects " +
+                                  c10::str(p.value().sizes()));
+    p.value().copy_(t);
+  }
+}
+
+void init_parameters(torch::nn::Module& model, std::uint64_t seed, double std) {
+  torch::NoGradGuard no_grad;
+  auto gen = at::detail::createCPUGenerator(seed);
+  for (auto& p : model.named_parameters(true)) {
+    auto noise = at::normal(0.0, std, p.value().sizes(), gen).to(p.value().dtype());
+    const bool gain = p.key().find("norm") != std::string::npos &&
+                      p.key().size() > 7 && p.key().compare(p.key().size() - 7, 7, ".weight") == 0;
+    p.value().copy_(gain ? noise + 1.0 : noise);
+  }
+}
+
+}  // namespace graft::models

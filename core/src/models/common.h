@@ -1,0 +1,84 @@
+// Building blocks shared by the model families: norms, rotary embeddings, attention, positions,
+// site lists and checkpoint renaming.
+#pragma once
+
+#include <graft/io/tensors.h>
+#include <graft/model.h>
+
+#include <torch/torch.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace graft::models {
+
+/// A norm's gain (and, for LayerNorm, bias) as a module, so that parameters read
+/// "layers.0.attn_norm.weight".
+class NormImpl : public torch::nn::Module {
+ public:
+  NormImpl(std::int64_t width, double eps, bool layer_norm);
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor weight, bias;
+  double eps;
+  bool layer_norm;
+};
+TORCH_MODULE(Norm);
+
+/// The attention mask of all keys (cached and new) as int64 [batch, keys]: the cache's mask
+/// followed by `mask`, or ones when `mask` is undefined.
+at::Tensor full_key_mask(const at::Tensor& input_ids, const at::Tensor& mask, const KVCache* cache);
+
+/// Positions of the last `new_tokens` columns of `key_mask` counted over unmasked tokens only:
+/// cumsum(mask) - 1, clamped at 0. [batch, new_tokens] int64.
+at::Tensor positions_from_mask(const at::Tensor& key_mask, std::int64_t new_tokens);
+
+/// Rotary embedding tables for `positions` [batch, seq]: cos and sin, each [batch, 1, seq, dim/2]
+/// in float32, with inverse frequencies theta^(-2i/dim).
+std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, std::int64_t dim,
+                                              double theta);
+/// Rotates x [batch, heads, seq, dim] by the tables, pairing dimensions by `style`.
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                      RopeStyle style);
+
+/// Scaled dot-product attention with grouped-query heads. q: [batch, heads, seq, dim];
+/// k, v: [batch, kv_heads, keys, dim]; key_mask: [batch, keys] (0 = padding). With `causal`, the
+/// seq queries are the last seq of the keys. Returns [batch, seq, heads * dim]. Masked scores use
+/// the dtype's lowest value rather than -inf so that fully padded rows stay finite.
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& key_mask, bool causal);
+
+/// Splits [batch, seq, heads * dim] into [batch, heads, seq, dim].
+at::Tensor split_heads(const at::Tensor& x, std::int64_t heads, std::int64_t dim);
+
+/// Appends this layer's new keys and values to the cache (when there is one) and returns the full
+/// keys and values to attend over.
+std::pair<at::Tensor, at::Tensor> extend_cache(KVCache* cache, std::int64_t layer, at::Tensor k,
+                                               at::Tensor v);
+
+/// Activation by Hugging Face name: silu, gelu (erf), gelu_new / gelu_pytorch_tanh (tanh), relu.
+at::Tensor activate(const at::Tensor& x, const std::string& name);
+
+/// The sites every transformer layer has. `gated` adds ffn.gate; `biases` adds a bias.* site per
+/// linear projection; `pre_norm` places the norms before the sublayers.
+std::vector<Site> layer_sites(const ModelConfig& c, std::int64_t layer, bool gated, bool biases);
+
+/// A checkpoint naming rule: graft name <-> checkpoint name, "{L}" standing for a layer index.
+using NameRule = std::pair<std::string, std::string>;
+
+/// Renames checkpoint tensors to graft names by `rules`; tensors no rule matches are dropped
+/// (rotary buffers, attention-mask buffers and heads a family does not use).
+io::TensorMap rename_to_graft(const io::TensorMap& checkpoint, const std::vector<NameRule>& rules);
+/// The inverse: graft names to checkpoint names.
+io::TensorMap rename_from_graft(const io::TensorMap& tensors, const std::vector<NameRule>& rules);
+
+/// Copies `tensors` (graft names) into the model's parameters, converting dtype and device.
+/// Every parameter must be present with its exact shape; `source` names the file in errors.
+void load_parameters(torch::nn::Module& model, const io::TensorMap& tensors,
+                     const std::string& source);
+
+/// Fills every parameter with reproducible values from `seed`: weights N(0, std), norm gains 1,
+/// biases 0. For tests and benchmarks.
+void init_parameters(torch::nn::Module& model, std::uint64_t seed, double std = 0.02);
+
+}  // namespace graft::models

@@ -1,0 +1,58 @@
+#include "models/families.h"
+
+#include <graft/error.h>
+
+namespace graft::models {
+
+std::int64_t JsonConfig::integer(const std::string& key) const {
+  if (!has(key)) throw FileError(source_, "missing \"" + key + "\"");
+  if (!j_[key].is_number_integer())
+    throw FileError(source_, key + ": expected an integer, got " + j_[key].dump());
+  return j_[key].get<std::int64_t>();
+}
+std::int64_t JsonConfig::integer(const std::string& key, std::int64_t fallback) const {
+  return has(key) ? integer(key) : fallback;
+}
+double JsonConfig::number(const std::string& key, double fallback) const {
+  if (!has(key)) return fallback;
+  if (!j_[key].is_number()) throw FileError(source_, key + ": expected a number, got " + j_[key].dump());
+  return j_[key].get<double>();
+}
+bool JsonConfig::boolean(const std::string& key, bool fallback) const {
+  if (!has(key)) return fallback;
+  if (!j_[key].is_boolean()) throw FileError(source_, key + ": expected true or false, got " + j_[key].dump());
+  return j_[key].get<bool>();
+}
+std::string JsonConfig::string(const std::string& key, const std::string& fallback) const {
+  if (!has(key)) return fallback;
+  if (!j_[key].is_string()) throw FileError(source_, key + ": expected a string, got " + j_[key].dump());
+  return j_[key].get<std::string>();
+}
+
+std::shared_ptr<Model> make_model(const ModelConfig& config) {
+  if (config.family == "llama") return make_llama(config);
+  if (config.family == "gpt2") return make_gpt2(config);
+  if (config.family == "bert") return make_bert(config);
+  throw Error("unknown model family \"" + config.family + "\" (graft has llama, bert, gpt2)");
+}
+
+ModelConfig config_from_hf(const nlohmann::json& j, const std::string& source) {
+  if (!j.is_object()) throw FileError(source, "expected a JSON object");
+  JsonConfig c(j, source);
+  const auto type = c.string("model_type", "");
+  if (type == "llama" || type == "mistral" || type == "qwen2") return llama_config_from_hf(j, source);
+  if (type == "gpt2") return gpt2_config_from_hf(j, source);
+  if (type == "bert" || type == "roberta") return bert_config_from_hf(j, source);
+  throw FileError(source, "model_type \"" + type +
+                              "\" is not supported (graft reads llama, mistral, qwen2, gpt2, bert "
+                              "and roberta)");
+}
+
+io::TensorMap from_hf(const ModelConfig& config, const io::TensorMap& checkpoint) {
+  if (config.family == "llama") return llama_from_hf(config, checkpoint);
+  if (config.family == "gpt2") return gpt2_from_hf(config, checkpoint);
+  if (config.family == "bert") return bert_from_hf(config, checkpoint);
+  throw Error("unknown model family \"" + config.family + "\"");
+}
+
+}  // namespace graft::models

@@ -1,0 +1,186 @@
+// The gpt2 family: learned positions, pre-norm LayerNorm, fused q/k/v stored as Conv1D ([in, out])
+// weights, which are transposed and split into the attn.q, attn.k and attn.v sites on load.
+#include <graft/error.h>
+
+#include "models/common.h"
+#include "models/families.h"
+
+namespace graft::models {
+namespace {
+
+class Gpt2AttentionImpl : public torch::nn::Module {
+ public:
+  explicit Gpt2AttentionImpl(const ModelConfig& c) {
+    const auto d = c.hidden_size;
+    q = register_module("q", Linear(d, d, true));
+    k = register_module("k", Linear(d, d, true));
+    v = register_module("v", Linear(d, d, true));
+    o = register_module("o", Linear(d, d, true));
+  }
+  Linear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr};
+};
+TORCH_MODULE(Gpt2Attention);
+
+class Gpt2FfnImpl : public torch::nn::Module {
+ public:
+  explicit Gpt2FfnImpl(const ModelConfig& c) {
+    up = register_module("up", Linear(c.hidden_size, c.intermediate_size, true));
+    down = register_module("down", Linear(c.intermediate_size, c.hidden_size, true));
+  }
+  Linear up{nullptr}, down{nullptr};
+};
+TORCH_MODULE(Gpt2Ffn);
+
+class Gpt2LayerImpl : public torch::nn::Module {
+ public:
+  explicit Gpt2LayerImpl(const ModelConfig& c) : c_(c) {
+    attn_norm = register_module("attn_norm", Norm(c.hidden_size, c.norm_eps, true));
+    attn = register_module("attn", Gpt2Attention(c));
+    ffn_norm = register_module("ffn_norm", Norm(c.hidden_size, c.norm_eps, true));
+    ffn = register_module("ffn", Gpt2Ffn(c));
+  }
+  at::Tensor forward(at::Tensor x, const at::Tensor& key_mask, KVCache* cache, std::int64_t layer) {
+    auto h = attn_norm(x);
+    auto q = split_heads(attn->q(h), c_.num_heads, c_.head_dim);
+    auto k = split_heads(attn->k(h), c_.num_heads, c_.head_dim);
+    auto v = split_heads(attn->v(h), c_.num_heads, c_.head_dim);
+    auto [keys, values] = extend_cache(cache, layer, k, v);
+    x = x + attn->o(attend(q, keys, values, key_mask, true));
+    h = ffn_norm(x);
+    return x + ffn->down(activate(ffn->up(h), c_.hidden_act));
+  }
+  Norm attn_norm{nullptr}, ffn_norm{nullptr};
+  Gpt2Attention attn{nullptr};
+  Gpt2Ffn ffn{nullptr};
+
+ private:
+  ModelConfig c_;
+};
+TORCH_MODULE(Gpt2Layer);
+
+class Gpt2 : public Model {
+ public:
+  explicit Gpt2(ModelConfig c) : Model(std::move(c)) {
+    const auto& cfg = config_;
+    embed = register_module("embed", torch::nn::Embedding(cfg.vocab_size, cfg.hidden_size));
+    pos_embed = register_module("pos_embed", torch::nn::Embedding(cfg.max_positions, cfg.hidden_size));
+    layers = register_module("layers", torch::nn::ModuleList());
+    for (std::int64_t i = 0; i < cfg.num_layers; ++i) layers->push_back(Gpt2Layer(cfg));
+    norm = register_module("norm", Norm(cfg.hidden_size, cfg.norm_eps, true));
+    head = register_module("head", Linear(cfg.hidden_size, cfg.vocab_size, false));
+    head->tie_weight(embed->weight);
+
+    add_site({"embed", "embed", -1, cfg.vocab_size, cfg.hidden_size});
+    for (std::int64_t i = 0; i < cfg.num_layers; ++i)
+      for (auto& s : layer_sites(cfg, i, false, true)) add_site(std::move(s));
+    add_site({"norm", "norm.final", -1, cfg.hidden_size, cfg.hidden_size});
+    add_site({"head", "head", -1, cfg.hidden_size, cfg.vocab_size});
+  }
+
+  bool causal() const override { return true; }
+
+  ForwardOutput forward(const ForwardInput& in, KVCache* cache) override {
+    const auto seq = in.input_ids.size(1);
+    auto key_mask = full_key_mask(in.input_ids, in.attention_mask, cache);
+    auto positions = in.position_ids.defined() ? in.position_ids : positions_from_mask(key_mask, seq);
+    TORCH_CHECK(positions.max().item<std::int64_t>() < config_.max_positions,
+                "gpt2: position ", positions.max().item<std::int64_t>(),
+                " is beyond the model's ", config_.max_positions, " learned positions");
+    auto x = embed(in.input_ids) + pos_embed(positions);
+    for (std::size_t i = 0; i < layers->size(); ++i)
+      x = layers->ptr<Gpt2LayerImpl>(i)->forward(x, key_mask, cache, i);
+    if (cache) cache->mask = key_mask;
+    ForwardOutput out;
+    out.hidden = norm(x);
+    out.logits = head(out.hidden);
+    return out;
+  }
+
+  torch::nn::Embedding embed{nullptr}, pos_embed{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  Norm norm{nullptr};
+  Linear head{nullptr};
+};
+
+const std::vector<NameRule> kHfRules = {
+    {"embed.weight", "wte.weight"},
+    {"pos_embed.weight", "wpe.weight"},
+    {"norm.weight", "ln_f.weight"},
+    {"norm.bias", "ln_f.bias"},
+    {"layers.{L}.attn_norm.weight", "h.{L}.ln_1.weight"},
+    {"layers.{L}.attn_norm.bias", "h.{L}.ln_1.bias"},
+    {"layers.{L}.attn.qkv.weight", "h.{L}.attn.c_attn.weight"},
+    {"layers.{L}.attn.qkv.bias", "h.{L}.attn.c_attn.bias"},
+    {"layers.{L}.attn.o.weight", "h.{L}.attn.c_proj.weight"},
+    {"layers.{L}.attn.o.bias", "h.{L}.attn.c_proj.bias"},
+    {"layers.{L}.ffn_norm.weight", "h.{L}.ln_2.weight"},
+    {"layers.{L}.ffn_norm.bias", "h.{L}.ln_2.bias"},
+    {"layers.{L}.ffn.up.weight", "h.{L}.mlp.c_fc.weight"},
+    {"layers.{L}.ffn.up.bias", "h.{L}.mlp.c_fc.bias"},
+    {"layers.{L}.ffn.down.weight", "h.{L}.mlp.c_proj.weight"},
+    {"layers.{L}.ffn.down.bias", "h.{L}.mlp.c_proj.bias"},
+};
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
+std::shared_ptr<Model> make_gpt2(const ModelConfig& config) { return std::make_shared<Gpt2>(config); }
+
+ModelConfig gpt2_config_from_hf(const nlohmann::json& j, const std::string& source) {
+  JsonConfig c(j, source);
+  ModelConfig m;
+  m.family = "gpt2";
+  m.architecture = "GPT2LMHeadModel";
+  m.vocab_size = c.integer("vocab_size");
+  m.hidden_size = c.integer("n_embd");
+  m.num_layers = c.integer("n_layer");
+  m.num_heads = m.num_kv_heads = c.integer("n_head");
+  m.head_dim = m.hidden_size / m.num_heads;
+  m.intermediate_size = c.integer("n_inner", 4 * m.hidden_size);
+  m.max_positions = c.integer("n_positions", 1024);
+  m.norm_eps = c.number("layer_norm_epsilon", 1e-5);
+  m.hidden_act = c.string("activation_function", "gelu_new");
+  m.tie_embeddings = true;
+  m.attention_bias = true;
+  m.bos_token_id = c.integer("bos_token_id", -1);
+  m.eos_token_id = c.integer("eos_token_id", -1);
+  if (c.boolean("scale_attn_by_inverse_layer_idx", false) || !c.boolean("scale_attn_weights", true))
+    throw FileError(source, "gpt2 attention scaling variants (scale_attn_by_inverse_layer_idx, "
+                            "scale_attn_weights: false) are not supported");
+  if (m.hidden_size % m.num_heads)
+    throw FileError(source, "n_embd " + std::to_string(m.hidden_size) +
+                                " is not divisible by n_head " + std::to_string(m.num_heads));
+  return m;
+}
+
+io::TensorMap gpt2_from_hf(const ModelConfig& c, const io::TensorMap& checkpoint) {
+  // GPT2LMHeadModel prefixes "transformer."; GPT2Model does not.
+  io::TensorMap stripped;
+  const std::string prefix = "transformer.";
+  for (const auto& [name, t] : checkpoint)
+    stripped.emplace(name.rfind(prefix, 0) == 0 ? name.substr(prefix.size()) : name, t);
+  io::TensorMap out;
+  for (auto& [name, t] : rename_to_graft(stripped, kHfRules)) {
+    // Conv1D stores [in, out]; graft::Linear wants [out, in].
+    const bool matrix = t.dim() == 2 && name != "embed.weight" && name != "pos_embed.weight";
+    auto w = matrix ? t.t().contiguous() : t;
+    if (ends_with(name, ".attn.qkv.weight") || ends_with(name, ".attn.qkv.bias")) {
+      const auto base = name.substr(0, name.size() - std::string(ends_with(name, "weight") ? "qkv.weight" : "qkv.bias").size());
+      const auto kind = ends_with(name, "weight") ? "weight" : "bias";
+      TORCH_CHECK(w.size(0) == 3 * c.hidden_size, "gpt2: c_attn has ", w.size(0),
+                  " outputs, expected ", 3 * c.hidden_size);
+      auto parts = w.split(c.hidden_size, 0);
+      out[base + "q." + kind] = parts[0].contiguous();
+      out[base + "k." + kind] = parts[1].contiguous();
+      out[base + "v." + kind] = parts[2].contiguous();
+    } else {
+      out[name] = w;
+    }
+  }
+  return out;
+}
+
+}  // namespace graft::models

@@ -1,0 +1,244 @@
+// The llama family: Llama 2/3, Mistral, Qwen2, TinyLlama, stories260K. Pre-norm RMSNorm,
+// grouped-query attention with rotary positions, SwiGLU feed-forward.
+#include <graft/error.h>
+
+#include "models/common.h"
+#include "models/families.h"
+
+namespace graft::models {
+namespace {
+
+class LlamaAttentionImpl : public torch::nn::Module {
+ public:
+  explicit LlamaAttentionImpl(const ModelConfig& c) {
+    const auto d = c.hidden_size, hd = c.head_dim;
+    q = register_module("q", Linear(d, c.num_heads * hd, c.attention_bias));
+    k = register_module("k", Linear(d, c.num_kv_heads * hd, c.attention_bias));
+    v = register_module("v", Linear(d, c.num_kv_heads * hd, c.attention_bias));
+    o = register_module("o", Linear(c.num_heads * hd, d, false));
+  }
+  Linear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr};
+};
+TORCH_MODULE(LlamaAttention);
+
+class LlamaFfnImpl : public torch::nn::Module {
+ public:
+  explicit LlamaFfnImpl(const ModelConfig& c) {
+    gate = register_module("gate", Linear(c.hidden_size, c.intermediate_size, false));
+    up = register_module("up", Linear(c.hidden_size, c.intermediate_size, false));
+    down = register_module("down", Linear(c.intermediate_size, c.hidden_size, false));
+  }
+  Linear gate{nullptr}, up{nullptr}, down{nullptr};
+};
+TORCH_MODULE(LlamaFfn);
+
+class LlamaLayerImpl : public torch::nn::Module {
+ public:
+  explicit LlamaLayerImpl(const ModelConfig& c) : c_(c) {
+    attn_norm = register_module("attn_norm", Norm(c.hidden_size, c.norm_eps, false));
+    attn = register_module("attn", LlamaAttention(c));
+    ffn_norm = register_module("ffn_norm", Norm(c.hidden_size, c.norm_eps, false));
+    ffn = register_module("ffn", LlamaFfn(c));
+  }
+
+  at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
+                     const at::Tensor& key_mask, KVCache* cache, std::int64_t layer) {
+    auto h = attn_norm(x);
+    auto q = split_heads(attn->q(h), c_.num_heads, c_.head_dim);
+    auto k = split_heads(attn->k(h), c_.num_kv_heads, c_.head_dim);
+    auto v = split_heads(attn->v(h), c_.num_kv_heads, c_.head_dim);
+    q = apply_rope(q, cos, sin, c_.rope_style);
+    k = apply_rope(k, cos, sin, c_.rope_style);
+    auto [keys, values] = extend_cache(cache, layer, k, v);
+    x = x + attn->o(attend(q, keys, values, key_mask, true));
+    h = ffn_norm(x);
+    auto a = activate(ffn->gate(h), c_.hidden_act) * ffn->up(h);
+    return x + ffn->down(a);
+  }
+
+  Norm attn_norm{nullptr}, ffn_norm{nullptr};
+  LlamaAttention attn{nullptr};
+  LlamaFfn ffn{nullptr};
+
+ private:
+  ModelConfig c_;
+};
+TORCH_MODULE(LlamaLayer);
+
+class Llama : public Model {
+ public:
+  explicit Llama(ModelConfig c) : Model(std::move(c)) {
+    const auto& cfg = config_;
+    TORCH_CHECK(cfg.head_dim % 2 == 0, "llama: head_dim must be even for rotary embeddings");
+    embed = register_module("embed", torch::nn::Embedding(cfg.vocab_size, cfg.hidden_size));
+    layers = register_module("layers", torch::nn::ModuleList());
+    for (std::int64_t i = 0; i < cfg.num_layers; ++i) layers->push_back(LlamaLayer(cfg));
+    norm = register_module("norm", Norm(cfg.hidden_size, cfg.norm_eps, false));
+    head = register_module("head", Linear(cfg.hidden_size, cfg.vocab_size, false));
+    if (cfg.tie_embeddings) head->tie_weight(embed->weight);
+
+    add_site({"embed", "embed", -1, cfg.vocab_size, cfg.hidden_size});
+    for (std::int64_t i = 0; i < cfg.num_layers; ++i)
+      for (auto& s : layer_sites(cfg, i, true, cfg.attention_bias)) add_site(std::move(s));
+    add_site({"norm", "norm.final", -1, cfg.hidden_size, cfg.hidden_size});
+    add_site({"head", "head", -1, cfg.hidden_size, cfg.vocab_size});
+  }
+
+  bool causal() const override { return true; }
+
+  ForwardOutput forward(const ForwardInput& in, KVCache* cache) override {
+    const auto seq = in.input_ids.size(1);
+    auto key_mask = full_key_mask(in.input_ids, in.attention_mask, cache);
+    auto positions = in.position_ids.defined() ? in.position_ids : positions_from_mask(key_mask, seq);
+    auto [cos, sin] = rope_tables(positions, config_.head_dim, config_.rope_theta);
+    auto x = embed(in.input_ids);
+    for (std::size_t i = 0; i < layers->size(); ++i)
+      x = layers->ptr<LlamaLayerImpl>(i)->forward(x, cos, sin, key_mask, cache, i);
+    if (cache) cache->mask = key_mask;
+    ForwardOutput out;
+    out.hidden = norm(x);
+    out.logits = head(out.hidden);
+    return out;
+  }
+
+  torch::nn::Embedding embed{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  Norm norm{nullptr};
+  Linear head{nullptr};
+};
+
+const std::vector<NameRule> kHfRules = {
+    {"embed.weight", "model.embed_tokens.weight"},
+    {"norm.weight", "model.norm.weight"},
+    {"head.weight", "lm_head.weight"},
+    {"layers.{L}.attn_norm.weight", "model.layers.{L}.input_layernorm.weight"},
+    {"layers.{L}.attn.q.weight", "model.layers.{L}.self_attn.q_proj.weight"},
+    {"layers.{L}.attn.k.weight", "model.layers.{L}.self_attn.k_proj.weight"},
+    {"layers.{L}.attn.v.weight", "model.layers.{L}.self_attn.v_proj.weight"},
+    {"layers.{L}.attn.q.bias", "model.layers.{L}.self_attn.q_proj.bias"},
+    {"layers.{L}.attn.k.bias", "model.layers.{L}.self_attn.k_proj.bias"},
+    {"layers.{L}.attn.v.bias", "model.layers.{L}.self_attn.v_proj.bias"},
+    {"layers.{L}.attn.o.weight", "model.layers.{L}.self_attn.o_proj.weight"},
+    {"layers.{L}.ffn_norm.weight", "model.layers.{L}.post_attention_layernorm.weight"},
+    {"layers.{L}.ffn.gate.weight", "model.layers.{L}.mlp.gate_proj.weight"},
+    {"layers.{L}.ffn.up.weight", "model.layers.{L}.mlp.up_proj.weight"},
+    {"layers.{L}.ffn.down.weight", "model.layers.{L}.mlp.down_proj.weight"},
+};
+
+const std::vector<NameRule> kGgufRules = {
+    {"embed.weight", "token_embd.weight"},
+    {"norm.weight", "output_norm.weight"},
+    {"head.weight", "output.weight"},
+    {"layers.{L}.attn_norm.weight", "blk.{L}.attn_norm.weight"},
+    {"layers.{L}.attn.q.weight", "blk.{L}.attn_q.weight"},
+    {"layers.{L}.attn.k.weight", "blk.{L}.attn_k.weight"},
+    {"layers.{L}.attn.v.weight", "blk.{L}.attn_v.weight"},
+    {"layers.{L}.attn.q.bias", "blk.{L}.attn_q.bias"},
+    {"layers.{L}.attn.k.bias", "blk.{L}.attn_k.bias"},
+    {"layers.{L}.attn.v.bias", "blk.{L}.attn_v.bias"},
+    {"layers.{L}.attn.o.weight", "blk.{L}.attn_output.weight"},
+    {"layers.{L}.ffn_norm.weight", "blk.{L}.ffn_norm.weight"},
+    {"layers.{L}.ffn.gate.weight", "blk.{L}.ffn_gate.weight"},
+    {"layers.{L}.ffn.up.weight", "blk.{L}.ffn_up.weight"},
+    {"layers.{L}.ffn.down.weight", "blk.{L}.ffn_down.weight"},
+};
+
+}  // namespace
+
+std::shared_ptr<Model> make_llama(const ModelConfig& config) {
+  return std::make_shared<Llama>(config);
+}
+
+ModelConfig llama_config_from_hf(const nlohmann::json& j, const std::string& source) {
+  JsonConfig c(j, source);
+  ModelConfig m;
+  m.family = "llama";
+  m.architecture = j.contains("architectures") && j["architectures"].is_array() &&
+                           !j["architectures"].empty()
+                       ? j["architectures"][0].get<std::string>()
+                       : "LlamaForCausalLM";
+  const auto model_type = c.string("model_type", "llama");
+  m.vocab_size = c.integer("vocab_size");
+  m.hidden_size = c.integer("hidden_size");
+  m.num_layers = c.integer("num_hidden_layers");
+  m.num_heads = c.integer("num_attention_heads");
+  m.num_kv_heads = c.integer("num_key_value_heads", m.num_heads);
+  m.head_dim = c.integer("head_dim", m.num_heads ? m.hidden_size / m.num_heads : 0);
+  m.intermediate_size = c.integer("intermediate_size");
+  m.max_positions = c.integer("max_position_embeddings", 2048);
+  m.norm_eps = c.number("rms_norm_eps", 1e-6);
+  m.rope_theta = c.number("rope_theta", 10000.0);
+  m.rope_style = RopeStyle::half_split;
+  m.tie_embeddings = c.boolean("tie_word_embeddings", false);
+  m.attention_bias = c.boolean("attention_bias", model_type == "qwen2");
+  m.hidden_act = c.string("hidden_act", "silu");
+  m.bos_token_id = c.integer("bos_token_id", -1);
+  m.eos_token_id = c.has("eos_token_id") && j["eos_token_id"].is_number_integer()
+                       ? j["eos_token_id"].get<std::int64_t>()
+                       : -1;
+  m.pad_token_id = c.integer("pad_token_id", -1);
+  if (c.has("rope_scaling"))
+    throw FileError(source, "rope_scaling is not supported yet (found " +
+                                j["rope_scaling"].dump() + ")");
+  return m;
+}
+
+io::TensorMap llama_from_hf(const ModelConfig&, const io::TensorMap& t) {
+  return rename_to_graft(t, kHfRules);
+}
+
+ModelConfig config_from_gguf(const io::GgufFile& f) {
+  const auto arch = f.at("general.architecture").as_string("general.architecture");
+  if (arch != "llama" && arch != "mistral" && arch != "qwen2")
+    throw FileError(f.path().string(), "GGUF architecture \"" + arch +
+                                           "\" is not supported (graft reads llama, mistral "
+                                           "and qwen2)");
+  auto key = [&](const std::string& k) { return arch + "." + k; };
+  auto integer = [&](const std::string& k) { return f.at(key(k)).as_int(key(k)); };
+  ModelConfig m;
+  m.family = "llama";
+  m.architecture = arch == "qwen2" ? "Qwen2ForCausalLM"
+                   : arch == "mistral" ? "MistralForCausalLM"
+                                       : "LlamaForCausalLM";
+  m.hidden_size = integer("embedding_length");
+  m.num_layers = integer("block_count");
+  m.num_heads = integer("attention.head_count");
+  m.num_kv_heads = f.find(key("attention.head_count_kv")) ? integer("attention.head_count_kv")
+                                                          : m.num_heads;
+  m.head_dim = f.find(key("rope.dimension_count")) ? integer("rope.dimension_count")
+                                                   : m.hidden_size / m.num_heads;
+  m.intermediate_size = integer("feed_forward_length");
+  m.max_positions = f.find(key("context_length")) ? integer("context_length") : 2048;
+  m.norm_eps = f.at(key("attention.layer_norm_rms_epsilon"))
+                   .as_double(key("attention.layer_norm_rms_epsilon"));
+  if (auto* v = f.find(key("rope.freq_base"))) m.rope_theta = v->as_double(key("rope.freq_base"));
+  // llama.cpp's converter permutes llama q/k weights to the interleaved pairing; qwen2 keeps
+  // Hugging Face's half-split one.
+  m.rope_style = arch == "qwen2" ? RopeStyle::half_split : RopeStyle::interleaved;
+  m.attention_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
+  m.tie_embeddings = f.find_tensor("output.weight") == nullptr;
+  m.hidden_act = "silu";
+  auto* embd = f.find_tensor("token_embd.weight");
+  if (!embd) throw FileError(f.path().string(), "missing tensor 'token_embd.weight'");
+  m.vocab_size = embd->shape[0];
+  auto token_id = [&](const char* k) -> std::int64_t {
+    auto* v = f.find(k);
+    if (!v) return -1;
+    auto id = v->as_int(k);
+    return id == 0xFFFFFFFF ? -1 : id;  // llama.cpp writes (uint32)-1 for "none"
+  };
+  m.bos_token_id = token_id("tokenizer.ggml.bos_token_id");
+  m.eos_token_id = token_id("tokenizer.ggml.eos_token_id");
+  m.pad_token_id = token_id("tokenizer.ggml.padding_token_id");
+  if (m.head_dim * m.num_heads <= 0 || m.num_kv_heads <= 0 || m.num_heads % m.num_kv_heads)
+    throw FileError(f.path().string(), "inconsistent attention shape: " +
+                                           std::to_string(m.num_heads) + " heads, " +
+                                           std::to_string(m.num_kv_heads) + " key/value heads");
+  return m;
+}
+
+io::TensorMap from_gguf(const ModelConfig&, const io::TensorMap& tensors) {
+  return rename_to_graft(tensors, kGgufRules);
+}
+
+}  // namespace graft::models

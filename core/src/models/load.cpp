@@ -1,0 +1,108 @@
+#include <graft/error.h>
+#include <graft/io/gguf.h>
+#include <graft/io/safetensors.h>
+#include <graft/load.h>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <cstdlib>
+#include <sstream>
+#include <thread>
+
+#include "build_config.h"
+#include "models/common.h"
+#include "models/families.h"
+#include "util/file.h"
+
+namespace graft {
+namespace fs = std::filesystem;
+
+std::vector<fs::path> model_search_path() {
+  std::vector<fs::path> dirs;
+  if (const char* env = std::getenv("GRAFT_MODELS")) {
+    std::stringstream ss(env);
+    std::string item;
+    while (std::getline(ss, item, ':'))
+      if (!item.empty()) dirs.emplace_back(item);
+  }
+  dirs.push_back(fs::path(GRAFT_DEFAULT_SHARED_DIR) / "models");
+  dirs.emplace_back("models");
+  return dirs;
+}
+
+namespace {
+
+// A folder is a model when it holds config.json or exactly one .gguf file.
+fs::path model_in_folder(const fs::path& dir) {
+  if (fs::exists(dir / "config.json")) return dir;
+  std::vector<fs::path> ggufs;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().extension() == ".gguf") ggufs.push_back(e.path());
+  if (ggufs.size() == 1) return ggufs[0];
+  if (ggufs.empty())
+    throw Error(dir.string() + ": not a model folder (no config.json and no .gguf file)");
+  throw Error(dir.string() + ": holds several .gguf files; name the one to use");
+}
+
+}  // namespace
+
+fs::path resolve_model(const std::string& arg) {
+  if (fs::exists(arg)) return fs::is_directory(arg) ? model_in_folder(arg) : fs::path(arg);
+  std::vector<std::string> looked;
+  for (const auto& dir : model_search_path()) {
+    if (fs::is_directory(dir / arg)) return model_in_folder(dir / arg);
+    if (fs::exists(dir / (arg + ".gguf"))) return dir / (arg + ".gguf");
+    looked.push_back(fs::absolute(dir).lexically_normal().string());
+  }
+  std::string where;
+  for (const auto& l : looked) where += (where.empty() ? "" : ", ") + l;
+  throw Error("model '" + arg + "' not found: looked for " + arg + "/ and " + arg +
+              ".gguf in " + where +
+              "; give a path to a .gguf file or a Hugging Face folder, or set GRAFT_MODELS to "
+              "the folder that holds it");
+}
+
+LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
+  LoadedModel out;
+  out.path = resolve_model(arg);
+  const std::string where = out.path.string();
+  io::TensorMap tensors;
+  ModelConfig config;
+  if (fs::is_directory(out.path)) {
+    out.format = "hf";
+    const auto config_path = out.path / "config.json";
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(io::read_text_file(config_path));
+    } catch (const nlohmann::json::exception& e) {
+      throw FileError(config_path.string(), std::string("malformed JSON: ") + e.what());
+    }
+    config = models::config_from_hf(j, config_path.string());
+    tensors = models::from_hf(config, io::read_safetensors_model(out.path));
+    if (fs::exists(out.path / "tokenizer.json"))
+      out.tokenizer = load_tokenizer_json(out.path / "tokenizer.json");
+  } else {
+    out.format = "gguf";
+    io::GgufFile file(out.path);
+    config = models::config_from_gguf(file);
+    tensors = models::from_gguf(config, file.load_all());
+    out.tokenizer = tokenizer_from_gguf(file);
+  }
+  if (!options.family.empty() && options.family != config.family)
+    throw FileError(where, "is a " + config.family + " model, but the family \"" +
+                               options.family + "\" was asked for");
+  out.model = models::make_model(config);
+  models::load_parameters(*out.model, tensors, where);
+  out.model->to(options.device, options.dtype);
+  out.model->eval();
+  for (auto& p : out.model->parameters()) p.set_requires_grad(false);
+  return out;
+}
+
+void set_threads(int threads) {
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  torch::set_num_threads(threads);
+}
+
+}  // namespace graft

@@ -1,0 +1,207 @@
+#include <graft/error.h>
+#include <graft/io/gguf.h>
+#include <graft/tokenizer.h>
+
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+
+#include "support.h"
+#include "tokenize/pretokenize.h"
+
+using namespace graft;
+using graft::test::TempDir;
+using json = nlohmann::json;
+using Ids = std::vector<std::int64_t>;
+using Words = std::vector<std::string>;
+
+namespace {
+
+// GPT-2's bytes_to_unicode, written out here independently of the library.
+std::string byte_char(int b) {
+  int cp = b;
+  if (!((b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255))) {
+    int n = 0;
+    for (int k = 0; k < b; ++k)
+      if (!((k >= 33 && k <= 126) || (k >= 161 && k <= 172) || (k >= 174 && k <= 255))) ++n;
+    cp = 256 + n;
+  }
+  std::string s;
+  if (cp < 0x80) {
+    s += static_cast<char>(cp);
+  } else {
+    s += static_cast<char>(0xC0 | (cp >> 6));
+    s += static_cast<char>(0x80 | (cp & 0x3F));
+  }
+  return s;
+}
+
+void write_json(const std::filesystem::path& p, const json& j) { std::ofstream(p) << j.dump(); }
+
+}  // namespace
+
+TEST_CASE("pre-tokenisation follows the GPT-2, Llama 3 and Qwen2 patterns") {
+  using tokenize::Split;
+  using tokenize::split_words;
+  CHECK(split_words("Hello world's  end\n", Split::gpt2) == Words{"Hello", " world", "'s", " ", " end", "\n"});
+  CHECK(split_words("I have 1234 apples!!", Split::gpt2) == Words{"I", " have", " 1234", " apples", "!!"});
+  CHECK(split_words("IT'S", Split::gpt2) == Words{"IT", "'", "S"});
+  CHECK(split_words("Grüße, мир", Split::gpt2) == Words{"Grüße", ",", " мир"});
+  CHECK(split_words("I have 1234 apples!!\n\nOK", Split::llama3) ==
+        Words{"I", " have", " ", "123", "4", " apples", "!!\n\n", "OK"});
+  CHECK(split_words("IT'S (hi)", Split::llama3) == Words{"IT", "'S", " (", "hi", ")"});
+  CHECK(split_words("a  \n  b", Split::llama3) == Words{"a", "  \n", " ", " b"});
+  CHECK(split_words("x 1234", Split::qwen2) == Words{"x", " ", "1", "2", "3", "4"});
+  for (auto style : {Split::gpt2, Split::llama3, Split::qwen2}) {
+    std::string joined;
+    const std::string text = "  Mixed\tText 42 ünïcödé\r\n\n end  ";
+    for (const auto& w : split_words(text, style)) joined += w;
+    CHECK(joined == text);
+  }
+}
+
+TEST_CASE("SentencePiece BPE merges by score and falls back to bytes") {
+  SentencePieceVocab v;
+  auto add = [&](const std::string& p, float score, int type) {
+    v.pieces.push_back(p);
+    v.scores.push_back(score);
+    v.types.push_back(type);
+  };
+  add("<unk>", 0, 2);
+  add("<s>", 0, 3);
+  add("</s>", 0, 3);
+  for (int b = 0; b < 256; ++b) {
+    char name[8];
+    std::snprintf(name, sizeof name, "<0x%02X>", b);
+    add(name, 0, 6);
+  }
+  const std::int64_t base = static_cast<std::int64_t>(v.pieces.size());
+  add("\xE2\x96\x81", -5, 1);            // base + 0: "▁"
+  add("a", -5, 1);                       // base + 1
+  add("b", -5, 1);                       // base + 2
+  add("c", -5, 1);                       // base + 3
+  add("\xE2\x96\x81" "a", -1, 1);        // base + 4: "▁a"
+  add("ab", -2, 1);                      // base + 5
+  add("\xE2\x96\x81" "ab", -0.5, 1);     // base + 6: "▁ab"
+  add("\xE2\x96\x81" "c", -3, 1);        // base + 7: "▁c"
+  v.bos = 1;
+  v.eos = 2;
+  v.unk = 0;
+  auto tok = make_sentencepiece_bpe(v);
+  // "ab c" -> "▁ab▁c": "▁a" (-1) merges before "ab" (-2), then "▁ab" (-0.5), then "▁c".
+  CHECK(tok->encode("ab c") == Ids{1, base + 6, base + 7});
+  CHECK(tok->encode("ab c", false) == Ids{base + 6, base + 7});
+  // "é" is not in the vocabulary: its two UTF-8 bytes.
+  CHECK(tok->encode("cé", false) == Ids{base + 0, base + 3, 3 + 0xC3, 3 + 0xA9});
+  CHECK(tok->decode(tok->encode("ab cé")) == "ab cé");
+  CHECK(tok->decode({1, base + 6, 2}, false) == "<s>ab</s>");
+  CHECK(tok->decode({1, base + 6, 2}) == "ab");
+  CHECK(tok->id("▁ab") == base + 6);
+  CHECK(tok->token(base + 1) == "a");
+}
+
+TEST_CASE("the stories260K tokenizer round-trips text") {
+  const auto path = graft::test::shared_dir() / "models/stories260K/stories260K.gguf";
+  GRAFT_SKIP_UNLESS_EXISTS(path);
+  io::GgufFile f(path);
+  auto tok = tokenizer_from_gguf(f);
+  CHECK(tok->vocab_size() == 512);
+  CHECK(tok->bos_id() == 1);
+  CHECK(tok->eos_id() == 2);
+  auto ids = tok->encode("Once upon a time");
+  CHECK(ids.front() == 1);
+  CHECK(ids.size() < 10);  // merged, not spelled out
+  for (const std::string text : {"Once upon a time, there was a little girl named Lily.",
+                                 "Lily's mom said, \"Don't worry.\"\nThe end.", "Zebras & café: 42%!"})
+    CHECK(tok->decode(tok->encode(text)) == text);
+}
+
+TEST_CASE("byte-level BPE from tokenizer.json (GPT-2 style)") {
+  TempDir dir;
+  json vocab = json::object();
+  for (int b = 0; b < 256; ++b) vocab[byte_char(b)] = b;
+  vocab["\xC4\xA0t"] = 256;        // "Ġt"
+  vocab["he"] = 257;
+  vocab["\xC4\xA0the"] = 258;      // "Ġthe"
+  json j = {{"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", {"\xC4\xA0 t", "h e", "\xC4\xA0t he"}}}},
+            {"added_tokens", {{{"id", 259}, {"content", "<|endoftext|>"}, {"special", true}}}},
+            {"normalizer", nullptr},
+            {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
+            {"post_processor", {{"type", "ByteLevel"}}},
+            {"decoder", {{"type", "ByteLevel"}}}};
+  write_json(dir / "tokenizer.json", j);
+  auto tok = load_tokenizer_json(dir / "tokenizer.json");
+  CHECK(tok->vocab_size() == 260);
+  // "the" has no leading space: t + he; " the" merges fully; the special token is matched whole.
+  CHECK(tok->encode("the the<|endoftext|>") == Ids{'t', 257, 258, 259});
+  CHECK(tok->decode({'t', 257, 258, 259}, false) == "the the<|endoftext|>");
+  CHECK(tok->decode({'t', 257, 258, 259}) == "the the");
+  CHECK(tok->eos_id() == 259);
+  const std::string text = "Grüße\n  aus 2024!";
+  CHECK(tok->decode(tok->encode(text)) == text);
+}
+
+TEST_CASE("SentencePiece-style BPE from tokenizer.json (Llama 2 style)") {
+  TempDir dir;
+  json vocab = {{"<unk>", 0}, {"<s>", 1}, {"</s>", 2}};
+  for (int b = 0; b < 256; ++b) {
+    char name[8];
+    std::snprintf(name, sizeof name, "<0x%02X>", b);
+    vocab[name] = 3 + b;
+  }
+  vocab["\xE2\x96\x81"] = 259;
+  vocab["a"] = 260;
+  vocab["b"] = 261;
+  vocab["\xE2\x96\x81" "a"] = 262;
+  vocab["\xE2\x96\x81" "ab"] = 263;
+  json j = {
+      {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", {"\xE2\x96\x81 a", "\xE2\x96\x81" "a b"}},
+                 {"byte_fallback", true}, {"unk_token", "<unk>"}}},
+      {"added_tokens", {{{"id", 0}, {"content", "<unk>"}, {"special", true}},
+                        {{"id", 1}, {"content", "<s>"}, {"special", true}},
+                        {{"id", 2}, {"content", "</s>"}, {"special", true}}}},
+      {"normalizer", {{"type", "Sequence"}, {"normalizers", {{{"type", "Prepend"}, {"prepend", "\xE2\x96\x81"}},
+                                                             {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\xE2\x96\x81"}}}}}},
+      {"pre_tokenizer", nullptr},
+      {"post_processor", {{"type", "TemplateProcessing"},
+                          {"single", {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+                          {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}, {"tokens", {"<s>"}}}}}}}},
+      {"decoder", {{"type", "Sequence"}, {"decoders", {{{"type", "Replace"}}, {{"type", "ByteFallback"}}, {{"type", "Fuse"}},
+                                                       {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}}}};
+  write_json(dir / "tokenizer.json", j);
+  auto tok = load_tokenizer_json(dir / "tokenizer.json");
+  CHECK(tok->encode("ab é") == Ids{1, 263, 259, 3 + 0xC3, 3 + 0xA9});
+  CHECK(tok->decode(tok->encode("ab é")) == "ab é");
+  CHECK(tok->bos_id() == 1);
+}
+
+TEST_CASE("WordPiece from tokenizer.json (BERT style)") {
+  TempDir dir;
+  json vocab = {{"[PAD]", 0}, {"[UNK]", 1}, {"[CLS]", 2}, {"[SEP]", 3}, {"hello", 4}, {"world", 5}, {"##s", 6},
+                {"un", 7}, {"##aff", 8}, {"##able", 9}, {",", 10}, {"!", 11}, {"cafe", 12}};
+  json j = {{"model", {{"type", "WordPiece"}, {"vocab", vocab}, {"unk_token", "[UNK]"},
+                       {"continuing_subword_prefix", "##"}, {"max_input_chars_per_word", 100}}},
+            {"added_tokens", {{{"id", 0}, {"content", "[PAD]"}, {"special", true}},
+                              {{"id", 2}, {"content", "[CLS]"}, {"special", true}},
+                              {{"id", 3}, {"content", "[SEP]"}, {"special", true}}}},
+            {"normalizer", {{"type", "BertNormalizer"}, {"clean_text", true}, {"handle_chinese_chars", true},
+                            {"strip_accents", nullptr}, {"lowercase", true}}},
+            {"pre_tokenizer", {{"type", "BertPreTokenizer"}}},
+            {"post_processor", {{"type", "BertProcessing"}, {"sep", {"[SEP]", 3}}, {"cls", {"[CLS]", 2}}}},
+            {"decoder", {{"type", "WordPiece"}, {"prefix", "##"}, {"cleanup", true}}}};
+  write_json(dir / "tokenizer.json", j);
+  auto tok = load_tokenizer_json(dir / "tokenizer.json");
+  auto ids = tok->encode("Hello, UNAFFABLE worlds! Café zzz");
+  CHECK(ids == Ids{2, 4, 10, 7, 8, 9, 5, 6, 11, 12, 1, 3});
+  CHECK(tok->decode(ids) == "hello, unaffable worlds! cafe [UNK]");
+  CHECK(tok->pad_id() == 0);
+}
+
+TEST_CASE("unsupported tokenizer.json parts are named in the error") {
+  TempDir dir;
+  write_json(dir / "tokenizer.json", {{"model", {{"type", "Unigram"}, {"vocab", json::object()}}}});
+  CHECK_THROWS_WITH_AS(load_tokenizer_json(dir / "tokenizer.json"), doctest::Contains("\"Unigram\" is not supported"),
+                       FileError);
+  std::ofstream(dir / "bad.json") << "{";
+  CHECK_THROWS_WITH_AS(load_tokenizer_json(dir / "bad.json"), doctest::Contains("malformed JSON"), FileError);
+}
