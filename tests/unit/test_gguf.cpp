@@ -215,6 +215,7 @@ TEST_CASE("gguf: corrupted files give one clear error") {
   rank.s = "GGUF";
   rank.put<std::uint32_t>(3).put<std::uint64_t>(1).put<std::uint64_t>(0);
   rank.str("t").put<std::uint32_t>(9);
+  rank.s += std::string(64, '\0');
   write_bytes(dir / "rank.gguf", rank.s);
   check_error(dir / "rank.gguf", "rank 9");
 }

@@ -87,6 +87,13 @@ LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
     io::GgufFile file(out.path);
     config = models::config_from_gguf(file);
     tensors = models::from_gguf(config, file.load_all());
+    // llama2.c exports write the shared classifier out as a separate, identical output.weight;
+    // tie it again so that the model has the parameters it was trained with.
+    auto head = tensors.find("head.weight");
+    if (head != tensors.end() && torch::equal(head->second, tensors.at("embed.weight"))) {
+      config.tie_embeddings = true;
+      tensors.erase(head);
+    }
     out.tokenizer = tokenizer_from_gguf(file);
   }
   if (!options.family.empty() && options.family != config.family)

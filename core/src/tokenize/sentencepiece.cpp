@@ -58,7 +58,10 @@ class SentencePieceBpe : public Tokenizer {
         first_text = false;
         continue;
       }
-      if ((type == kControl || type == kUnused) && skip_special) continue;
+      if (type == kControl || type == kUnused) {
+        if (!skip_special) out += v_.pieces[id];
+        continue;
+      }
       std::string piece = v_.pieces[id];
       std::string text;
       for (std::size_t i = 0; i < piece.size();) {
