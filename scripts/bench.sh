@@ -13,10 +13,10 @@ echo "== llama forward vs matmul"
 
 ref=/usr/lib/x86_64-linux-gnu/blas
 echo
-echo "== matmul: OpenBLAS vs reference BLAS (shape of the forward's feed-forward product)"
+echo "== matmul: OpenBLAS vs reference BLAS (the forward's gate/up product)"
 if [[ -f $ref/libblas.so.3 ]]; then
-  fast=$("$build/graft_bench" --matmul-only "$@" | awk '/^matmul/ {print $(NF-3)}')
-  slow=$(LD_LIBRARY_PATH=$ref "$build/graft_bench" --matmul-only --repeat 1 "$@" | awk '/^matmul/ {print $(NF-3)}')
+  fast=$("$build/graft_bench" --matmul-only "$@" | awk '/^matmul gate/ {print $(NF-1)}')
+  slow=$(LD_LIBRARY_PATH=$ref "$build/graft_bench" --matmul-only --repeat 1 "$@" | awk '/^matmul gate/ {print $(NF-1)}')
   echo "OpenBLAS   $fast GFLOP/s"
   echo "reference  $slow GFLOP/s"
   awk -v f="$fast" -v s="$slow" 'BEGIN { printf "OpenBLAS is %.1fx faster\n", f / s }'
