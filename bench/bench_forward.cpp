@@ -7,7 +7,6 @@
 // Prints tokens/s, the forward's achieved GFLOP/s, the plain matmuls' GFLOP/s and their ratio.
 #include <graft/load.h>
 #include <graft/model.h>
-
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -53,14 +52,22 @@ int main(int argc, char** argv) {
       return std::atoll(argv[++i]);
     };
     std::string a = argv[i];
-    if (a == "--d") d = next("--d");
-    else if (a == "--layers") layers = next("--layers");
-    else if (a == "--heads") heads = next("--heads");
-    else if (a == "--seq") seq = next("--seq");
-    else if (a == "--batch") batch = next("--batch");
-    else if (a == "--threads") threads = static_cast<int>(next("--threads"));
-    else if (a == "--repeat") repeat = static_cast<int>(next("--repeat"));
-    else if (a == "--matmul-only") matmul_only = true;
+    if (a == "--d")
+      d = next("--d");
+    else if (a == "--layers")
+      layers = next("--layers");
+    else if (a == "--heads")
+      heads = next("--heads");
+    else if (a == "--seq")
+      seq = next("--seq");
+    else if (a == "--batch")
+      batch = next("--batch");
+    else if (a == "--threads")
+      threads = static_cast<int>(next("--threads"));
+    else if (a == "--repeat")
+      repeat = static_cast<int>(next("--repeat"));
+    else if (a == "--matmul-only")
+      matmul_only = true;
     else {
       std::fprintf(stderr, "graft_bench: unknown option %s\n", a.c_str());
       return 2;
@@ -84,8 +91,10 @@ int main(int argc, char** argv) {
       {"q/k/v/o", torch::randn({tokens, d}), torch::randn({d, d}), 4.0 * layers},
       {"gate/up", torch::randn({tokens, d}), torch::randn({d, ffn}), 2.0 * layers},
       {"down", torch::randn({tokens, ffn}), torch::randn({ffn, d}), 1.0 * layers},
-      {"scores", torch::randn({batch * heads, seq, hd}), torch::randn({batch * heads, hd, seq}), 1.0 * layers},
-      {"mix", torch::randn({batch * heads, seq, seq}), torch::randn({batch * heads, seq, hd}), 1.0 * layers},
+      {"scores", torch::randn({batch * heads, seq, hd}), torch::randn({batch * heads, hd, seq}),
+       1.0 * layers},
+      {"mix", torch::randn({batch * heads, seq, seq}), torch::randn({batch * heads, seq, hd}),
+       1.0 * layers},
       {"head", torch::randn({tokens, d}), torch::randn({d, vocab}), 1.0},
   };
   double mm_flops = 0, mm_s = 0;
@@ -124,7 +133,7 @@ int main(int argc, char** argv) {
               (long long)d, (long long)layers, (long long)heads, (long long)seq, (long long)batch,
               fwd_s * 1e3);
   std::printf("throughput         %.0f tokens/s\n", tokens / fwd_s);
-  std::printf("achieved           %.1f GFLOP/s = %.2f of the plain matmuls' %.1f GFLOP/s\n", fwd_gflops,
-              fwd_gflops / mm_gflops, mm_gflops);
+  std::printf("achieved           %.1f GFLOP/s = %.2f of the plain matmuls' %.1f GFLOP/s\n",
+              fwd_gflops, fwd_gflops / mm_gflops, mm_gflops);
   return 0;
 }

@@ -3,7 +3,7 @@
 set -euo pipefail
 
 packages=(
-  build-essential cmake ccache git pkg-config
+  build-essential cmake ccache git pkg-config clang-format
   libtorch-dev                 # libtorch 1.13 (CPU)
   libopenblas0-pthread         # optimized BLAS: libtorch's matmuls are ~20x slower on reference BLAS
   libyaml-cpp-dev

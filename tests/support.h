@@ -19,7 +19,8 @@ class TempDir {
  public:
   TempDir() {
     std::random_device rd;
-    path_ = std::filesystem::temp_directory_path() / ("graft-test-" + std::to_string(rd()) + std::to_string(rd()));
+    path_ = std::filesystem::temp_directory_path() /
+            ("graft-test-" + std::to_string(rd()) + std::to_string(rd()));
     std::filesystem::create_directories(path_);
   }
   ~TempDir() {
@@ -46,7 +47,7 @@ inline std::filesystem::path shared_dir() {
     if (!std::filesystem::exists(path)) {                                                      \
       std::cout << "SKIPPED: " << (path) << " is absent (set GRAFT_SHARED to the folder with " \
                 << "models/ and data/)" << std::endl;                                          \
-      MESSAGE("skipped: " << (path) << " is absent");                                         \
+      MESSAGE("skipped: " << (path) << " is absent");                                          \
       if (std::getenv("GRAFT_CTEST")) std::_Exit(77);                                          \
       return;                                                                                  \
     }                                                                                          \

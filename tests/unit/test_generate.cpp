@@ -1,6 +1,5 @@
 #include <graft/generate.h>
 #include <graft/load.h>
-
 #include <torch/torch.h>
 
 #include <fstream>
@@ -48,7 +47,8 @@ TEST_CASE("stories260K: greedy decoding from BOS reproduces the documented sampl
   auto prompt = torch::tensor(loaded.tokenizer->encode(""), torch::kLong).unsqueeze(0);
   REQUIRE(prompt.size(1) == 1);
   auto out = generate(*loaded.model, prompt, {}, o);
-  std::vector<std::int64_t> ids(out.data_ptr<std::int64_t>(), out.data_ptr<std::int64_t>() + out.numel());
+  std::vector<std::int64_t> ids(out.data_ptr<std::int64_t>(),
+                                out.data_ptr<std::int64_t>() + out.numel());
   CHECK(loaded.tokenizer->decode(ids) + "\n" == expected);
 }
 
@@ -77,7 +77,8 @@ TEST_CASE("KV-cache generation equals full recomputation, with left padding") {
     auto whole = m->forward({ids, mask, {}, {}}, nullptr);
     CHECK(cache.length() == 5);
     CHECK(torch::allclose(rest.logits, whole.logits.slice(1, 3), 1e-5, 1e-5));
-    CHECK(torch::allclose(first.logits.select(0, 1), whole.logits.select(0, 1).slice(0, 0, 3), 1e-5, 1e-5));
+    CHECK(torch::allclose(first.logits.select(0, 1), whole.logits.select(0, 1).slice(0, 0, 3), 1e-5,
+                          1e-5));
   }
 }
 
@@ -127,5 +128,6 @@ TEST_CASE("generation stops a row at its stop token") {
     }
   REQUIRE(stop_at >= 0);
   CHECK(stop_at <= 2);
-  for (std::int64_t t = stop_at + 1; t < stopped.size(1); ++t) CHECK(stopped[0][t].item<std::int64_t>() == -1);
+  for (std::int64_t t = stop_at + 1; t < stopped.size(1); ++t)
+    CHECK(stopped[0][t].item<std::int64_t>() == -1);
 }

@@ -1,7 +1,6 @@
+#include <c10/util/Half.h>
 #include <graft/error.h>
 #include <graft/io/gguf.h>
-
-#include <c10/util/Half.h>
 #include <torch/torch.h>
 
 #include <fstream>
@@ -43,8 +42,7 @@ std::string read_bytes(const std::filesystem::path& p) {
 
 // One tensor "t" of `type` with innermost dimension `inner` and `rows` rows; `data` its bytes.
 std::string one_tensor_file(std::uint32_t version, std::uint32_t type, std::uint64_t inner,
-                            std::uint64_t rows, const std::string& data,
-                            std::uint64_t offset = 0) {
+                            std::uint64_t rows, const std::string& data, std::uint64_t offset = 0) {
   Bytes b;
   b.s = "GGUF";
   b.put<std::uint32_t>(version).put<std::uint64_t>(1).put<std::uint64_t>(1);
@@ -165,8 +163,9 @@ TEST_CASE("gguf: Q8_0 and Q4_0 tensors are dequantised") {
 
 TEST_CASE("gguf: corrupted files give one clear error") {
   TempDir dir;
-  io::write_gguf(dir / "good.gguf", {{"general.architecture", io::gguf_string("llama")},
-                                     {"tokens", io::gguf_strings({"a", "b"})}},
+  io::write_gguf(dir / "good.gguf",
+                 {{"general.architecture", io::gguf_string("llama")},
+                  {"tokens", io::gguf_strings({"a", "b"})}},
                  {{"w", torch::randn({4, 8})}});
   const auto good = read_bytes(dir / "good.gguf");
   for (std::size_t len = 0; len < good.size(); ++len) {
@@ -195,7 +194,8 @@ TEST_CASE("gguf: corrupted files give one clear error") {
   write_bytes(dir / "align.gguf", one_tensor_file(3, 0, 4, 1, std::string(64, '\0'), 3));
   check_error(dir / "align.gguf", "not aligned");
 
-  write_bytes(dir / "huge.gguf", one_tensor_file(3, 0, 1ull << 39, 1ull << 39, std::string(16, '\0')));
+  write_bytes(dir / "huge.gguf",
+              one_tensor_file(3, 0, 1ull << 39, 1ull << 39, std::string(16, '\0')));
   check_error(dir / "huge.gguf", "absurd dimension");
 
   Bytes counts;

@@ -5,13 +5,12 @@
 #include <graft/io/gguf.h>
 #include <graft/io/safetensors.h>
 #include <graft/load.h>
-
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <cmath>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 
 #include "models/common.h"
 #include "models/families.h"
@@ -27,7 +26,8 @@ namespace {
 struct Params {
   std::map<std::string, at::Tensor> p;
   explicit Params(Model& m) {
-    for (const auto& kv : m.named_parameters(true)) p[kv.key()] = kv.value().detach().to(torch::kDouble);
+    for (const auto& kv : m.named_parameters(true))
+      p[kv.key()] = kv.value().detach().to(torch::kDouble);
   }
   bool has(const std::string& n) const { return p.count(n) > 0; }
   Vec vec(const std::string& n) const {
@@ -78,7 +78,8 @@ Vec layer_norm(const Vec& x, const Vec& w, const Vec& b, double eps) {
   for (double v : x) var += (v - mean) * (v - mean);
   var /= x.size();
   Vec y(x.size());
-  for (std::size_t i = 0; i < x.size(); ++i) y[i] = (x[i] - mean) / std::sqrt(var + eps) * w[i] + b[i];
+  for (std::size_t i = 0; i < x.size(); ++i)
+    y[i] = (x[i] - mean) / std::sqrt(var + eps) * w[i] + b[i];
   return y;
 }
 
@@ -137,17 +138,23 @@ std::map<std::int64_t, Vec> naive_decoder(Model& m, const std::vector<std::int64
     for (std::int64_t l = 0; l < c.num_layers; ++l) {
       const std::string L = "layers." + std::to_string(l) + ".";
       Vec h = llama ? rms_norm(x, P.vec(L + "attn_norm.weight"), c.norm_eps)
-                    : layer_norm(x, P.vec(L + "attn_norm.weight"), P.vec(L + "attn_norm.bias"), c.norm_eps);
-      Vec q = P.linear(L + "attn.q", h), k = P.linear(L + "attn.k", h), v = P.linear(L + "attn.v", h);
+                    : layer_norm(x, P.vec(L + "attn_norm.weight"), P.vec(L + "attn_norm.bias"),
+                                 c.norm_eps);
+      Vec q = P.linear(L + "attn.q", h), k = P.linear(L + "attn.k", h),
+          v = P.linear(L + "attn.v", h);
       if (llama) {
-        for (std::int64_t hh = 0; hh < c.num_heads; ++hh) rope(&q[hh * c.head_dim], c.head_dim, pos, c.rope_theta, c.rope_style);
-        for (std::int64_t hh = 0; hh < c.num_kv_heads; ++hh) rope(&k[hh * c.head_dim], c.head_dim, pos, c.rope_theta, c.rope_style);
+        for (std::int64_t hh = 0; hh < c.num_heads; ++hh)
+          rope(&q[hh * c.head_dim], c.head_dim, pos, c.rope_theta, c.rope_style);
+        for (std::int64_t hh = 0; hh < c.num_kv_heads; ++hh)
+          rope(&k[hh * c.head_dim], c.head_dim, pos, c.rope_theta, c.rope_style);
       }
       K[l].push_back(k);
       V[l].push_back(v);
-      x = add(x, P.linear(L + "attn.o", attend_one(q, K[l], V[l], c.num_heads, c.num_kv_heads, c.head_dim)));
-      h = llama ? rms_norm(x, P.vec(L + "ffn_norm.weight"), c.norm_eps)
-                : layer_norm(x, P.vec(L + "ffn_norm.weight"), P.vec(L + "ffn_norm.bias"), c.norm_eps);
+      x = add(x, P.linear(L + "attn.o",
+                          attend_one(q, K[l], V[l], c.num_heads, c.num_kv_heads, c.head_dim)));
+      h = llama
+              ? rms_norm(x, P.vec(L + "ffn_norm.weight"), c.norm_eps)
+              : layer_norm(x, P.vec(L + "ffn_norm.weight"), P.vec(L + "ffn_norm.bias"), c.norm_eps);
       Vec a;
       if (llama) {
         Vec g = P.linear(L + "ffn.gate", h), u = P.linear(L + "ffn.up", h);
@@ -247,8 +254,10 @@ at::Tensor to_tensor(const std::vector<std::vector<std::int64_t>>& rows) {
 void check_decoder_against_naive(Model& m) {
   torch::NoGradGuard ng;
   // Row 0 unpadded, row 1 right-padded, row 2 left-padded.
-  std::vector<std::vector<std::int64_t>> ids = {{3, 7, 1, 9, 4, 2}, {5, 6, 8, 0, 0, 0}, {0, 0, 11, 12, 13, 14}};
-  std::vector<std::vector<std::int64_t>> mask = {{1, 1, 1, 1, 1, 1}, {1, 1, 1, 0, 0, 0}, {0, 0, 1, 1, 1, 1}};
+  std::vector<std::vector<std::int64_t>> ids = {
+      {3, 7, 1, 9, 4, 2}, {5, 6, 8, 0, 0, 0}, {0, 0, 11, 12, 13, 14}};
+  std::vector<std::vector<std::int64_t>> mask = {
+      {1, 1, 1, 1, 1, 1}, {1, 1, 1, 0, 0, 0}, {0, 0, 1, 1, 1, 1}};
   auto out = m.forward({to_tensor(ids), to_tensor(mask), {}, {}}, nullptr);
   REQUIRE(out.logits.sizes() == c10::IntArrayRef({3, 6, m.config().vocab_size}));
   for (std::size_t b = 0; b < ids.size(); ++b) {
@@ -273,7 +282,9 @@ void check_same_outputs(Model& a, Model& b) {
   if (x.logits.defined()) CHECK(torch::allclose(x.logits, y.logits, 1e-5, 1e-6));
 }
 
-void write_json(const std::filesystem::path& p, const nlohmann::json& j) { std::ofstream(p) << j.dump(2); }
+void write_json(const std::filesystem::path& p, const nlohmann::json& j) {
+  std::ofstream(p) << j.dump(2);
+}
 
 }  // namespace
 
@@ -307,7 +318,8 @@ TEST_CASE("bert forward equals a naive implementation, with padding, token types
       std::int64_t real = 0;
       for (std::size_t t = 0; t < n; ++t) {
         // BERT numbers positions 0..n-1; RoBERTa from pad + 1 over real tokens, pad for padding.
-        std::int64_t pos = roberta ? (mask[b][t] ? c.pad_token_id + 1 + real++ : c.pad_token_id) : t;
+        std::int64_t pos =
+            roberta ? (mask[b][t] ? c.pad_token_id + 1 + real++ : c.pad_token_id) : t;
         x[t] = add(add(P.row("embed.weight", ids[b][t]), P.row("pos_embed.weight", pos)),
                    P.row("type_embed.weight", types[b][t]));
         x[t] = layer_norm(x[t], P.vec("embed_norm.weight"), P.vec("embed_norm.bias"), c.norm_eps);
@@ -322,7 +334,8 @@ TEST_CASE("bert forward equals a naive implementation, with padding, token types
           }
         std::vector<Vec> next(n);
         for (std::size_t t = 0; t < n; ++t) {
-          auto a = attend_one(P.linear(L + "attn.q", x[t]), keys, values, c.num_heads, c.num_heads, c.head_dim);
+          auto a = attend_one(P.linear(L + "attn.q", x[t]), keys, values, c.num_heads, c.num_heads,
+                              c.head_dim);
           auto h = layer_norm(add(x[t], P.linear(L + "attn.o", a)), P.vec(L + "attn_norm.weight"),
                               P.vec(L + "attn_norm.bias"), c.norm_eps);
           Vec u;
@@ -360,16 +373,19 @@ TEST_CASE("every family enumerates its sites with stable names") {
   auto llama = build(tiny_llama(RopeStyle::half_split, true, false), 5);
   std::map<std::string, Site> by_name;
   for (const auto& s : llama->sites()) by_name[s.name] = s;
-  for (const auto* name : {"embed", "layers.0.attn.in", "layers.1.attn.q", "layers.1.attn.k", "layers.0.attn.kv",
-                           "layers.0.attn.o", "layers.0.attn.out", "layers.0.ffn.in", "layers.0.ffn.gate",
-                           "layers.0.ffn.up", "layers.0.ffn.act", "layers.0.ffn.down", "layers.0.ffn.out",
-                           "layers.0.attn_norm", "layers.0.attn.q.bias", "norm", "head"})
+  for (const auto* name :
+       {"embed", "layers.0.attn.in", "layers.1.attn.q", "layers.1.attn.k", "layers.0.attn.kv",
+        "layers.0.attn.o", "layers.0.attn.out", "layers.0.ffn.in", "layers.0.ffn.gate",
+        "layers.0.ffn.up", "layers.0.ffn.act", "layers.0.ffn.down", "layers.0.ffn.out",
+        "layers.0.attn_norm", "layers.0.attn.q.bias", "norm", "head"})
     CHECK_MESSAGE(by_name.count(name), name);
   CHECK(by_name["layers.1.attn.k"].out_features == 8);  // 2 kv heads x 4
   CHECK(by_name["layers.1.attn.k"].layer == 1);
   CHECK(by_name["layers.0.ffn.down"].in_features == 24);
   for (const auto& s : llama->sites())
-    CHECK_MESSAGE(std::find(site_points().begin(), site_points().end(), s.point) != site_points().end(), s.point);
+    CHECK_MESSAGE(
+        std::find(site_points().begin(), site_points().end(), s.point) != site_points().end(),
+        s.point);
   // Every linear site names a graft::Linear module at the same path.
   auto modules = llama->named_modules();
   for (const auto& s : llama->sites())
@@ -393,18 +409,26 @@ TEST_CASE("Hugging Face folders load with identical outputs") {
     io::TensorMap hf;
     for (const auto& kv : src->named_parameters(true)) hf[kv.key()] = kv.value().detach();
     // graft names -> transformers names
-    std::map<std::string, std::string> rename = {
-        {"embed.weight", "model.embed_tokens.weight"}, {"norm.weight", "model.norm.weight"}, {"head.weight", "lm_head.weight"}};
+    std::map<std::string, std::string> rename = {{"embed.weight", "model.embed_tokens.weight"},
+                                                 {"norm.weight", "model.norm.weight"},
+                                                 {"head.weight", "lm_head.weight"}};
     io::TensorMap out;
     for (auto& [name, t] : hf) {
       std::string n = name;
-      if (rename.count(n)) n = rename[n];
+      if (rename.count(n))
+        n = rename[n];
       else {
         n = "model." + n;
         for (auto [a, b] : std::vector<std::pair<std::string, std::string>>{
-                 {"attn_norm", "input_layernorm"}, {"ffn_norm", "post_attention_layernorm"}, {"attn.q", "self_attn.q_proj"},
-                 {"attn.k", "self_attn.k_proj"}, {"attn.v", "self_attn.v_proj"}, {"attn.o", "self_attn.o_proj"},
-                 {"ffn.gate", "mlp.gate_proj"}, {"ffn.up", "mlp.up_proj"}, {"ffn.down", "mlp.down_proj"}})
+                 {"attn_norm", "input_layernorm"},
+                 {"ffn_norm", "post_attention_layernorm"},
+                 {"attn.q", "self_attn.q_proj"},
+                 {"attn.k", "self_attn.k_proj"},
+                 {"attn.v", "self_attn.v_proj"},
+                 {"attn.o", "self_attn.o_proj"},
+                 {"ffn.gate", "mlp.gate_proj"},
+                 {"ffn.up", "mlp.up_proj"},
+                 {"ffn.down", "mlp.down_proj"}})
           if (auto p = n.find(a); p != std::string::npos) n.replace(p, a.size(), b);
       }
       out[n] = t.to(torch::kBFloat16).to(torch::kFloat);  // exact in both
@@ -414,13 +438,19 @@ TEST_CASE("Hugging Face folders load with identical outputs") {
       kv.value().copy_(kv.value().to(torch::kBFloat16).to(torch::kFloat));
     }
     out["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch::ones({2});  // ignored buffer
-    io::write_safetensors_model(dir.path(), out, 4000);  // sharded
-    write_json(dir / "config.json", {{"model_type", "llama"}, {"architectures", {"LlamaForCausalLM"}},
-                                     {"vocab_size", c.vocab_size}, {"hidden_size", c.hidden_size},
-                                     {"num_hidden_layers", c.num_layers}, {"num_attention_heads", c.num_heads},
-                                     {"num_key_value_heads", c.num_kv_heads}, {"intermediate_size", c.intermediate_size},
-                                     {"rms_norm_eps", c.norm_eps}, {"rope_theta", c.rope_theta},
-                                     {"tie_word_embeddings", false}, {"max_position_embeddings", 64}});
+    io::write_safetensors_model(dir.path(), out, 4000);                      // sharded
+    write_json(dir / "config.json", {{"model_type", "llama"},
+                                     {"architectures", {"LlamaForCausalLM"}},
+                                     {"vocab_size", c.vocab_size},
+                                     {"hidden_size", c.hidden_size},
+                                     {"num_hidden_layers", c.num_layers},
+                                     {"num_attention_heads", c.num_heads},
+                                     {"num_key_value_heads", c.num_kv_heads},
+                                     {"intermediate_size", c.intermediate_size},
+                                     {"rms_norm_eps", c.norm_eps},
+                                     {"rope_theta", c.rope_theta},
+                                     {"tie_word_embeddings", false},
+                                     {"max_position_embeddings", 64}});
     auto loaded = load_model(dir.path().string());
     CHECK(loaded.format == "hf");
     CHECK(loaded.model->config().num_kv_heads == 2);
@@ -432,10 +462,12 @@ TEST_CASE("Hugging Face folders load with identical outputs") {
     for (auto& e : std::filesystem::directory_iterator(dir.path()))
       if (e.path().extension() == ".safetensors") std::filesystem::remove(e.path());
     io::write_safetensors(dir / "model.safetensors", partial);
-    CHECK_THROWS_WITH_AS(load_model(dir.path().string()), doctest::Contains("layers.1.ffn.up.weight"), FileError);
+    CHECK_THROWS_WITH_AS(load_model(dir.path().string()),
+                         doctest::Contains("layers.1.ffn.up.weight"), FileError);
     partial["model.layers.1.mlp.up_proj.weight"] = torch::zeros({3, 3});
     io::write_safetensors(dir / "model.safetensors", partial);
-    CHECK_THROWS_WITH_AS(load_model(dir.path().string()), doctest::Contains("has shape [3, 3] in the file"), FileError);
+    CHECK_THROWS_WITH_AS(load_model(dir.path().string()),
+                         doctest::Contains("has shape [3, 3] in the file"), FileError);
   }
   SUBCASE("gpt2 (Conv1D weights, fused c_attn, transformer. prefix)") {
     auto src = build(tiny_gpt2(), 9);
@@ -447,13 +479,20 @@ TEST_CASE("Hugging Face folders load with identical outputs") {
     out["transformer.ln_f.weight"] = p["norm.weight"].detach();
     out["transformer.ln_f.bias"] = p["norm.bias"].detach();
     for (int l = 0; l < c.num_layers; ++l) {
-      const auto L = "layers." + std::to_string(l) + ".", H = "transformer.h." + std::to_string(l) + ".";
-      for (auto [a, b] : std::vector<std::pair<std::string, std::string>>{{"attn_norm", "ln_1"}, {"ffn_norm", "ln_2"}}) {
+      const auto L = "layers." + std::to_string(l) + ".",
+                 H = "transformer.h." + std::to_string(l) + ".";
+      for (auto [a, b] : std::vector<std::pair<std::string, std::string>>{{"attn_norm", "ln_1"},
+                                                                          {"ffn_norm", "ln_2"}}) {
         out[H + b + ".weight"] = p[L + a + ".weight"].detach();
         out[H + b + ".bias"] = p[L + a + ".bias"].detach();
       }
-      out[H + "attn.c_attn.weight"] = torch::cat({p[L + "attn.q.weight"], p[L + "attn.k.weight"], p[L + "attn.v.weight"]}).t().contiguous().detach();
-      out[H + "attn.c_attn.bias"] = torch::cat({p[L + "attn.q.bias"], p[L + "attn.k.bias"], p[L + "attn.v.bias"]}).detach();
+      out[H + "attn.c_attn.weight"] =
+          torch::cat({p[L + "attn.q.weight"], p[L + "attn.k.weight"], p[L + "attn.v.weight"]})
+              .t()
+              .contiguous()
+              .detach();
+      out[H + "attn.c_attn.bias"] =
+          torch::cat({p[L + "attn.q.bias"], p[L + "attn.k.bias"], p[L + "attn.v.bias"]}).detach();
       out[H + "attn.c_proj.weight"] = p[L + "attn.o.weight"].t().contiguous().detach();
       out[H + "attn.c_proj.bias"] = p[L + "attn.o.bias"].detach();
       out[H + "mlp.c_fc.weight"] = p[L + "ffn.up.weight"].t().contiguous().detach();
@@ -463,9 +502,14 @@ TEST_CASE("Hugging Face folders load with identical outputs") {
       out[H + "attn.bias"] = torch::ones({1, 1, 32, 32});  // the causal-mask buffer old files carry
     }
     io::write_safetensors(dir / "model.safetensors", out);
-    write_json(dir / "config.json", {{"model_type", "gpt2"}, {"vocab_size", c.vocab_size}, {"n_embd", c.hidden_size},
-                                     {"n_layer", c.num_layers}, {"n_head", c.num_heads}, {"n_positions", c.max_positions},
-                                     {"n_inner", nullptr}, {"activation_function", "gelu_new"}});
+    write_json(dir / "config.json", {{"model_type", "gpt2"},
+                                     {"vocab_size", c.vocab_size},
+                                     {"n_embd", c.hidden_size},
+                                     {"n_layer", c.num_layers},
+                                     {"n_head", c.num_heads},
+                                     {"n_positions", c.max_positions},
+                                     {"n_inner", nullptr},
+                                     {"activation_function", "gelu_new"}});
     auto loaded = load_model(dir.path().string());
     CHECK(loaded.model->config().intermediate_size == 48);
     check_same_outputs(*src, *loaded.model);
@@ -477,10 +521,15 @@ TEST_CASE("Hugging Face folders load with identical outputs") {
     for (const auto& kv : src->named_parameters(true)) {
       std::string n = kv.key();
       std::vector<std::pair<std::string, std::string>> rules = {
-          {"embed.weight", "bert.embeddings.word_embeddings.weight"}, {"pos_embed.weight", "bert.embeddings.position_embeddings.weight"},
-          {"type_embed.weight", "bert.embeddings.token_type_embeddings.weight"}, {"embed_norm.weight", "bert.embeddings.LayerNorm.gamma"},
-          {"embed_norm.bias", "bert.embeddings.LayerNorm.beta"}, {"pooler.weight", "bert.pooler.dense.weight"},
-          {"pooler.bias", "bert.pooler.dense.bias"}, {"head.weight", "classifier.weight"}, {"head.bias", "classifier.bias"}};
+          {"embed.weight", "bert.embeddings.word_embeddings.weight"},
+          {"pos_embed.weight", "bert.embeddings.position_embeddings.weight"},
+          {"type_embed.weight", "bert.embeddings.token_type_embeddings.weight"},
+          {"embed_norm.weight", "bert.embeddings.LayerNorm.gamma"},
+          {"embed_norm.bias", "bert.embeddings.LayerNorm.beta"},
+          {"pooler.weight", "bert.pooler.dense.weight"},
+          {"pooler.bias", "bert.pooler.dense.bias"},
+          {"head.weight", "classifier.weight"},
+          {"head.bias", "classifier.bias"}};
       bool done = false;
       for (auto& [a, b] : rules)
         if (n == a) {
@@ -490,19 +539,30 @@ TEST_CASE("Hugging Face folders load with identical outputs") {
       if (!done) {
         n = "bert.encoder.layer." + n.substr(7);
         for (auto [a, b] : std::vector<std::pair<std::string, std::string>>{
-                 {"attn.q", "attention.self.query"}, {"attn.k", "attention.self.key"}, {"attn.v", "attention.self.value"},
-                 {"attn.o", "attention.output.dense"}, {"attn_norm", "attention.output.LayerNorm"},
-                 {"ffn.up", "intermediate.dense"}, {"ffn.down", "output.dense"}, {"ffn_norm", "output.LayerNorm"}})
+                 {"attn.q", "attention.self.query"},
+                 {"attn.k", "attention.self.key"},
+                 {"attn.v", "attention.self.value"},
+                 {"attn.o", "attention.output.dense"},
+                 {"attn_norm", "attention.output.LayerNorm"},
+                 {"ffn.up", "intermediate.dense"},
+                 {"ffn.down", "output.dense"},
+                 {"ffn_norm", "output.LayerNorm"}})
           if (auto p = n.find(a); p != std::string::npos) n.replace(p, a.size(), b);
       }
       out[n] = kv.value().detach();
     }
     io::write_safetensors(dir / "model.safetensors", out);
-    write_json(dir / "config.json", {{"model_type", "bert"}, {"architectures", {"BertForSequenceClassification"}},
-                                     {"vocab_size", c.vocab_size}, {"hidden_size", c.hidden_size},
-                                     {"num_hidden_layers", c.num_layers}, {"num_attention_heads", c.num_heads},
-                                     {"intermediate_size", c.intermediate_size}, {"max_position_embeddings", c.max_positions},
-                                     {"type_vocab_size", 2}, {"layer_norm_eps", 1e-12}, {"pad_token_id", 1},
+    write_json(dir / "config.json", {{"model_type", "bert"},
+                                     {"architectures", {"BertForSequenceClassification"}},
+                                     {"vocab_size", c.vocab_size},
+                                     {"hidden_size", c.hidden_size},
+                                     {"num_hidden_layers", c.num_layers},
+                                     {"num_attention_heads", c.num_heads},
+                                     {"intermediate_size", c.intermediate_size},
+                                     {"max_position_embeddings", c.max_positions},
+                                     {"type_vocab_size", 2},
+                                     {"layer_norm_eps", 1e-12},
+                                     {"pad_token_id", 1},
                                      {"id2label", {{"0", "a"}, {"1", "b"}, {"2", "c"}}}});
     auto loaded = load_model(dir.path().string());
     CHECK(loaded.model->config().num_labels == 3);
@@ -517,9 +577,14 @@ TEST_CASE("a llama GGUF file loads with identical outputs; bad configs are clear
   io::TensorMap t;
   for (const auto& kv : src->named_parameters(true)) {
     std::string n = kv.key();
-    for (auto [a, b] : std::vector<std::pair<std::string, std::string>>{
-             {"layers.", "blk."}, {"attn.q", "attn_q"}, {"attn.k", "attn_k"}, {"attn.v", "attn_v"},
-             {"attn.o", "attn_output"}, {"ffn.gate", "ffn_gate"}, {"ffn.up", "ffn_up"}, {"ffn.down", "ffn_down"}})
+    for (auto [a, b] : std::vector<std::pair<std::string, std::string>>{{"layers.", "blk."},
+                                                                        {"attn.q", "attn_q"},
+                                                                        {"attn.k", "attn_k"},
+                                                                        {"attn.v", "attn_v"},
+                                                                        {"attn.o", "attn_output"},
+                                                                        {"ffn.gate", "ffn_gate"},
+                                                                        {"ffn.up", "ffn_up"},
+                                                                        {"ffn.down", "ffn_down"}})
       if (auto p = n.find(a); p != std::string::npos) n.replace(p, a.size(), b);
     if (n == "embed.weight") n = "token_embd.weight";
     if (n == "norm.weight") n = "output_norm.weight";
@@ -545,13 +610,16 @@ TEST_CASE("a llama GGUF file loads with identical outputs; bad configs are clear
   CHECK(loaded.model->config().rope_style == RopeStyle::interleaved);
   CHECK(loaded.model->config().tie_embeddings);
   check_same_outputs(*src, *loaded.model);
-  CHECK_THROWS_WITH_AS(load_model((dir / "m.gguf").string(), {"bert"}), doctest::Contains("is a llama model"), FileError);
+  CHECK_THROWS_WITH_AS(load_model((dir / "m.gguf").string(), {"bert"}),
+                       doctest::Contains("is a llama model"), FileError);
 
   meta[0].second = io::gguf_string("mamba");
   io::write_gguf(dir / "bad.gguf", meta, t);
-  CHECK_THROWS_WITH_AS(load_model((dir / "bad.gguf").string()), doctest::Contains("\"mamba\" is not supported"), FileError);
+  CHECK_THROWS_WITH_AS(load_model((dir / "bad.gguf").string()),
+                       doctest::Contains("\"mamba\" is not supported"), FileError);
 }
 
 TEST_CASE("a model name that is not found says where graft looked") {
-  CHECK_THROWS_WITH_AS(resolve_model("no-such-model-xyz"), doctest::Contains("GRAFT_MODELS"), Error);
+  CHECK_THROWS_WITH_AS(resolve_model("no-such-model-xyz"), doctest::Contains("GRAFT_MODELS"),
+                       Error);
 }

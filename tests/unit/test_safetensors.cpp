@@ -1,6 +1,5 @@
 #include <graft/error.h>
 #include <graft/io/safetensors.h>
-
 #include <torch/torch.h>
 
 #include <fstream>
@@ -128,9 +127,10 @@ TEST_CASE("safetensors: corrupted files give one clear error") {
               make_file(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", "12345678"));
   check_error(dir / "shape.safetensors", "needs 12 bytes");
 
-  write_bytes(dir / "bigshape.safetensors",
-              make_file(R"({"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}})",
-                        "12345678"));
+  write_bytes(
+      dir / "bigshape.safetensors",
+      make_file(R"({"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}})",
+                "12345678"));
   check_error(dir / "bigshape.safetensors", "absurd shape");
 
   write_bytes(dir / "negative.safetensors",

@@ -2,9 +2,8 @@
 #include <graft/io/gguf.h>
 #include <graft/tokenizer.h>
 
-#include <nlohmann/json.hpp>
-
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "support.h"
 #include "tokenize/pretokenize.h"
@@ -43,8 +42,10 @@ void write_json(const std::filesystem::path& p, const json& j) { std::ofstream(p
 TEST_CASE("pre-tokenisation follows the GPT-2, Llama 3 and Qwen2 patterns") {
   using tokenize::Split;
   using tokenize::split_words;
-  CHECK(split_words("Hello world's  end\n", Split::gpt2) == Words{"Hello", " world", "'s", " ", " end", "\n"});
-  CHECK(split_words("I have 1234 apples!!", Split::gpt2) == Words{"I", " have", " 1234", " apples", "!!"});
+  CHECK(split_words("Hello world's  end\n", Split::gpt2) ==
+        Words{"Hello", " world", "'s", " ", " end", "\n"});
+  CHECK(split_words("I have 1234 apples!!", Split::gpt2) ==
+        Words{"I", " have", " 1234", " apples", "!!"});
   CHECK(split_words("IT'S", Split::gpt2) == Words{"IT", "'", "S"});
   CHECK(split_words("Grüße, мир", Split::gpt2) == Words{"Grüße", ",", " мир"});
   CHECK(split_words("I have 1234 apples!!\n\nOK", Split::llama3) ==
@@ -76,14 +77,20 @@ TEST_CASE("SentencePiece BPE merges by score and falls back to bytes") {
     add(name, 0, 6);
   }
   const std::int64_t base = static_cast<std::int64_t>(v.pieces.size());
-  add("\xE2\x96\x81", -5, 1);            // base + 0: "▁"
-  add("a", -5, 1);                       // base + 1
-  add("b", -5, 1);                       // base + 2
-  add("c", -5, 1);                       // base + 3
-  add("\xE2\x96\x81" "a", -1, 1);        // base + 4: "▁a"
-  add("ab", -2, 1);                      // base + 5
-  add("\xE2\x96\x81" "ab", -0.5, 1);     // base + 6: "▁ab"
-  add("\xE2\x96\x81" "c", -3, 1);        // base + 7: "▁c"
+  add("\xE2\x96\x81", -5, 1);  // base + 0: "▁"
+  add("a", -5, 1);             // base + 1
+  add("b", -5, 1);             // base + 2
+  add("c", -5, 1);             // base + 3
+  add("\xE2\x96\x81"
+      "a",
+      -1, 1);        // base + 4: "▁a"
+  add("ab", -2, 1);  // base + 5
+  add("\xE2\x96\x81"
+      "ab",
+      -0.5, 1);  // base + 6: "▁ab"
+  add("\xE2\x96\x81"
+      "c",
+      -3, 1);  // base + 7: "▁c"
   v.bos = 1;
   v.eos = 2;
   v.unk = 0;
@@ -112,8 +119,9 @@ TEST_CASE("the stories260K tokenizer round-trips text") {
   auto ids = tok->encode("Once upon a time");
   CHECK(ids.front() == 1);
   CHECK(ids.size() < 10);  // merged, not spelled out
-  for (const std::string text : {"Once upon a time, there was a little girl named Lily.",
-                                 "Lily's mom said, \"Don't worry.\"\nThe end.", "Zebras & café: 42%!"})
+  for (const std::string text :
+       {"Once upon a time, there was a little girl named Lily.",
+        "Lily's mom said, \"Don't worry.\"\nThe end.", "Zebras & café: 42%!"})
     CHECK(tok->decode(tok->encode(text)) == text);
 }
 
@@ -121,15 +129,17 @@ TEST_CASE("byte-level BPE from tokenizer.json (GPT-2 style)") {
   TempDir dir;
   json vocab = json::object();
   for (int b = 0; b < 256; ++b) vocab[byte_char(b)] = b;
-  vocab["\xC4\xA0t"] = 256;        // "Ġt"
+  vocab["\xC4\xA0t"] = 256;  // "Ġt"
   vocab["he"] = 257;
-  vocab["\xC4\xA0the"] = 258;      // "Ġthe"
-  json j = {{"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", {"\xC4\xA0 t", "h e", "\xC4\xA0t he"}}}},
-            {"added_tokens", {{{"id", 259}, {"content", "<|endoftext|>"}, {"special", true}}}},
-            {"normalizer", nullptr},
-            {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
-            {"post_processor", {{"type", "ByteLevel"}}},
-            {"decoder", {{"type", "ByteLevel"}}}};
+  vocab["\xC4\xA0the"] = 258;  // "Ġthe"
+  json j = {
+      {"model",
+       {{"type", "BPE"}, {"vocab", vocab}, {"merges", {"\xC4\xA0 t", "h e", "\xC4\xA0t he"}}}},
+      {"added_tokens", {{{"id", 259}, {"content", "<|endoftext|>"}, {"special", true}}}},
+      {"normalizer", nullptr},
+      {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
+      {"post_processor", {{"type", "ByteLevel"}}},
+      {"decoder", {{"type", "ByteLevel"}}}};
   write_json(dir / "tokenizer.json", j);
   auto tok = load_tokenizer_json(dir / "tokenizer.json");
   CHECK(tok->vocab_size() == 260);
@@ -153,22 +163,45 @@ TEST_CASE("SentencePiece-style BPE from tokenizer.json (Llama 2 style)") {
   vocab["\xE2\x96\x81"] = 259;
   vocab["a"] = 260;
   vocab["b"] = 261;
-  vocab["\xE2\x96\x81" "a"] = 262;
-  vocab["\xE2\x96\x81" "ab"] = 263;
+  vocab
+      ["\xE2\x96\x81"
+       "a"] = 262;
+  vocab
+      ["\xE2\x96\x81"
+       "ab"] = 263;
   json j = {
-      {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", {"\xE2\x96\x81 a", "\xE2\x96\x81" "a b"}},
-                 {"byte_fallback", true}, {"unk_token", "<unk>"}}},
-      {"added_tokens", {{{"id", 0}, {"content", "<unk>"}, {"special", true}},
-                        {{"id", 1}, {"content", "<s>"}, {"special", true}},
-                        {{"id", 2}, {"content", "</s>"}, {"special", true}}}},
-      {"normalizer", {{"type", "Sequence"}, {"normalizers", {{{"type", "Prepend"}, {"prepend", "\xE2\x96\x81"}},
-                                                             {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\xE2\x96\x81"}}}}}},
+      {"model",
+       {{"type", "BPE"},
+        {"vocab", vocab},
+        {"merges",
+         {"\xE2\x96\x81 a",
+          "\xE2\x96\x81"
+          "a b"}},
+        {"byte_fallback", true},
+        {"unk_token", "<unk>"}}},
+      {"added_tokens",
+       {{{"id", 0}, {"content", "<unk>"}, {"special", true}},
+        {{"id", 1}, {"content", "<s>"}, {"special", true}},
+        {{"id", 2}, {"content", "</s>"}, {"special", true}}}},
+      {"normalizer",
+       {{"type", "Sequence"},
+        {"normalizers",
+         {{{"type", "Prepend"}, {"prepend", "\xE2\x96\x81"}},
+          {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\xE2\x96\x81"}}}}}},
       {"pre_tokenizer", nullptr},
-      {"post_processor", {{"type", "TemplateProcessing"},
-                          {"single", {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
-                          {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}, {"tokens", {"<s>"}}}}}}}},
-      {"decoder", {{"type", "Sequence"}, {"decoders", {{{"type", "Replace"}}, {{"type", "ByteFallback"}}, {{"type", "Fuse"}},
-                                                       {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}}}};
+      {"post_processor",
+       {{"type", "TemplateProcessing"},
+        {"single",
+         {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
+          {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+        {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}, {"tokens", {"<s>"}}}}}}}},
+      {"decoder",
+       {{"type", "Sequence"},
+        {"decoders",
+         {{{"type", "Replace"}},
+          {{"type", "ByteFallback"}},
+          {{"type", "Fuse"}},
+          {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}}}};
   write_json(dir / "tokenizer.json", j);
   auto tok = load_tokenizer_json(dir / "tokenizer.json");
   CHECK(tok->encode("ab é") == Ids{1, 263, 259, 3 + 0xC3, 3 + 0xA9});
@@ -178,17 +211,28 @@ TEST_CASE("SentencePiece-style BPE from tokenizer.json (Llama 2 style)") {
 
 TEST_CASE("WordPiece from tokenizer.json (BERT style)") {
   TempDir dir;
-  json vocab = {{"[PAD]", 0}, {"[UNK]", 1}, {"[CLS]", 2}, {"[SEP]", 3}, {"hello", 4}, {"world", 5}, {"##s", 6},
-                {"un", 7}, {"##aff", 8}, {"##able", 9}, {",", 10}, {"!", 11}, {"cafe", 12}};
-  json j = {{"model", {{"type", "WordPiece"}, {"vocab", vocab}, {"unk_token", "[UNK]"},
-                       {"continuing_subword_prefix", "##"}, {"max_input_chars_per_word", 100}}},
-            {"added_tokens", {{{"id", 0}, {"content", "[PAD]"}, {"special", true}},
-                              {{"id", 2}, {"content", "[CLS]"}, {"special", true}},
-                              {{"id", 3}, {"content", "[SEP]"}, {"special", true}}}},
-            {"normalizer", {{"type", "BertNormalizer"}, {"clean_text", true}, {"handle_chinese_chars", true},
-                            {"strip_accents", nullptr}, {"lowercase", true}}},
+  json vocab = {{"[PAD]", 0}, {"[UNK]", 1}, {"[CLS]", 2}, {"[SEP]", 3}, {"hello", 4},
+                {"world", 5}, {"##s", 6},   {"un", 7},    {"##aff", 8}, {"##able", 9},
+                {",", 10},    {"!", 11},    {"cafe", 12}};
+  json j = {{"model",
+             {{"type", "WordPiece"},
+              {"vocab", vocab},
+              {"unk_token", "[UNK]"},
+              {"continuing_subword_prefix", "##"},
+              {"max_input_chars_per_word", 100}}},
+            {"added_tokens",
+             {{{"id", 0}, {"content", "[PAD]"}, {"special", true}},
+              {{"id", 2}, {"content", "[CLS]"}, {"special", true}},
+              {{"id", 3}, {"content", "[SEP]"}, {"special", true}}}},
+            {"normalizer",
+             {{"type", "BertNormalizer"},
+              {"clean_text", true},
+              {"handle_chinese_chars", true},
+              {"strip_accents", nullptr},
+              {"lowercase", true}}},
             {"pre_tokenizer", {{"type", "BertPreTokenizer"}}},
-            {"post_processor", {{"type", "BertProcessing"}, {"sep", {"[SEP]", 3}}, {"cls", {"[CLS]", 2}}}},
+            {"post_processor",
+             {{"type", "BertProcessing"}, {"sep", {"[SEP]", 3}}, {"cls", {"[CLS]", 2}}}},
             {"decoder", {{"type", "WordPiece"}, {"prefix", "##"}, {"cleanup", true}}}};
   write_json(dir / "tokenizer.json", j);
   auto tok = load_tokenizer_json(dir / "tokenizer.json");
@@ -201,8 +245,9 @@ TEST_CASE("WordPiece from tokenizer.json (BERT style)") {
 TEST_CASE("unsupported tokenizer.json parts are named in the error") {
   TempDir dir;
   write_json(dir / "tokenizer.json", {{"model", {{"type", "Unigram"}, {"vocab", json::object()}}}});
-  CHECK_THROWS_WITH_AS(load_tokenizer_json(dir / "tokenizer.json"), doctest::Contains("\"Unigram\" is not supported"),
-                       FileError);
+  CHECK_THROWS_WITH_AS(load_tokenizer_json(dir / "tokenizer.json"),
+                       doctest::Contains("\"Unigram\" is not supported"), FileError);
   std::ofstream(dir / "bad.json") << "{";
-  CHECK_THROWS_WITH_AS(load_tokenizer_json(dir / "bad.json"), doctest::Contains("malformed JSON"), FileError);
+  CHECK_THROWS_WITH_AS(load_tokenizer_json(dir / "bad.json"), doctest::Contains("malformed JSON"),
+                       FileError);
 }

@@ -16,7 +16,7 @@ struct GenerationOptions {
   double top_p = 1.0;        ///< keep the smallest set whose probability reaches top_p
   std::uint64_t seed = 0;    ///< sampling is reproducible for a given seed, on every device
   std::vector<std::int64_t> stop_ids;  ///< a row ends when it produces one of these
-  bool use_cache = true;     ///< false recomputes the whole sequence each step (for checking)
+  bool use_cache = true;  ///< false recomputes the whole sequence each step (for checking)
 };
 
 /// Continues each row of `input_ids` [batch, seq] (left-padded, with `attention_mask` 1 for

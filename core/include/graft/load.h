@@ -1,11 +1,10 @@
 // Loading models: from a GGUF file, a Hugging Face folder, or a name found on the model path.
 #pragma once
 
-#include <graft/model.h>
-#include <graft/tokenizer.h>
-
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
+#include <graft/model.h>
+#include <graft/tokenizer.h>
 
 #include <filesystem>
 #include <memory>

@@ -3,11 +3,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -25,19 +25,19 @@ struct ModelConfig {
   std::string family;        ///< "llama", "bert" or "gpt2"
   std::string architecture;  ///< e.g. "LlamaForCausalLM", "BertForSequenceClassification"
   std::int64_t vocab_size = 0;
-  std::int64_t hidden_size = 0;        ///< d
+  std::int64_t hidden_size = 0;  ///< d
   std::int64_t num_layers = 0;
-  std::int64_t num_heads = 0;          ///< query heads
-  std::int64_t num_kv_heads = 0;       ///< key/value heads (grouped-query attention when fewer)
+  std::int64_t num_heads = 0;     ///< query heads
+  std::int64_t num_kv_heads = 0;  ///< key/value heads (grouped-query attention when fewer)
   std::int64_t head_dim = 0;
   std::int64_t intermediate_size = 0;  ///< feed-forward width
   std::int64_t max_positions = 0;      ///< learned-position table size, or trained context
   double norm_eps = 1e-5;
   double rope_theta = 10000.0;
   RopeStyle rope_style = RopeStyle::half_split;
-  bool tie_embeddings = false;   ///< the LM head reuses the token embedding matrix
-  bool attention_bias = false;   ///< biases on q, k, v (Qwen2; always on for bert and gpt2)
-  std::string hidden_act;        ///< "silu", "gelu" (erf), "gelu_new" (tanh approximation)
+  bool tie_embeddings = false;       ///< the LM head reuses the token embedding matrix
+  bool attention_bias = false;       ///< biases on q, k, v (Qwen2; always on for bert and gpt2)
+  std::string hidden_act;            ///< "silu", "gelu" (erf), "gelu_new" (tanh approximation)
   std::int64_t type_vocab_size = 0;  ///< bert token types
   std::int64_t num_labels = 0;       ///< classifier width; 0 means no classification head
   std::string classifier;            ///< "" none, "pooler" (BERT), "roberta" (dense + out_proj)
@@ -54,8 +54,8 @@ struct ModelConfig {
 /// families (see docs/sites.md).
 struct Site {
   std::string name;
-  std::string point;            ///< "attn.q", "ffn.act", "norm.attn", ...
-  std::int64_t layer = -1;      ///< layer index, or -1 outside the layer stack
+  std::string point;              ///< "attn.q", "ffn.act", "norm.attn", ...
+  std::int64_t layer = -1;        ///< layer index, or -1 outside the layer stack
   std::int64_t in_features = 0;   ///< linear sites: input width; other sites: the width seen
   std::int64_t out_features = 0;  ///< linear sites: output width; other sites: the width seen
 };
@@ -90,7 +90,8 @@ struct ForwardInput {
 
 /// The outputs of one forward pass.
 struct ForwardOutput {
-  at::Tensor logits;  ///< [batch, seq, vocab] (LM) or [batch, num_labels] (classifier); may be undefined
+  at::Tensor
+      logits;  ///< [batch, seq, vocab] (LM) or [batch, num_labels] (classifier); may be undefined
   at::Tensor hidden;  ///< [batch, seq, d]: the last hidden states (after the final norm)
   at::Tensor pooled;  ///< [batch, d]: bert's pooler output, when the model has one
 };

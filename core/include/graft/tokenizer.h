@@ -22,10 +22,12 @@ class Tokenizer {
 
   /// Encodes UTF-8 text. With `add_special`, adds what the model expects around a sequence
   /// (BOS for llama, [CLS] ... [SEP] for BERT, nothing for GPT-2).
-  virtual std::vector<std::int64_t> encode(const std::string& text, bool add_special = true) const = 0;
+  virtual std::vector<std::int64_t> encode(const std::string& text,
+                                           bool add_special = true) const = 0;
   /// Decodes ids to UTF-8 text; with `skip_special`, control tokens (BOS, EOS, [CLS], ...) are
   /// left out.
-  virtual std::string decode(const std::vector<std::int64_t>& ids, bool skip_special = true) const = 0;
+  virtual std::string decode(const std::vector<std::int64_t>& ids,
+                             bool skip_special = true) const = 0;
   /// The number of ids (the largest id plus one).
   virtual std::int64_t vocab_size() const = 0;
   /// The vocabulary entry of `id` as stored ("▁the", "Ġthe", "##ing", "<0x0A>").

@@ -3,7 +3,6 @@
 #include <graft/io/gguf.h>
 #include <graft/io/safetensors.h>
 #include <graft/load.h>
-
 #include <torch/torch.h>
 
 #include <filesystem>
@@ -44,17 +43,19 @@ std::string with_commas(std::int64_t n) {
 
 int run_generate(const Args& args) {
   po::options_description desc("options");
-  desc.add_options()
-      ("model,m", po::value<std::string>()->required(), "GGUF file, Hugging Face folder or model name")
-      ("prompt,p", po::value<std::string>()->default_value(""), "text to continue")
-      ("max-new-tokens,n", po::value<std::int64_t>()->default_value(128), "tokens to generate")
-      ("temperature,t", po::value<double>()->default_value(0.0), "0 = greedy")
-      ("top-k", po::value<std::int64_t>()->default_value(0), "sample from the k most likely (0 = all)")
-      ("top-p", po::value<double>()->default_value(1.0), "nucleus sampling threshold")
-      ("seed", po::value<std::uint64_t>()->default_value(0), "sampling seed")
-      ("no-bos", "do not start with the BOS token");
+  desc.add_options()("model,m", po::value<std::string>()->required(),
+                     "GGUF file, Hugging Face folder or model name")(
+      "prompt,p", po::value<std::string>()->default_value(""), "text to continue")(
+      "max-new-tokens,n", po::value<std::int64_t>()->default_value(128), "tokens to generate")(
+      "temperature,t", po::value<double>()->default_value(0.0), "0 = greedy")(
+      "top-k", po::value<std::int64_t>()->default_value(0),
+      "sample from the k most likely (0 = all)")("top-p", po::value<double>()->default_value(1.0),
+                                                 "nucleus sampling threshold")(
+      "seed", po::value<std::uint64_t>()->default_value(0), "sampling seed")(
+      "no-bos", "do not start with the BOS token");
   po::variables_map vm;
-  if (!parse(args, desc, vm, "usage: graft generate --model PATH [--prompt TEXT] [options]")) return 0;
+  if (!parse(args, desc, vm, "usage: graft generate --model PATH [--prompt TEXT] [options]"))
+    return 0;
   GenerationOptions o;
   o.max_new_tokens = vm["max-new-tokens"].as<std::int64_t>();
   o.temperature = vm["temperature"].as<double>();
@@ -67,8 +68,10 @@ int run_generate(const Args& args) {
 
   set_threads(vm["threads"].as<int>());
   auto loaded = load_model(vm["model"].as<std::string>());
-  if (!loaded.tokenizer) throw Error(loaded.path.string() + ": has no tokenizer to encode the prompt");
-  if (!loaded.model->causal()) throw Error(loaded.path.string() + ": is not a causal language model");
+  if (!loaded.tokenizer)
+    throw Error(loaded.path.string() + ": has no tokenizer to encode the prompt");
+  if (!loaded.model->causal())
+    throw Error(loaded.path.string() + ": is not a causal language model");
   const auto& tok = *loaded.tokenizer;
   auto prompt = tok.encode(vm["prompt"].as<std::string>(), !vm.count("no-bos"));
   if (prompt.empty()) throw UsageError("the prompt is empty and the model has no BOS token");
@@ -95,8 +98,9 @@ int run_generate(const Args& args) {
 
 int run_inspect(const Args& args) {
   po::options_description desc("options");
-  desc.add_options()("model,m", po::value<std::string>()->required(), "GGUF file, Hugging Face folder or name")
-      ("metadata", "list every GGUF metadata entry");
+  desc.add_options()("model,m", po::value<std::string>()->required(),
+                     "GGUF file, Hugging Face folder or name")("metadata",
+                                                               "list every GGUF metadata entry");
   po::positional_options_description pos;
   pos.add("model", 1);
   po::variables_map vm;
@@ -112,7 +116,8 @@ int run_inspect(const Args& args) {
     io::GgufFile f(path);
     std::cout << " (GGUF v" << f.version() << ", " << f.metadata().size() << " metadata entries)\n";
     if (vm.count("metadata"))
-      for (const auto& [k, v] : f.metadata()) std::cout << "  " << k << " = " << v.to_string() << "\n";
+      for (const auto& [k, v] : f.metadata())
+        std::cout << "  " << k << " = " << v.to_string() << "\n";
     for (const auto& t : f.tensors())
       rows.emplace_back(t.name, c10::str(c10::IntArrayRef(t.shape)), io::ggml_type_name(t.type));
   }
@@ -126,8 +131,8 @@ int run_inspect(const Args& args) {
             << "parameters: " << with_commas(params) << "\n"
             << "sites: " << loaded.model->sites().size() << "\n";
   if (loaded.tokenizer)
-    std::cout << "tokenizer: " << loaded.tokenizer->vocab_size() << " tokens (bos " << loaded.tokenizer->bos_id()
-              << ", eos " << loaded.tokenizer->eos_id() << ")\n";
+    std::cout << "tokenizer: " << loaded.tokenizer->vocab_size() << " tokens (bos "
+              << loaded.tokenizer->bos_id() << ", eos " << loaded.tokenizer->eos_id() << ")\n";
   std::size_t width = 4;
   for (const auto& r : rows) width = std::max(width, std::get<0>(r).size());
   std::cout << "tensors: " << rows.size() << "\n";
@@ -139,31 +144,45 @@ int run_inspect(const Args& args) {
 
 int run_forward(const Args& args) {
   po::options_description desc("options");
-  desc.add_options()
-      ("model,m", po::value<std::string>()->required(), "GGUF file, Hugging Face folder or model name")
-      ("tokens", po::value<std::vector<std::string>>()->required(),
-       "one sequence of comma-separated ids; repeat for a batch")
-      ("mask", po::value<std::vector<std::string>>(), "attention mask per sequence (1 token, 0 padding)")
-      ("token-types", po::value<std::vector<std::string>>(), "token type ids per sequence (bert)")
-      ("padding", po::value<std::string>()->default_value("right"), "pad shorter sequences on the left or right")
-      ("out,o", po::value<std::string>()->required(), "output .safetensors file");
+  desc.add_options()("model,m", po::value<std::string>()->required(),
+                     "GGUF file, Hugging Face folder or model name")(
+      "tokens", po::value<std::vector<std::string>>()->required(),
+      "one sequence of comma-separated ids; repeat for a batch")(
+      "mask", po::value<std::vector<std::string>>(),
+      "attention mask per sequence (1 token, 0 padding)")(
+      "token-types", po::value<std::vector<std::string>>(), "token type ids per sequence (bert)")(
+      "padding", po::value<std::string>()->default_value("right"),
+      "pad shorter sequences on the left or right")("out,o", po::value<std::string>()->required(),
+                                                    "output .safetensors file");
   po::variables_map vm;
-  if (!parse(args, desc, vm, "usage: graft forward --model PATH --tokens 1,5,9 [--tokens ...] --out FILE.safetensors"))
+  if (!parse(
+          args, desc, vm,
+          "usage: graft forward --model PATH --tokens 1,5,9 [--tokens ...] --out FILE.safetensors"))
     return 0;
   const auto padding = vm["padding"].as<std::string>();
-  if (padding != "left" && padding != "right") throw UsageError("--padding: expected left or right");
+  if (padding != "left" && padding != "right")
+    throw UsageError("--padding: expected left or right");
   std::vector<std::vector<std::int64_t>> seqs, masks, types;
-  for (const auto& s : vm["tokens"].as<std::vector<std::string>>()) seqs.push_back(parse_int_list(s, "--tokens"));
+  for (const auto& s : vm["tokens"].as<std::vector<std::string>>())
+    seqs.push_back(parse_int_list(s, "--tokens"));
   if (vm.count("mask"))
-    for (const auto& s : vm["mask"].as<std::vector<std::string>>()) masks.push_back(parse_int_list(s, "--mask"));
+    for (const auto& s : vm["mask"].as<std::vector<std::string>>())
+      masks.push_back(parse_int_list(s, "--mask"));
   if (vm.count("token-types"))
-    for (const auto& s : vm["token-types"].as<std::vector<std::string>>()) types.push_back(parse_int_list(s, "--token-types"));
-  if (!masks.empty() && masks.size() != seqs.size()) throw UsageError("give one --mask per --tokens");
-  if (!types.empty() && types.size() != seqs.size()) throw UsageError("give one --token-types per --tokens");
+    for (const auto& s : vm["token-types"].as<std::vector<std::string>>())
+      types.push_back(parse_int_list(s, "--token-types"));
+  if (!masks.empty() && masks.size() != seqs.size())
+    throw UsageError("give one --mask per --tokens");
+  if (!types.empty() && types.size() != seqs.size())
+    throw UsageError("give one --token-types per --tokens");
   for (std::size_t i = 0; i < masks.size(); ++i)
-    if (masks[i].size() != seqs[i].size()) throw UsageError("--mask " + std::to_string(i + 1) + " has a different length from its --tokens");
+    if (masks[i].size() != seqs[i].size())
+      throw UsageError("--mask " + std::to_string(i + 1) +
+                       " has a different length from its --tokens");
   for (std::size_t i = 0; i < types.size(); ++i)
-    if (types[i].size() != seqs[i].size()) throw UsageError("--token-types " + std::to_string(i + 1) + " has a different length from its --tokens");
+    if (types[i].size() != seqs[i].size())
+      throw UsageError("--token-types " + std::to_string(i + 1) +
+                       " has a different length from its --tokens");
 
   set_threads(vm["threads"].as<int>());
   auto loaded = load_model(vm["model"].as<std::string>());
@@ -180,7 +199,8 @@ int run_forward(const Args& args) {
     const std::int64_t off = padding == "left" ? static_cast<std::int64_t>(len) - n : 0;
     for (std::int64_t t = 0; t < n; ++t) {
       if (seqs[b][t] < 0 || seqs[b][t] >= vocab)
-        throw UsageError("--tokens: id " + std::to_string(seqs[b][t]) + " is outside the vocabulary of " + std::to_string(vocab));
+        throw UsageError("--tokens: id " + std::to_string(seqs[b][t]) +
+                         " is outside the vocabulary of " + std::to_string(vocab));
       ids[b][off + t] = seqs[b][t];
       mask[b][off + t] = masks.empty() ? 1 : masks[b][t];
       if (!types.empty()) tt[b][off + t] = types[b][t];
@@ -189,11 +209,13 @@ int run_forward(const Args& args) {
   torch::NoGradGuard no_grad;
   ForwardInput in{ids, mask, types.empty() ? at::Tensor() : tt, {}};
   auto out = loaded.model->forward(in, nullptr);
-  io::TensorMap tensors{{"input_ids", ids}, {"attention_mask", mask}, {"hidden", out.hidden.contiguous()}};
+  io::TensorMap tensors{
+      {"input_ids", ids}, {"attention_mask", mask}, {"hidden", out.hidden.contiguous()}};
   if (out.logits.defined()) tensors["logits"] = out.logits.contiguous();
   if (out.pooled.defined()) tensors["pooled"] = out.pooled.contiguous();
-  io::write_safetensors(vm["out"].as<std::string>(), tensors,
-                        {{"model", loaded.path.string()}, {"family", loaded.model->config().family}});
+  io::write_safetensors(
+      vm["out"].as<std::string>(), tensors,
+      {{"model", loaded.path.string()}, {"family", loaded.model->config().family}});
   std::cout << "wrote " << vm["out"].as<std::string>() << ": logits "
             << (out.logits.defined() ? c10::str(out.logits.sizes()) : std::string("(none)"))
             << ", hidden " << c10::str(out.hidden.sizes()) << "\n";

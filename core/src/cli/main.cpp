@@ -1,8 +1,7 @@
 // graft: parameter-efficient fine-tuning for transformer models.
+#include <c10/util/Exception.h>
 #include <graft/load.h>
 #include <graft/version.h>
-
-#include <c10/util/Exception.h>
 #include <torch/version.h>
 
 #include <cstring>

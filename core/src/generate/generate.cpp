@@ -1,5 +1,4 @@
 #include <graft/generate.h>
-
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -36,7 +35,8 @@ std::int64_t choose_token(const at::Tensor& logits, const GenerationOptions& o,
   std::vector<double> p(keep);
   const double top = l[order[0]];
   double sum = 0;
-  for (std::int64_t i = 0; i < keep; ++i) sum += p[i] = std::exp((l[order[i]] - top) / o.temperature);
+  for (std::int64_t i = 0; i < keep; ++i)
+    sum += p[i] = std::exp((l[order[i]] - top) / o.temperature);
   if (o.top_p < 1.0) {
     double cum = 0;
     std::int64_t k = 0;
@@ -64,7 +64,8 @@ at::Tensor generate(Model& model, const at::Tensor& input_ids, const at::Tensor&
   const bool was_training = model.is_training();
   model.eval();
   const auto batch = input_ids.size(0);
-  auto mask = attention_mask.defined() ? attention_mask.to(torch::kLong) : torch::ones_like(input_ids);
+  auto mask =
+      attention_mask.defined() ? attention_mask.to(torch::kLong) : torch::ones_like(input_ids);
   std::uint64_t state = o.seed;
   std::vector<bool> done(batch, false);
   std::vector<at::Tensor> steps;

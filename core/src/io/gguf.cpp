@@ -1,7 +1,6 @@
+#include <c10/util/Half.h>
 #include <graft/error.h>
 #include <graft/io/gguf.h>
-
-#include <c10/util/Half.h>
 #include <torch/torch.h>
 
 #include <cstring>
@@ -25,11 +24,11 @@ struct TypeLayout {
   std::uint64_t bytes;
 };
 constexpr TypeLayout kLayouts[] = {
-    {0, "F32", 1, 4},       {1, "F16", 1, 2},      {2, "Q4_0", 32, 18},   {3, "Q4_1", 32, 20},
-    {6, "Q5_0", 32, 22},    {7, "Q5_1", 32, 24},   {8, "Q8_0", 32, 34},   {9, "Q8_1", 32, 36},
+    {0, "F32", 1, 4},       {1, "F16", 1, 2},       {2, "Q4_0", 32, 18},    {3, "Q4_1", 32, 20},
+    {6, "Q5_0", 32, 22},    {7, "Q5_1", 32, 24},    {8, "Q8_0", 32, 34},    {9, "Q8_1", 32, 36},
     {10, "Q2_K", 256, 84},  {11, "Q3_K", 256, 110}, {12, "Q4_K", 256, 144}, {13, "Q5_K", 256, 176},
-    {14, "Q6_K", 256, 210}, {15, "Q8_K", 256, 292}, {24, "I8", 1, 1},     {25, "I16", 1, 2},
-    {26, "I32", 1, 4},      {27, "I64", 1, 8},     {28, "F64", 1, 8},     {30, "BF16", 1, 2},
+    {14, "Q6_K", 256, 210}, {15, "Q8_K", 256, 292}, {24, "I8", 1, 1},       {25, "I16", 1, 2},
+    {26, "I32", 1, 4},      {27, "I64", 1, 8},      {28, "F64", 1, 8},      {30, "BF16", 1, 2},
 };
 
 const TypeLayout* layout_of(std::uint32_t type) {
@@ -40,12 +39,25 @@ const TypeLayout* layout_of(std::uint32_t type) {
 
 std::size_t scalar_size(GgufType t) {
   switch (t) {
-    case GgufType::u8: case GgufType::i8: case GgufType::boolean: return 1;
-    case GgufType::u16: case GgufType::i16: return 2;
-    case GgufType::u32: case GgufType::i32: case GgufType::f32: return 4;
-    case GgufType::u64: case GgufType::i64: case GgufType::f64: return 8;
-    case GgufType::string: return 8;  // at least the length
-    case GgufType::array: return 12;  // at least element type and count
+    case GgufType::u8:
+    case GgufType::i8:
+    case GgufType::boolean:
+      return 1;
+    case GgufType::u16:
+    case GgufType::i16:
+      return 2;
+    case GgufType::u32:
+    case GgufType::i32:
+    case GgufType::f32:
+      return 4;
+    case GgufType::u64:
+    case GgufType::i64:
+    case GgufType::f64:
+      return 8;
+    case GgufType::string:
+      return 8;  // at least the length
+    case GgufType::array:
+      return 12;  // at least element type and count
   }
   return 0;
 }
@@ -90,29 +102,52 @@ GgufValue read_value(Reader& r, GgufType type, const std::string& key, int depth
   GgufValue v;
   v.type = type;
   switch (type) {
-    case GgufType::u8: v.i = r.read<std::uint8_t>("a u8 value"); break;
-    case GgufType::i8: v.i = r.read<std::int8_t>("an i8 value"); break;
-    case GgufType::u16: v.i = r.read<std::uint16_t>("a u16 value"); break;
-    case GgufType::i16: v.i = r.read<std::int16_t>("an i16 value"); break;
-    case GgufType::u32: v.i = r.read<std::uint32_t>("a u32 value"); break;
-    case GgufType::i32: v.i = r.read<std::int32_t>("an i32 value"); break;
-    case GgufType::u64: v.i = static_cast<std::int64_t>(r.read<std::uint64_t>("a u64 value")); break;
-    case GgufType::i64: v.i = r.read<std::int64_t>("an i64 value"); break;
-    case GgufType::f32: v.f = r.read<float>("an f32 value"); break;
-    case GgufType::f64: v.f = r.read<double>("an f64 value"); break;
+    case GgufType::u8:
+      v.i = r.read<std::uint8_t>("a u8 value");
+      break;
+    case GgufType::i8:
+      v.i = r.read<std::int8_t>("an i8 value");
+      break;
+    case GgufType::u16:
+      v.i = r.read<std::uint16_t>("a u16 value");
+      break;
+    case GgufType::i16:
+      v.i = r.read<std::int16_t>("an i16 value");
+      break;
+    case GgufType::u32:
+      v.i = r.read<std::uint32_t>("a u32 value");
+      break;
+    case GgufType::i32:
+      v.i = r.read<std::int32_t>("an i32 value");
+      break;
+    case GgufType::u64:
+      v.i = static_cast<std::int64_t>(r.read<std::uint64_t>("a u64 value"));
+      break;
+    case GgufType::i64:
+      v.i = r.read<std::int64_t>("an i64 value");
+      break;
+    case GgufType::f32:
+      v.f = r.read<float>("an f32 value");
+      break;
+    case GgufType::f64:
+      v.f = r.read<double>("an f64 value");
+      break;
     case GgufType::boolean: {
       auto b = r.read<std::uint8_t>("a bool value");
-      if (b > 1) throw FileError(r.where(), "metadata '" + key + "': bool value " + std::to_string(b));
+      if (b > 1)
+        throw FileError(r.where(), "metadata '" + key + "': bool value " + std::to_string(b));
       v.i = b;
       break;
     }
-    case GgufType::string: v.s = r.read_string("a string value"); break;
+    case GgufType::string:
+      v.s = r.read_string("a string value");
+      break;
     case GgufType::array: {
       if (depth > 4) throw FileError(r.where(), "metadata '" + key + "': arrays nested too deep");
       auto et = r.read<std::uint32_t>("an array type");
       if (et > static_cast<std::uint32_t>(GgufType::f64))
-        throw FileError(r.where(), "metadata '" + key + "': unknown array element type " +
-                                       std::to_string(et));
+        throw FileError(r.where(),
+                        "metadata '" + key + "': unknown array element type " + std::to_string(et));
       v.element_type = static_cast<GgufType>(et);
       auto n = r.read<std::uint64_t>("an array length");
       if (n > r.remaining() / scalar_size(v.element_type))
@@ -140,10 +175,18 @@ float half_to_float(std::uint16_t bits) {
 
 bool GgufValue::is_integer() const {
   switch (type) {
-    case GgufType::u8: case GgufType::i8: case GgufType::u16: case GgufType::i16:
-    case GgufType::u32: case GgufType::i32: case GgufType::u64: case GgufType::i64:
-    case GgufType::boolean: return true;
-    default: return false;
+    case GgufType::u8:
+    case GgufType::i8:
+    case GgufType::u16:
+    case GgufType::i16:
+    case GgufType::u32:
+    case GgufType::i32:
+    case GgufType::u64:
+    case GgufType::i64:
+    case GgufType::boolean:
+      return true;
+    default:
+      return false;
   }
 }
 bool GgufValue::is_float() const { return type == GgufType::f32 || type == GgufType::f64; }
@@ -190,7 +233,8 @@ std::string GgufValue::to_string() const {
     os << '"' << (s.size() > 60 ? s.substr(0, 60) + "..." : s) << '"';
   } else if (type == GgufType::array) {
     os << "[";
-    for (std::size_t k = 0; k < array.size() && k < 5; ++k) os << (k ? ", " : "") << array[k].to_string();
+    for (std::size_t k = 0; k < array.size() && k < 5; ++k)
+      os << (k ? ", " : "") << array[k].to_string();
     if (array.size() > 5) os << ", ... (" << array.size() << " items)";
     os << "]";
   } else if (type == GgufType::boolean) {
@@ -271,8 +315,8 @@ GgufFile::GgufFile(const std::filesystem::path& path)
                                  std::to_string(l->block));
     info.bytes = numel / l->block * l->bytes;
     if (info.offset % alignment != 0)
-      throw FileError(where, ctx + "offset " + std::to_string(info.offset) +
-                                 " is not aligned to " + std::to_string(alignment));
+      throw FileError(where, ctx + "offset " + std::to_string(info.offset) + " is not aligned to " +
+                                 std::to_string(alignment));
     tensors_.push_back(std::move(info));
   }
   data_offset_ = (r.pos() + alignment - 1) / alignment * alignment;
@@ -318,14 +362,22 @@ at::Tensor GgufFile::load(const GgufTensorInfo& info) const {
     return t;
   };
   switch (info.type) {
-    case 0: return copy_as(torch::kFloat);
-    case 1: return copy_as(torch::kHalf);
-    case 30: return copy_as(torch::kBFloat16);
-    case 24: return copy_as(torch::kChar);
-    case 25: return copy_as(torch::kShort);
-    case 26: return copy_as(torch::kInt);
-    case 27: return copy_as(torch::kLong);
-    case 28: return copy_as(torch::kDouble);
+    case 0:
+      return copy_as(torch::kFloat);
+    case 1:
+      return copy_as(torch::kHalf);
+    case 30:
+      return copy_as(torch::kBFloat16);
+    case 24:
+      return copy_as(torch::kChar);
+    case 25:
+      return copy_as(torch::kShort);
+    case 26:
+      return copy_as(torch::kInt);
+    case 27:
+      return copy_as(torch::kLong);
+    case 28:
+      return copy_as(torch::kDouble);
     case 8:    // Q8_0: blocks of 32 int8 with one f16 scale
     case 2: {  // Q4_0: blocks of 32 4-bit values (low nibbles first) with one f16 scale, offset 8
       auto t = torch::empty(info.shape, torch::TensorOptions().dtype(torch::kFloat));
@@ -382,17 +434,40 @@ void put_string(std::ostream& out, const std::string& s) {
 void put_value(std::ostream& out, const GgufValue& v, bool with_type) {
   if (with_type) put<std::uint32_t>(out, static_cast<std::uint32_t>(v.type));
   switch (v.type) {
-    case GgufType::u8: case GgufType::boolean: put<std::uint8_t>(out, static_cast<std::uint8_t>(v.i)); break;
-    case GgufType::i8: put<std::int8_t>(out, static_cast<std::int8_t>(v.i)); break;
-    case GgufType::u16: put<std::uint16_t>(out, static_cast<std::uint16_t>(v.i)); break;
-    case GgufType::i16: put<std::int16_t>(out, static_cast<std::int16_t>(v.i)); break;
-    case GgufType::u32: put<std::uint32_t>(out, static_cast<std::uint32_t>(v.i)); break;
-    case GgufType::i32: put<std::int32_t>(out, static_cast<std::int32_t>(v.i)); break;
-    case GgufType::u64: put<std::uint64_t>(out, static_cast<std::uint64_t>(v.i)); break;
-    case GgufType::i64: put<std::int64_t>(out, v.i); break;
-    case GgufType::f32: put<float>(out, static_cast<float>(v.f)); break;
-    case GgufType::f64: put<double>(out, v.f); break;
-    case GgufType::string: put_string(out, v.s); break;
+    case GgufType::u8:
+    case GgufType::boolean:
+      put<std::uint8_t>(out, static_cast<std::uint8_t>(v.i));
+      break;
+    case GgufType::i8:
+      put<std::int8_t>(out, static_cast<std::int8_t>(v.i));
+      break;
+    case GgufType::u16:
+      put<std::uint16_t>(out, static_cast<std::uint16_t>(v.i));
+      break;
+    case GgufType::i16:
+      put<std::int16_t>(out, static_cast<std::int16_t>(v.i));
+      break;
+    case GgufType::u32:
+      put<std::uint32_t>(out, static_cast<std::uint32_t>(v.i));
+      break;
+    case GgufType::i32:
+      put<std::int32_t>(out, static_cast<std::int32_t>(v.i));
+      break;
+    case GgufType::u64:
+      put<std::uint64_t>(out, static_cast<std::uint64_t>(v.i));
+      break;
+    case GgufType::i64:
+      put<std::int64_t>(out, v.i);
+      break;
+    case GgufType::f32:
+      put<float>(out, static_cast<float>(v.f));
+      break;
+    case GgufType::f64:
+      put<double>(out, v.f);
+      break;
+    case GgufType::string:
+      put_string(out, v.s);
+      break;
     case GgufType::array:
       put<std::uint32_t>(out, static_cast<std::uint32_t>(v.element_type));
       put<std::uint64_t>(out, v.array.size());
@@ -411,7 +486,8 @@ void write_gguf(const std::filesystem::path& path,
     auto c = t.detach().to(torch::kCPU).contiguous();
     if (c.scalar_type() != torch::kFloat && c.scalar_type() != torch::kHalf &&
         c.scalar_type() != torch::kBFloat16)
-      throw FileError(path.string(), "tensor '" + name + "': only F32, F16 and BF16 can be written");
+      throw FileError(path.string(),
+                      "tensor '" + name + "': only F32, F16 and BF16 can be written");
     blobs.emplace_back(name, std::move(c));
   }
   auto pad = [&](std::ostream& out, std::uint64_t pos) {
@@ -437,7 +513,9 @@ void write_gguf(const std::filesystem::path& path,
       put_string(out, name);
       put<std::uint32_t>(out, static_cast<std::uint32_t>(t.dim()));
       for (int64_t d = t.dim() - 1; d >= 0; --d) put<std::uint64_t>(out, t.size(d));
-      std::uint32_t type = t.scalar_type() == torch::kFloat ? 0 : t.scalar_type() == torch::kHalf ? 1 : 30;
+      std::uint32_t type = t.scalar_type() == torch::kFloat  ? 0
+                           : t.scalar_type() == torch::kHalf ? 1
+                                                             : 30;
       put<std::uint32_t>(out, type);
       put<std::uint64_t>(out, offset);
       offset += (t.numel() * t.element_size() + alignment - 1) / alignment * alignment;

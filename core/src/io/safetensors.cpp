@@ -1,12 +1,11 @@
 #include <graft/error.h>
 #include <graft/io/safetensors.h>
-
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <set>
 
 #include "util/file.h"
@@ -141,8 +140,8 @@ void write_safetensors(const std::filesystem::path& path, const TensorMap& tenso
     auto c = t.detach().to(torch::kCPU).contiguous();
     const char* dname = dtype_name(c.scalar_type(), where, name);
     const std::uint64_t bytes = c.numel() * c.element_size();
-    header[name] = {{"dtype", dname}, {"shape", c.sizes().vec()},
-                    {"data_offsets", {offset, offset + bytes}}};
+    header[name] = {
+        {"dtype", dname}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
     blobs.push_back(std::move(c));
   }
@@ -186,7 +185,8 @@ TensorMap read_safetensors_model(const std::filesystem::path& path) {
     throw FileError(index.string(), "expected a \"weight_map\" object");
   std::map<std::string, std::vector<std::string>> by_shard;
   for (const auto& [name, shard] : j["weight_map"].items()) {
-    if (!shard.is_string()) throw FileError(index.string(), "weight_map." + name + " is not a string");
+    if (!shard.is_string())
+      throw FileError(index.string(), "weight_map." + name + " is not a string");
     const auto file = shard.get<std::string>();
     if (fs::path(file).filename() != fs::path(file))
       throw FileError(index.string(), "weight_map." + name + ": shard \"" + file +

@@ -64,7 +64,8 @@ class Bert : public Model {
     const auto d = cfg.hidden_size;
     embed = register_module("embed", torch::nn::Embedding(cfg.vocab_size, d));
     pos_embed = register_module("pos_embed", torch::nn::Embedding(cfg.max_positions, d));
-    type_embed = register_module("type_embed", torch::nn::Embedding(std::max<std::int64_t>(cfg.type_vocab_size, 1), d));
+    type_embed = register_module(
+        "type_embed", torch::nn::Embedding(std::max<std::int64_t>(cfg.type_vocab_size, 1), d));
     embed_norm = register_module("embed_norm", Norm(d, cfg.norm_eps, true));
     layers = register_module("layers", torch::nn::ModuleList());
     for (std::int64_t i = 0; i < cfg.num_layers; ++i) layers->push_back(BertLayer(cfg));
@@ -91,7 +92,8 @@ class Bert : public Model {
         // RoBERTa numbers tokens from padding_idx + 1 and gives padding the padding index.
         positions = key_mask.cumsum(1) * key_mask + config_.pad_token_id;
       } else {
-        positions = torch::arange(seq, in.input_ids.options().dtype(torch::kLong)).expand({batch, seq});
+        positions =
+            torch::arange(seq, in.input_ids.options().dtype(torch::kLong)).expand({batch, seq});
       }
     }
     auto types = in.token_type_ids.defined() ? in.token_type_ids : torch::zeros_like(in.input_ids);
@@ -147,17 +149,19 @@ const std::vector<NameRule> kHfRules = {
 
 }  // namespace
 
-std::shared_ptr<Model> make_bert(const ModelConfig& config) { return std::make_shared<Bert>(config); }
+std::shared_ptr<Model> make_bert(const ModelConfig& config) {
+  return std::make_shared<Bert>(config);
+}
 
 ModelConfig bert_config_from_hf(const nlohmann::json& j, const std::string& source) {
   JsonConfig c(j, source);
   ModelConfig m;
   m.family = "bert";
   const auto type = c.string("model_type", "bert");
-  m.architecture = j.contains("architectures") && j["architectures"].is_array() &&
-                           !j["architectures"].empty()
-                       ? j["architectures"][0].get<std::string>()
-                       : (type == "roberta" ? "RobertaModel" : "BertModel");
+  m.architecture =
+      j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty()
+          ? j["architectures"][0].get<std::string>()
+          : (type == "roberta" ? "RobertaModel" : "BertModel");
   m.vocab_size = c.integer("vocab_size");
   m.hidden_size = c.integer("hidden_size");
   m.num_layers = c.integer("num_hidden_layers");
@@ -172,8 +176,7 @@ ModelConfig bert_config_from_hf(const nlohmann::json& j, const std::string& sour
   m.roberta_positions = type == "roberta";
   m.attention_bias = true;
   if (c.string("position_embedding_type", "absolute") != "absolute")
-    throw FileError(source, "position_embedding_type \"" +
-                                c.string("position_embedding_type", "") +
+    throw FileError(source, "position_embedding_type \"" + c.string("position_embedding_type", "") +
                                 "\" is not supported (graft reads \"absolute\")");
   if (m.architecture.find("ForSequenceClassification") != std::string::npos) {
     m.classifier = type == "roberta" ? "roberta" : "pooler";
@@ -192,7 +195,8 @@ io::TensorMap bert_from_hf(const ModelConfig&, const io::TensorMap& checkpoint) 
     std::string n = name;
     for (const std::string prefix : {"bert.", "roberta."})
       if (n.rfind(prefix, 0) == 0) n = n.substr(prefix.size());
-    for (const auto& [from, to] : {std::pair<std::string, std::string>{".gamma", ".weight"}, {".beta", ".bias"}})
+    for (const auto& [from, to] :
+         {std::pair<std::string, std::string>{".gamma", ".weight"}, {".beta", ".bias"}})
       if (n.size() > from.size() && n.compare(n.size() - from.size(), from.size(), from) == 0)
         n = n.substr(0, n.size() - from.size()) + to;
     stripped.emplace(n, t);

@@ -1,8 +1,7 @@
 #include "models/common.h"
 
-#include <graft/error.h>
-
 #include <ATen/CPUGeneratorImpl.h>
+#include <graft/error.h>
 
 #include <cmath>
 #include <limits>
@@ -11,11 +10,11 @@ namespace graft {
 
 const std::vector<std::string>& site_points() {
   static const std::vector<std::string> points = {
-      "embed",    "attn.in",  "attn.q",   "attn.k",   "attn.v",  "attn.kv",
-      "attn.o",   "attn.out", "ffn.in",   "ffn.gate", "ffn.up",  "ffn.act",
-      "ffn.down", "ffn.out",  "norm.embed", "norm.attn", "norm.ffn", "norm.final",
-      "bias.attn.q", "bias.attn.k", "bias.attn.v", "bias.attn.o", "bias.ffn.gate",
-      "bias.ffn.up", "bias.ffn.down", "head"};
+      "embed",         "attn.in",     "attn.q",      "attn.k",      "attn.v",        "attn.kv",
+      "attn.o",        "attn.out",    "ffn.in",      "ffn.gate",    "ffn.up",        "ffn.act",
+      "ffn.down",      "ffn.out",     "norm.embed",  "norm.attn",   "norm.ffn",      "norm.final",
+      "bias.attn.q",   "bias.attn.k", "bias.attn.v", "bias.attn.o", "bias.ffn.gate", "bias.ffn.up",
+      "bias.ffn.down", "head"};
   return points;
 }
 
@@ -91,7 +90,8 @@ at::Tensor NormImpl::forward(const at::Tensor& x) {
   return weight * y.to(x.scalar_type());
 }
 
-at::Tensor full_key_mask(const at::Tensor& input_ids, const at::Tensor& mask, const KVCache* cache) {
+at::Tensor full_key_mask(const at::Tensor& input_ids, const at::Tensor& mask,
+                         const KVCache* cache) {
   auto m = mask.defined() ? mask.to(torch::kLong)
                           : torch::ones_like(input_ids, input_ids.options().dtype(torch::kLong));
   TORCH_CHECK(m.sizes() == input_ids.sizes(), "attention_mask shape ", m.sizes(),
@@ -192,16 +192,11 @@ std::vector<Site> layer_sites(const ModelConfig& c, std::int64_t layer, bool gat
   const auto d = c.hidden_size, q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
   const auto f = c.intermediate_size;
   std::vector<Site> s = {
-      {p + "attn_norm", "norm.attn", layer, d, d},
-      {p + "attn.in", "attn.in", layer, d, d},
-      {p + "attn.q", "attn.q", layer, d, q},
-      {p + "attn.k", "attn.k", layer, d, kv},
-      {p + "attn.v", "attn.v", layer, d, kv},
-      {p + "attn.kv", "attn.kv", layer, kv, kv},
-      {p + "attn.o", "attn.o", layer, q, d},
-      {p + "attn.out", "attn.out", layer, d, d},
-      {p + "ffn_norm", "norm.ffn", layer, d, d},
-      {p + "ffn.in", "ffn.in", layer, d, d},
+      {p + "attn_norm", "norm.attn", layer, d, d}, {p + "attn.in", "attn.in", layer, d, d},
+      {p + "attn.q", "attn.q", layer, d, q},       {p + "attn.k", "attn.k", layer, d, kv},
+      {p + "attn.v", "attn.v", layer, d, kv},      {p + "attn.kv", "attn.kv", layer, kv, kv},
+      {p + "attn.o", "attn.o", layer, q, d},       {p + "attn.out", "attn.out", layer, d, d},
+      {p + "ffn_norm", "norm.ffn", layer, d, d},   {p + "ffn.in", "ffn.in", layer, d, d},
   };
   if (gated) s.push_back({p + "ffn.gate", "ffn.gate", layer, d, f});
   s.push_back({p + "ffn.up", "ffn.up", layer, d, f});
@@ -289,8 +284,8 @@ void init_parameters(torch::nn::Module& model, std::uint64_t seed, double std) {
   auto gen = at::detail::createCPUGenerator(seed);
   for (auto& p : model.named_parameters(true)) {
     auto noise = at::normal(0.0, std, p.value().sizes(), gen).to(p.value().dtype());
-    const bool gain = p.key().find("norm") != std::string::npos &&
-                      p.key().size() > 7 && p.key().compare(p.key().size() - 7, 7, ".weight") == 0;
+    const bool gain = p.key().find("norm") != std::string::npos && p.key().size() > 7 &&
+                      p.key().compare(p.key().size() - 7, 7, ".weight") == 0;
     p.value().copy_(gain ? noise + 1.0 : noise);
   }
 }

@@ -4,7 +4,6 @@
 
 #include <graft/io/tensors.h>
 #include <graft/model.h>
-
 #include <torch/torch.h>
 
 #include <string>

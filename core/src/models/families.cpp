@@ -15,17 +15,20 @@ std::int64_t JsonConfig::integer(const std::string& key, std::int64_t fallback) 
 }
 double JsonConfig::number(const std::string& key, double fallback) const {
   if (!has(key)) return fallback;
-  if (!j_[key].is_number()) throw FileError(source_, key + ": expected a number, got " + j_[key].dump());
+  if (!j_[key].is_number())
+    throw FileError(source_, key + ": expected a number, got " + j_[key].dump());
   return j_[key].get<double>();
 }
 bool JsonConfig::boolean(const std::string& key, bool fallback) const {
   if (!has(key)) return fallback;
-  if (!j_[key].is_boolean()) throw FileError(source_, key + ": expected true or false, got " + j_[key].dump());
+  if (!j_[key].is_boolean())
+    throw FileError(source_, key + ": expected true or false, got " + j_[key].dump());
   return j_[key].get<bool>();
 }
 std::string JsonConfig::string(const std::string& key, const std::string& fallback) const {
   if (!has(key)) return fallback;
-  if (!j_[key].is_string()) throw FileError(source_, key + ": expected a string, got " + j_[key].dump());
+  if (!j_[key].is_string())
+    throw FileError(source_, key + ": expected a string, got " + j_[key].dump());
   return j_[key].get<std::string>();
 }
 
@@ -40,7 +43,8 @@ ModelConfig config_from_hf(const nlohmann::json& j, const std::string& source) {
   if (!j.is_object()) throw FileError(source, "expected a JSON object");
   JsonConfig c(j, source);
   const auto type = c.string("model_type", "");
-  if (type == "llama" || type == "mistral" || type == "qwen2") return llama_config_from_hf(j, source);
+  if (type == "llama" || type == "mistral" || type == "qwen2")
+    return llama_config_from_hf(j, source);
   if (type == "gpt2") return gpt2_config_from_hf(j, source);
   if (type == "bert" || type == "roberta") return bert_config_from_hf(j, source);
   throw FileError(source, "model_type \"" + type +

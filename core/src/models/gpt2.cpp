@@ -63,7 +63,8 @@ class Gpt2 : public Model {
   explicit Gpt2(ModelConfig c) : Model(std::move(c)) {
     const auto& cfg = config_;
     embed = register_module("embed", torch::nn::Embedding(cfg.vocab_size, cfg.hidden_size));
-    pos_embed = register_module("pos_embed", torch::nn::Embedding(cfg.max_positions, cfg.hidden_size));
+    pos_embed =
+        register_module("pos_embed", torch::nn::Embedding(cfg.max_positions, cfg.hidden_size));
     layers = register_module("layers", torch::nn::ModuleList());
     for (std::int64_t i = 0; i < cfg.num_layers; ++i) layers->push_back(Gpt2Layer(cfg));
     norm = register_module("norm", Norm(cfg.hidden_size, cfg.norm_eps, true));
@@ -82,10 +83,11 @@ class Gpt2 : public Model {
   ForwardOutput forward(const ForwardInput& in, KVCache* cache) override {
     const auto seq = in.input_ids.size(1);
     auto key_mask = full_key_mask(in.input_ids, in.attention_mask, cache);
-    auto positions = in.position_ids.defined() ? in.position_ids : positions_from_mask(key_mask, seq);
-    TORCH_CHECK(positions.max().item<std::int64_t>() < config_.max_positions,
-                "gpt2: position ", positions.max().item<std::int64_t>(),
-                " is beyond the model's ", config_.max_positions, " learned positions");
+    auto positions =
+        in.position_ids.defined() ? in.position_ids : positions_from_mask(key_mask, seq);
+    TORCH_CHECK(positions.max().item<std::int64_t>() < config_.max_positions, "gpt2: position ",
+                positions.max().item<std::int64_t>(), " is beyond the model's ",
+                config_.max_positions, " learned positions");
     auto x = embed(in.input_ids) + pos_embed(positions);
     for (std::size_t i = 0; i < layers->size(); ++i)
       x = layers->ptr<Gpt2LayerImpl>(i)->forward(x, key_mask, cache, i);
@@ -122,12 +124,15 @@ const std::vector<NameRule> kHfRules = {
 };
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 }  // namespace
 
-std::shared_ptr<Model> make_gpt2(const ModelConfig& config) { return std::make_shared<Gpt2>(config); }
+std::shared_ptr<Model> make_gpt2(const ModelConfig& config) {
+  return std::make_shared<Gpt2>(config);
+}
 
 ModelConfig gpt2_config_from_hf(const nlohmann::json& j, const std::string& source) {
   JsonConfig c(j, source);
@@ -148,8 +153,9 @@ ModelConfig gpt2_config_from_hf(const nlohmann::json& j, const std::string& sour
   m.bos_token_id = c.integer("bos_token_id", -1);
   m.eos_token_id = c.integer("eos_token_id", -1);
   if (c.boolean("scale_attn_by_inverse_layer_idx", false) || !c.boolean("scale_attn_weights", true))
-    throw FileError(source, "gpt2 attention scaling variants (scale_attn_by_inverse_layer_idx, "
-                            "scale_attn_weights: false) are not supported");
+    throw FileError(source,
+                    "gpt2 attention scaling variants (scale_attn_by_inverse_layer_idx, "
+                    "scale_attn_weights: false) are not supported");
   if (m.hidden_size % m.num_heads)
     throw FileError(source, "n_embd " + std::to_string(m.hidden_size) +
                                 " is not divisible by n_head " + std::to_string(m.num_heads));
@@ -168,7 +174,9 @@ io::TensorMap gpt2_from_hf(const ModelConfig& c, const io::TensorMap& checkpoint
     const bool matrix = t.dim() == 2 && name != "embed.weight" && name != "pos_embed.weight";
     auto w = matrix ? t.t().contiguous() : t;
     if (ends_with(name, ".attn.qkv.weight") || ends_with(name, ".attn.qkv.bias")) {
-      const auto base = name.substr(0, name.size() - std::string(ends_with(name, "weight") ? "qkv.weight" : "qkv.bias").size());
+      const auto base = name.substr(
+          0,
+          name.size() - std::string(ends_with(name, "weight") ? "qkv.weight" : "qkv.bias").size());
       const auto kind = ends_with(name, "weight") ? "weight" : "bias";
       TORCH_CHECK(w.size(0) == 3 * c.hidden_size, "gpt2: c_attn has ", w.size(0),
                   " outputs, expected ", 3 * c.hidden_size);

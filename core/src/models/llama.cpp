@@ -89,7 +89,8 @@ class Llama : public Model {
   ForwardOutput forward(const ForwardInput& in, KVCache* cache) override {
     const auto seq = in.input_ids.size(1);
     auto key_mask = full_key_mask(in.input_ids, in.attention_mask, cache);
-    auto positions = in.position_ids.defined() ? in.position_ids : positions_from_mask(key_mask, seq);
+    auto positions =
+        in.position_ids.defined() ? in.position_ids : positions_from_mask(key_mask, seq);
     auto [cos, sin] = rope_tables(positions, config_.head_dim, config_.rope_theta);
     auto x = embed(in.input_ids);
     for (std::size_t i = 0; i < layers->size(); ++i)
@@ -153,10 +154,10 @@ ModelConfig llama_config_from_hf(const nlohmann::json& j, const std::string& sou
   JsonConfig c(j, source);
   ModelConfig m;
   m.family = "llama";
-  m.architecture = j.contains("architectures") && j["architectures"].is_array() &&
-                           !j["architectures"].empty()
-                       ? j["architectures"][0].get<std::string>()
-                       : "LlamaForCausalLM";
+  m.architecture =
+      j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty()
+          ? j["architectures"][0].get<std::string>()
+          : "LlamaForCausalLM";
   const auto model_type = c.string("model_type", "llama");
   m.vocab_size = c.integer("vocab_size");
   m.hidden_size = c.integer("hidden_size");
@@ -178,8 +179,8 @@ ModelConfig llama_config_from_hf(const nlohmann::json& j, const std::string& sou
                        : -1;
   m.pad_token_id = c.integer("pad_token_id", -1);
   if (c.has("rope_scaling"))
-    throw FileError(source, "rope_scaling is not supported yet (found " +
-                                j["rope_scaling"].dump() + ")");
+    throw FileError(source,
+                    "rope_scaling is not supported yet (found " + j["rope_scaling"].dump() + ")");
   return m;
 }
 
@@ -197,14 +198,14 @@ ModelConfig config_from_gguf(const io::GgufFile& f) {
   auto integer = [&](const std::string& k) { return f.at(key(k)).as_int(key(k)); };
   ModelConfig m;
   m.family = "llama";
-  m.architecture = arch == "qwen2" ? "Qwen2ForCausalLM"
+  m.architecture = arch == "qwen2"     ? "Qwen2ForCausalLM"
                    : arch == "mistral" ? "MistralForCausalLM"
                                        : "LlamaForCausalLM";
   m.hidden_size = integer("embedding_length");
   m.num_layers = integer("block_count");
   m.num_heads = integer("attention.head_count");
-  m.num_kv_heads = f.find(key("attention.head_count_kv")) ? integer("attention.head_count_kv")
-                                                          : m.num_heads;
+  m.num_kv_heads =
+      f.find(key("attention.head_count_kv")) ? integer("attention.head_count_kv") : m.num_heads;
   m.head_dim = f.find(key("rope.dimension_count")) ? integer("rope.dimension_count")
                                                    : m.hidden_size / m.num_heads;
   m.intermediate_size = integer("feed_forward_length");
@@ -231,9 +232,9 @@ ModelConfig config_from_gguf(const io::GgufFile& f) {
   m.eos_token_id = token_id("tokenizer.ggml.eos_token_id");
   m.pad_token_id = token_id("tokenizer.ggml.padding_token_id");
   if (m.head_dim * m.num_heads <= 0 || m.num_kv_heads <= 0 || m.num_heads % m.num_kv_heads)
-    throw FileError(f.path().string(), "inconsistent attention shape: " +
-                                           std::to_string(m.num_heads) + " heads, " +
-                                           std::to_string(m.num_kv_heads) + " key/value heads");
+    throw FileError(f.path().string(),
+                    "inconsistent attention shape: " + std::to_string(m.num_heads) + " heads, " +
+                        std::to_string(m.num_kv_heads) + " key/value heads");
   return m;
 }
 

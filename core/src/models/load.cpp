@@ -2,11 +2,10 @@
 #include <graft/io/gguf.h>
 #include <graft/io/safetensors.h>
 #include <graft/load.h>
-
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <cstdlib>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
 
@@ -57,8 +56,8 @@ fs::path resolve_model(const std::string& arg) {
   }
   std::string where;
   for (const auto& l : looked) where += (where.empty() ? "" : ", ") + l;
-  throw Error("model '" + arg + "' not found: looked for " + arg + "/ and " + arg +
-              ".gguf in " + where +
+  throw Error("model '" + arg + "' not found: looked for " + arg + "/ and " + arg + ".gguf in " +
+              where +
               "; give a path to a .gguf file or a Hugging Face folder, or set GRAFT_MODELS to "
               "the folder that holds it");
 }
@@ -97,8 +96,8 @@ LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
     out.tokenizer = tokenizer_from_gguf(file);
   }
   if (!options.family.empty() && options.family != config.family)
-    throw FileError(where, "is a " + config.family + " model, but the family \"" +
-                               options.family + "\" was asked for");
+    throw FileError(where, "is a " + config.family + " model, but the family \"" + options.family +
+                               "\" was asked for");
   out.model = models::make_model(config);
   models::load_parameters(*out.model, tensors, where);
   out.model->to(options.device, options.dtype);

@@ -4,14 +4,13 @@
 #include <graft/error.h>
 #include <graft/io/gguf.h>
 #include <graft/tokenizer.h>
-
-#include <nlohmann/json.hpp>
 #include <unicode/uchar.h>
 #include <unicode/unorm2.h>
 
 #include <algorithm>
 #include <array>
 #include <climits>
+#include <nlohmann/json.hpp>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -59,19 +58,26 @@ std::vector<std::string> split_words(const std::string& s, Split style) {
   auto letter = [&](std::size_t i) { return i < n && is_letter(cp[i]); };
   auto number = [&](std::size_t i) { return i < n && is_number(cp[i]); };
   auto space = [&](std::size_t i) { return i < n && is_space(cp[i]); };
-  auto other = [&](std::size_t i) { return i < n && !is_space(cp[i]) && !is_letter(cp[i]) && !is_number(cp[i]); };
+  auto other = [&](std::size_t i) {
+    return i < n && !is_space(cp[i]) && !is_letter(cp[i]) && !is_number(cp[i]);
+  };
   const bool modern = style != Split::gpt2;
 
   std::vector<std::string> words;
   std::size_t i = 0;
   while (i < n) {
     std::size_t j = i;
-    auto lower = [&](std::size_t k) { return k < n && cp[k] < 128 ? std::tolower(static_cast<int>(cp[k])) : -1; };
+    auto lower = [&](std::size_t k) {
+      return k < n && cp[k] < 128 ? std::tolower(static_cast<int>(cp[k])) : -1;
+    };
     auto match_contraction = [&]() -> std::size_t {
       if (at(i) != '\'') return 0;
-      auto c1 = modern ? lower(i + 1) : (i + 1 < n && cp[i + 1] < 128 ? static_cast<int>(cp[i + 1]) : -1);
-      auto c2 = modern ? lower(i + 2) : (i + 2 < n && cp[i + 2] < 128 ? static_cast<int>(cp[i + 2]) : -1);
-      if ((c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l')) return 3;
+      auto c1 =
+          modern ? lower(i + 1) : (i + 1 < n && cp[i + 1] < 128 ? static_cast<int>(cp[i + 1]) : -1);
+      auto c2 =
+          modern ? lower(i + 2) : (i + 2 < n && cp[i + 2] < 128 ? static_cast<int>(cp[i + 2]) : -1);
+      if ((c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l'))
+        return 3;
       if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') return 2;
       return 0;
     };
@@ -80,7 +86,8 @@ std::vector<std::string> split_words(const std::string& s, Split style) {
     } else if (!modern && ((letter(i)) || (at(i) == ' ' && letter(i + 1)))) {
       j = at(i) == ' ' ? i + 1 : i;
       while (letter(j)) ++j;
-    } else if (modern && (letter(i) || (i < n && !is_newline(cp[i]) && !letter(i) && !number(i) && letter(i + 1)))) {
+    } else if (modern && (letter(i) || (i < n && !is_newline(cp[i]) && !letter(i) && !number(i) &&
+                                        letter(i + 1)))) {
       j = letter(i) ? i : i + 1;
       while (letter(j)) ++j;
     } else if (!modern && (number(i) || (at(i) == ' ' && number(i + 1)))) {
@@ -132,7 +139,8 @@ struct ByteMap {
   ByteMap() {
     int extra = 0;
     for (int b = 0; b < 256; ++b) {
-      const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+      const bool printable =
+          (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
       char32_t c = printable ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + extra++);
       utf8_append(to_char[b], c);
       to_byte[c] = static_cast<unsigned char>(b);
@@ -169,8 +177,8 @@ class HfTokenizer : public Tokenizer {
   bool byte_level = false;
   bool add_prefix_space = false;
   Split split = Split::none;
-  bool metaspace = false;         // spaces become U+2581
-  bool prepend_meta = false;      // and U+2581 is put in front of the text
+  bool metaspace = false;     // spaces become U+2581
+  bool prepend_meta = false;  // and U+2581 is put in front of the text
   bool bert_normalize = false, lowercase = false, strip_accents = false;
   // Decoding and special tokens.
   Decoder decoder = Decoder::byte_level;
@@ -196,8 +204,9 @@ class HfTokenizer : public Tokenizer {
       ids[a.content] = a.id;
       if (a.special) special.insert(a.id);
     }
-    std::sort(added.begin(), added.end(),
-              [](const AddedToken& a, const AddedToken& b) { return a.content.size() > b.content.size(); });
+    std::sort(added.begin(), added.end(), [](const AddedToken& a, const AddedToken& b) {
+      return a.content.size() > b.content.size();
+    });
     if (!unk_token.empty() && ids.count(unk_token)) unk_ = ids[unk_token];
   }
 
@@ -236,7 +245,9 @@ class HfTokenizer : public Tokenizer {
       if (id < 0 || id >= vocab_size()) continue;
       if (skip_special && special.count(id)) continue;
       pieces.push_back(vocab[id]);
-      is_added.push_back(special.count(id) > 0 || std::any_of(added.begin(), added.end(), [&](const AddedToken& a) { return a.id == id; }));
+      is_added.push_back(
+          special.count(id) > 0 ||
+          std::any_of(added.begin(), added.end(), [&](const AddedToken& a) { return a.id == id; }));
     }
     std::string out;
     if (decoder == Decoder::byte_level) {
@@ -249,8 +260,10 @@ class HfTokenizer : public Tokenizer {
         for (std::size_t i = 0; i < pieces[k].size();) {
           char32_t c = utf8_next(pieces[k], i);
           auto it = m.to_byte.find(c);
-          if (it != m.to_byte.end()) out += static_cast<char>(it->second);
-          else utf8_append(out, c);
+          if (it != m.to_byte.end())
+            out += static_cast<char>(it->second);
+          else
+            utf8_append(out, c);
         }
       }
     } else if (decoder == Decoder::wordpiece) {
@@ -296,7 +309,7 @@ class HfTokenizer : public Tokenizer {
  private:
   static std::string cleanup(std::string s) {
     static const std::pair<const char*, const char*> kRules[] = {
-        {" .", "."}, {" ?", "?"}, {" !", "!"}, {" ,", ","}, {" ' ", "'"},
+        {" .", "."},     {" ?", "?"},   {" !", "!"},   {" ,", ","},     {" ' ", "'"},
         {" n't", "n't"}, {" 'm", "'m"}, {" 's", "'s"}, {" 've", "'ve"}, {" 're", "'re"}};
     for (const auto& [from, to] : kRules) {
       const std::string f = from, t = to;
@@ -352,11 +365,13 @@ class HfTokenizer : public Tokenizer {
   }
 
   static bool bert_punct(char32_t c) {
-    if ((c >= 33 && c <= 47) || (c >= 58 && c <= 64) || (c >= 91 && c <= 96) || (c >= 123 && c <= 126))
+    if ((c >= 33 && c <= 47) || (c >= 58 && c <= 64) || (c >= 91 && c <= 96) ||
+        (c >= 123 && c <= 126))
       return true;
     auto t = u_charType(static_cast<UChar32>(c));
-    return t >= U_DASH_PUNCTUATION && t <= U_OTHER_PUNCTUATION ? true
-           : t == U_INITIAL_PUNCTUATION || t == U_FINAL_PUNCTUATION;
+    return t >= U_DASH_PUNCTUATION && t <= U_OTHER_PUNCTUATION
+               ? true
+               : t == U_INITIAL_PUNCTUATION || t == U_FINAL_PUNCTUATION;
   }
 
   std::vector<std::string> bert_words(const std::string& s) const {
@@ -384,7 +399,8 @@ class HfTokenizer : public Tokenizer {
   void encode_segment(const std::string& raw, bool first, std::vector<std::int64_t>& out) const {
     if (raw.empty()) return;
     if (kind == Kind::wordpiece) {
-      for (const auto& w : bert_words(bert_normalize ? bert_normal_form(raw) : raw)) wordpiece(w, out);
+      for (const auto& w : bert_words(bert_normalize ? bert_normal_form(raw) : raw))
+        wordpiece(w, out);
       return;
     }
     std::string text = raw;
@@ -447,8 +463,10 @@ class HfTokenizer : public Tokenizer {
           char name[8];
           std::snprintf(name, sizeof name, "<0x%02X>", c);
           auto b = ids.find(name);
-          if (b != ids.end()) out.push_back(b->second);
-          else if (unk_ >= 0) out.push_back(unk_);
+          if (b != ids.end())
+            out.push_back(b->second);
+          else if (unk_ >= 0)
+            out.push_back(unk_);
         }
       } else if (unk_ >= 0) {
         out.push_back(unk_);
@@ -509,11 +527,13 @@ void read_pre_tokenizer(HfTokenizer& t, const json& p, const std::string& where)
     t.add_prefix_space = p.value("add_prefix_space", false);
     if (p.value("use_regex", true) && t.split == Split::none) t.split = Split::gpt2;
   } else if (type == "Split") {
-    if (!p.contains("pattern") || !p["pattern"].contains("Regex")) unsupported(where, "pre-tokenizer", p);
+    if (!p.contains("pattern") || !p["pattern"].contains("Regex"))
+      unsupported(where, "pre-tokenizer", p);
     t.split = split_from_regex(where, p["pattern"]["Regex"].get<std::string>());
   } else if (type == "Metaspace") {
     t.metaspace = true;
-    const auto scheme = p.value("prepend_scheme", p.value("add_prefix_space", true) ? "always" : "never");
+    const auto scheme =
+        p.value("prepend_scheme", p.value("add_prefix_space", true) ? "always" : "never");
     t.prepend_meta = scheme != "never";
     if (p.value("split", false)) unsupported(where, "pre-tokenizer", p);
   } else if (type == "BertPreTokenizer" || type == "Whitespace" || type == "WhitespaceSplit") {
@@ -537,8 +557,8 @@ void read_normalizer(HfTokenizer& t, const json& n, const std::string& where) {
   } else if (type == "Prepend" && n.value("prepend", "") == kMeta) {
     t.metaspace = true;
     t.prepend_meta = true;
-  } else if (type == "Replace" && n.contains("pattern") && n["pattern"].value("String", "") == " " &&
-             n.value("content", "") == kMeta) {
+  } else if (type == "Replace" && n.contains("pattern") &&
+             n["pattern"].value("String", "") == " " && n.value("content", "") == kMeta) {
     t.metaspace = true;
   } else if (type == "NFC" && t.byte_level) {
     // Qwen2 normalises to NFC; text that is already NFC (nearly all) is unchanged.
@@ -568,8 +588,10 @@ void read_post_processor(HfTokenizer& t, const json& p, const std::string& where
         after = true;
       } else if (item.contains("SpecialToken")) {
         const auto name = item["SpecialToken"]["id"].get<std::string>();
-        if (!specials.contains(name)) throw FileError(where, "post_processor names unknown special token " + name);
-        for (const auto& id : specials[name]["ids"]) (after ? t.suffix_ids : t.prefix_ids).push_back(id.get<std::int64_t>());
+        if (!specials.contains(name))
+          throw FileError(where, "post_processor names unknown special token " + name);
+        for (const auto& id : specials[name]["ids"])
+          (after ? t.suffix_ids : t.prefix_ids).push_back(id.get<std::int64_t>());
       }
     }
   } else if (type != "ByteLevel") {
@@ -588,14 +610,18 @@ void read_decoder(HfTokenizer& t, const json& d, const std::string& where) {
     t.cleanup_spaces = d.value("cleanup", true);
   } else if (type == "Metaspace") {
     t.decoder = HfTokenizer::Decoder::metaspace;
-    t.strip_leading_space = d.value("prepend_scheme", "always") != "never" && d.value("add_prefix_space", true);
+    t.strip_leading_space =
+        d.value("prepend_scheme", "always") != "never" && d.value("add_prefix_space", true);
   } else if (type == "Sequence") {
     t.decoder = HfTokenizer::Decoder::metaspace;
     for (const auto& e : d["decoders"]) {
       const auto et = e.value("type", "");
-      if (et == "Strip") t.strip_leading_space = e.value("start", 0) > 0;
-      else if (et == "ByteLevel") t.decoder = HfTokenizer::Decoder::byte_level;
-      else if (et != "Replace" && et != "ByteFallback" && et != "Fuse") unsupported(where, "decoder", e);
+      if (et == "Strip")
+        t.strip_leading_space = e.value("start", 0) > 0;
+      else if (et == "ByteLevel")
+        t.decoder = HfTokenizer::Decoder::byte_level;
+      else if (et != "Replace" && et != "ByteFallback" && et != "Fuse")
+        unsupported(where, "decoder", e);
     }
   } else {
     unsupported(where, "decoder", d);
@@ -630,7 +656,8 @@ std::shared_ptr<Tokenizer> load_tokenizer_json(const std::filesystem::path& path
     const auto type = model.value("type", model.contains("merges") ? "BPE" : "WordPiece");
     for (const auto& [token, id] : model.at("vocab").items()) {
       const auto i = id.get<std::int64_t>();
-      if (i < 0 || i > 10'000'000) throw FileError(where, "vocab id " + std::to_string(i) + " is out of range");
+      if (i < 0 || i > 10'000'000)
+        throw FileError(where, "vocab id " + std::to_string(i) + " is out of range");
       if (i >= static_cast<std::int64_t>(t->vocab.size())) t->vocab.resize(i + 1);
       t->vocab[i] = token;
     }
@@ -649,7 +676,8 @@ std::shared_ptr<Tokenizer> load_tokenizer_json(const std::filesystem::path& path
       }
       t->byte_fallback = model.value("byte_fallback", false);
       t->ignore_merges = model.value("ignore_merges", false);
-      if (model.contains("unk_token") && model["unk_token"].is_string()) t->unk_token = model["unk_token"];
+      if (model.contains("unk_token") && model["unk_token"].is_string())
+        t->unk_token = model["unk_token"];
       t->decoder = HfTokenizer::Decoder::byte_level;
     } else if (type == "WordPiece") {
       t->kind = HfTokenizer::Kind::wordpiece;
@@ -658,11 +686,13 @@ std::shared_ptr<Tokenizer> load_tokenizer_json(const std::filesystem::path& path
       t->max_word_chars = model.value("max_input_chars_per_word", 100);
       t->decoder = HfTokenizer::Decoder::wordpiece;
     } else {
-      throw FileError(where, "model type \"" + type + "\" is not supported (graft reads BPE and WordPiece)");
+      throw FileError(
+          where, "model type \"" + type + "\" is not supported (graft reads BPE and WordPiece)");
     }
     if (j.contains("added_tokens"))
       for (const auto& a : j["added_tokens"])
-        t->added.push_back({a.at("content").get<std::string>(), a.at("id").get<std::int64_t>(), a.value("special", false)});
+        t->added.push_back({a.at("content").get<std::string>(), a.at("id").get<std::int64_t>(),
+                            a.value("special", false)});
     read_normalizer(*t, j.value("normalizer", json()), where);
     read_pre_tokenizer(*t, j.value("pre_tokenizer", json()), where);
     read_post_processor(*t, j.value("post_processor", json()), where);
@@ -688,8 +718,11 @@ std::shared_ptr<Tokenizer> load_tokenizer_json(const std::filesystem::path& path
   const std::int64_t first = t->prefix_ids.empty() ? -1 : t->prefix_ids.front();
   const std::int64_t last = t->suffix_ids.empty() ? -1 : t->suffix_ids.back();
   auto bos = pick("bos_token", first >= 0 ? first : t->id("<s>"));
-  auto eos = pick("eos_token", last >= 0 ? last : t->id("</s>") >= 0 ? t->id("</s>") : t->id("<|endoftext|>"));
-  t->set_specials(bos, eos, pick("pad_token", t->id("[PAD]") >= 0 ? t->id("[PAD]") : t->id("<pad>")),
+  auto eos = pick("eos_token", last >= 0            ? last
+                               : t->id("</s>") >= 0 ? t->id("</s>")
+                                                    : t->id("<|endoftext|>"));
+  t->set_specials(bos, eos,
+                  pick("pad_token", t->id("[PAD]") >= 0 ? t->id("[PAD]") : t->id("<pad>")),
                   pick("unk_token", t->unk_id()));
   return t;
 }
@@ -707,21 +740,29 @@ std::shared_ptr<Tokenizer> make_gguf_byte_level_bpe(const io::GgufFile& f) {
     if (sp == std::string::npos) throw FileError(where, "merge \"" + m + "\" has no space");
     add_merge(*t, m.substr(0, sp), m.substr(sp + 1), rank++);
   }
-  const auto pre = f.find("tokenizer.ggml.pre") ? f.at("tokenizer.ggml.pre").as_string("pre") : "gpt-2";
-  if (pre == "llama-bpe" || pre == "llama3") t->split = Split::llama3;
-  else if (pre == "qwen2") t->split = Split::qwen2;
-  else if (pre == "gpt-2" || pre == "default") t->split = Split::gpt2;
-  else throw FileError(where, "tokenizer.ggml.pre \"" + pre + "\" is not supported (graft reads gpt-2, llama-bpe, qwen2)");
+  const auto pre =
+      f.find("tokenizer.ggml.pre") ? f.at("tokenizer.ggml.pre").as_string("pre") : "gpt-2";
+  if (pre == "llama-bpe" || pre == "llama3")
+    t->split = Split::llama3;
+  else if (pre == "qwen2")
+    t->split = Split::qwen2;
+  else if (pre == "gpt-2" || pre == "default")
+    t->split = Split::gpt2;
+  else
+    throw FileError(where, "tokenizer.ggml.pre \"" + pre +
+                               "\" is not supported (graft reads gpt-2, llama-bpe, qwen2)");
   if (auto* types = f.find("tokenizer.ggml.token_type")) {
     auto ts = types->as_ints("tokenizer.ggml.token_type");
     for (std::size_t i = 0; i < ts.size() && i < t->vocab.size(); ++i)
-      if (ts[i] == 3 || ts[i] == 4) t->added.push_back({t->vocab[i], static_cast<std::int64_t>(i), ts[i] == 3});
+      if (ts[i] == 3 || ts[i] == 4)
+        t->added.push_back({t->vocab[i], static_cast<std::int64_t>(i), ts[i] == 3});
   }
   t->finish();
   auto id = [&](const char* key) { return f.find(key) ? f.at(key).as_int(key) : -1; };
   t->set_specials(id("tokenizer.ggml.bos_token_id"), id("tokenizer.ggml.eos_token_id"),
                   id("tokenizer.ggml.padding_token_id"), id("tokenizer.ggml.unknown_token_id"));
-  if (auto* add_bos = f.find("tokenizer.ggml.add_bos_token"); add_bos && add_bos->i && t->bos_id() >= 0)
+  if (auto* add_bos = f.find("tokenizer.ggml.add_bos_token");
+      add_bos && add_bos->i && t->bos_id() >= 0)
     t->prefix_ids = {t->bos_id()};
   return t;
 }

@@ -106,7 +106,8 @@ class SentencePieceBpe : public Tokenizer {
   void merge(const std::string& s, std::vector<std::int64_t>& out) const {
     std::vector<Symbol> sym;
     for (std::size_t i = 0; i < s.size();) {
-      std::size_t n = std::min(tokenize::utf8_length(static_cast<unsigned char>(s[i])), s.size() - i);
+      std::size_t n =
+          std::min(tokenize::utf8_length(static_cast<unsigned char>(s[i])), s.size() - i);
       const int k = static_cast<int>(sym.size());
       sym.push_back({i, n, k - 1, k + 1});
       i += n;
@@ -179,9 +180,11 @@ std::shared_ptr<Tokenizer> tokenizer_from_gguf(const io::GgufFile& f) {
   SentencePieceVocab v;
   v.pieces = f.at("tokenizer.ggml.tokens").as_strings("tokenizer.ggml.tokens");
   if (auto* s = f.find("tokenizer.ggml.scores"))
-    for (double x : s->as_doubles("tokenizer.ggml.scores")) v.scores.push_back(static_cast<float>(x));
+    for (double x : s->as_doubles("tokenizer.ggml.scores"))
+      v.scores.push_back(static_cast<float>(x));
   if (auto* t = f.find("tokenizer.ggml.token_type"))
-    for (auto x : t->as_ints("tokenizer.ggml.token_type")) v.types.push_back(static_cast<std::int32_t>(x));
+    for (auto x : t->as_ints("tokenizer.ggml.token_type"))
+      v.types.push_back(static_cast<std::int32_t>(x));
   if (!v.scores.empty() && v.scores.size() != v.pieces.size())
     throw FileError(where, "tokenizer.ggml.scores has " + std::to_string(v.scores.size()) +
                                " entries for " + std::to_string(v.pieces.size()) + " tokens");
@@ -203,7 +206,9 @@ std::shared_ptr<Tokenizer> tokenizer_from_gguf(const io::GgufFile& f) {
   if (auto* x = f.find("tokenizer.ggml.add_space_prefix")) v.add_space_prefix = x->i != 0;
   const auto n = static_cast<std::int64_t>(v.pieces.size());
   for (auto* x : {&v.bos, &v.eos, &v.unk, &v.pad})
-    if (*x >= n) throw FileError(where, "special token id " + std::to_string(*x) + " is outside the " + std::to_string(n) + "-token vocabulary");
+    if (*x >= n)
+      throw FileError(where, "special token id " + std::to_string(*x) + " is outside the " +
+                                 std::to_string(n) + "-token vocabulary");
   return make_sentencepiece_bpe(std::move(v));
 }
 

@@ -1,8 +1,7 @@
 #include "util/file.h"
 
-#include <graft/error.h>
-
 #include <fcntl.h>
+#include <graft/error.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
