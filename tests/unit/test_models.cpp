@@ -150,8 +150,14 @@ std::map<std::int64_t, Vec> naive_decoder(Model& m, const std::vector<std::int64
       }
       K[l].push_back(k);
       V[l].push_back(v);
+      // Mistral's sliding window: only the latest `sliding_window` tokens are visible.
+      const std::size_t first = c.sliding_window > 0 && K[l].size() > std::size_t(c.sliding_window)
+                                    ? K[l].size() - c.sliding_window
+                                    : 0;
+      std::vector<Vec> keys(K[l].begin() + first, K[l].end());
+      std::vector<Vec> values(V[l].begin() + first, V[l].end());
       x = add(x, P.linear(L + "attn.o",
-                          attend_one(q, K[l], V[l], c.num_heads, c.num_kv_heads, c.head_dim)));
+                          attend_one(q, keys, values, c.num_heads, c.num_kv_heads, c.head_dim)));
       h = llama
               ? rms_norm(x, P.vec(L + "ffn_norm.weight"), c.norm_eps)
               : layer_norm(x, P.vec(L + "ffn_norm.weight"), P.vec(L + "ffn_norm.bias"), c.norm_eps);
@@ -294,6 +300,11 @@ TEST_CASE("llama forward equals a naive per-token implementation") {
   }
   SUBCASE("half-split RoPE, q/k/v biases (Qwen2), tied head") {
     check_decoder_against_naive(*build(tiny_llama(RopeStyle::half_split, true, true), 2));
+  }
+  SUBCASE("sliding-window attention (Mistral)") {
+    auto c = tiny_llama(RopeStyle::half_split, false, false);
+    c.sliding_window = 3;
+    check_decoder_against_naive(*build(c, 12));
   }
 }
 

@@ -35,9 +35,10 @@ struct ModelConfig {
   double norm_eps = 1e-5;
   double rope_theta = 10000.0;
   RopeStyle rope_style = RopeStyle::half_split;
-  bool tie_embeddings = false;       ///< the LM head reuses the token embedding matrix
-  bool attention_bias = false;       ///< biases on q, k, v (Qwen2; always on for bert and gpt2)
-  std::string hidden_act;            ///< "silu", "gelu" (erf), "gelu_new" (tanh approximation)
+  bool tie_embeddings = false;      ///< the LM head reuses the token embedding matrix
+  std::int64_t sliding_window = 0;  ///< Mistral: attend to at most this many latest tokens; 0 = all
+  bool attention_bias = false;      ///< biases on q, k, v (Qwen2; always on for bert and gpt2)
+  std::string hidden_act;           ///< "silu", "gelu" (erf), "gelu_new" (tanh approximation)
   std::int64_t type_vocab_size = 0;  ///< bert token types
   std::int64_t num_labels = 0;       ///< classifier width; 0 means no classification head
   std::string classifier;            ///< "" none, "pooler" (BERT), "roberta" (dense + out_proj)

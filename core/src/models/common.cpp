@@ -56,6 +56,7 @@ nlohmann::json ModelConfig::to_json() const {
   };
   if (family == "llama") {
     j["rope_theta"] = rope_theta;
+    if (sliding_window > 0) j["sliding_window"] = sliding_window;
     j["rope_style"] = rope_style == RopeStyle::interleaved ? "interleaved" : "half_split";
   }
   if (family == "bert") {
@@ -136,7 +137,7 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 }
 
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& key_mask, bool causal) {
+                  const at::Tensor& key_mask, bool causal, std::int64_t window) {
   const auto batch = q.size(0), heads = q.size(1), seq = q.size(2), dim = q.size(3);
   const auto kv_heads = k.size(1), keys = k.size(2);
   TORCH_CHECK(heads % kv_heads == 0, "attention: ", heads, " query heads are not a multiple of ",
@@ -152,7 +153,9 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     auto opts = torch::TensorOptions().dtype(torch::kLong).device(q.device());
     auto qpos = torch::arange(keys - seq, keys, opts).view({seq, 1});
     auto kpos = torch::arange(0, keys, opts).view({1, keys});
-    allowed = allowed & (kpos <= qpos).view({1, 1, seq, keys});
+    auto visible = kpos <= qpos;
+    if (window > 0) visible = visible & (kpos > qpos - window);
+    allowed = allowed & visible.view({1, 1, seq, keys});
   }
   scores = scores.masked_fill(allowed.logical_not(), std::numeric_limits<float>::lowest());
   auto probs = torch::softmax(scores, -1).to(v.scalar_type());

@@ -42,10 +42,12 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 
 /// Scaled dot-product attention with grouped-query heads. q: [batch, heads, seq, dim];
 /// k, v: [batch, kv_heads, keys, dim]; key_mask: [batch, keys] (0 = padding). With `causal`, the
-/// seq queries are the last seq of the keys. Returns [batch, seq, heads * dim]. Masked scores use
-/// the dtype's lowest value rather than -inf so that fully padded rows stay finite.
+/// seq queries are the last seq of the keys, and a positive `window` limits each query to the
+/// `window` latest keys, itself included (Mistral's sliding window). Returns
+/// [batch, seq, heads * dim]. Masked scores use the lowest float rather than -inf so that fully
+/// padded rows stay finite.
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& key_mask, bool causal);
+                  const at::Tensor& key_mask, bool causal, std::int64_t window = 0);
 
 /// Splits [batch, seq, heads * dim] into [batch, heads, seq, dim].
 at::Tensor split_heads(const at::Tensor& x, std::int64_t heads, std::int64_t dim);

@@ -50,7 +50,7 @@ class LlamaLayerImpl : public torch::nn::Module {
     q = apply_rope(q, cos, sin, c_.rope_style);
     k = apply_rope(k, cos, sin, c_.rope_style);
     auto [keys, values] = extend_cache(cache, layer, k, v);
-    x = x + attn->o(attend(q, keys, values, key_mask, true));
+    x = x + attn->o(attend(q, keys, values, key_mask, true, c_.sliding_window));
     h = ffn_norm(x);
     auto a = activate(ffn->gate(h), c_.hidden_act) * ffn->up(h);
     return x + ffn->down(a);
@@ -173,6 +173,9 @@ ModelConfig llama_config_from_hf(const nlohmann::json& j, const std::string& sou
   m.tie_embeddings = c.boolean("tie_word_embeddings", false);
   m.attention_bias = c.boolean("attention_bias", model_type == "qwen2");
   m.hidden_act = c.string("hidden_act", "silu");
+  // Mistral limits attention to a sliding window; Qwen2 has one only with use_sliding_window.
+  if (model_type == "mistral" || c.boolean("use_sliding_window", false))
+    m.sliding_window = c.integer("sliding_window", 0);
   m.bos_token_id = c.integer("bos_token_id", -1);
   m.eos_token_id = c.has("eos_token_id") && j["eos_token_id"].is_number_integer()
                        ? j["eos_token_id"].get<std::int64_t>()
@@ -216,6 +219,8 @@ ModelConfig config_from_gguf(const io::GgufFile& f) {
   // llama.cpp's converter permutes llama q/k weights to the interleaved pairing; qwen2 keeps
   // Hugging Face's half-split one.
   m.rope_style = arch == "qwen2" ? RopeStyle::half_split : RopeStyle::interleaved;
+  if (f.find(key("attention.sliding_window")))
+    m.sliding_window = integer("attention.sliding_window");
   m.attention_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
   m.tie_embeddings = f.find_tensor("output.weight") == nullptr;
   m.hidden_act = "silu";
