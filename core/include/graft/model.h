@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <graft/hooks.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
@@ -65,19 +66,35 @@ struct Site {
 const std::vector<std::string>& site_points();
 
 /// The one linear choke point: every projection of every family is a graft::Linear, so a method
-/// written against it works on all of them. y = x W^T + b, W: [out, in], b: [out].
+/// written against it works on all of them. y = x W^T + b, W: [out, in], b: [out]. With hooks
+/// attached at its site, the forward composes them in the order documented in hooks.h.
 class LinearImpl : public torch::nn::Module {
  public:
   LinearImpl(std::int64_t in_features, std::int64_t out_features, bool bias);
   /// x: [..., in] -> [..., out]
-  at::Tensor forward(const at::Tensor& x);
+  at::Tensor forward(const at::Tensor& x) {
+    if (!hooks_ || !hooks_->active) return plain(x);
+    return hooked(x);
+  }
+  /// The base projection alone, ignoring every hook.
+  at::Tensor plain(const at::Tensor& x) const;
+  /// The weight the forward uses: the base weight after the site's weight transforms.
+  at::Tensor effective_weight() const;
   /// Shares `weight` (e.g. a tied LM head uses the embedding matrix) without registering it as
   /// this module's parameter.
   void tie_weight(const at::Tensor& weight);
+  /// Connects the module to its site's hooks (done by the model when it enumerates its sites).
+  void connect(SiteHooks* hooks) { hooks_ = hooks; }
+  /// Gives the projection a bias (zeros) where it had none: for methods that train biases.
+  void add_bias();
 
   at::Tensor weight;
   at::Tensor bias;  ///< undefined when the projection has none
   std::int64_t in_features, out_features;
+
+ private:
+  at::Tensor hooked(const at::Tensor& x);
+  SiteHooks* hooks_ = nullptr;
 };
 TORCH_MODULE(Linear);
 
@@ -99,11 +116,15 @@ struct ForwardOutput {
 
 /// Keys and values of the tokens seen so far, per layer, for incremental decoding.
 struct KVCache {
-  std::vector<at::Tensor> keys;    ///< per layer: [batch, kv_heads, cached, head_dim]
-  std::vector<at::Tensor> values;  ///< per layer: [batch, kv_heads, cached, head_dim]
-  at::Tensor mask;                 ///< [batch, cached]: the attention mask of the cached tokens
+  std::vector<at::Tensor> keys;      ///< per layer: [batch, kv_heads, cached, head_dim]
+  std::vector<at::Tensor> values;    ///< per layer: [batch, kv_heads, cached, head_dim]
+  std::vector<std::int64_t> prefix;  ///< per layer: leading entries that are learned prefixes
+  at::Tensor mask;                   ///< [batch, cached]: the attention mask of the cached tokens
   std::int64_t length() const { return mask.defined() ? mask.size(1) : 0; }
 };
+
+/// How a method claims a site: shared with other methods, or alone.
+enum class Claim { shared, exclusive };
 
 /// A native libtorch model. Positions: causal families (llama, gpt2) number each row's tokens
 /// from its first unmasked token (so left padding does not shift them, as in transformers'
@@ -113,18 +134,45 @@ class Model : public torch::nn::Module {
   explicit Model(ModelConfig config) : config_(std::move(config)) {}
   const ModelConfig& config() const { return config_; }
   const std::vector<Site>& sites() const { return sites_; }
+  /// The site named `name`, or nullptr.
+  const Site* find_site(const std::string& name) const;
   /// Whether attention is causal (decoder) or bidirectional (encoder).
   virtual bool causal() const = 0;
   /// One forward pass. With a cache, `in` holds only the new tokens and their mask; the cache
   /// is extended with them.
   virtual ForwardOutput forward(const ForwardInput& in, KVCache* cache = nullptr) = 0;
 
+  /// Attaches a hook of a kind the site's point accepts (linear kinds at linear sites, sublayer
+  /// transforms at attn.in, attn.out, ffn.in, ffn.act and ffn.out, KV extensions at attn.kv,
+  /// embedding extensions at embed). Throws graft::Error for an unknown site, a kind the site
+  /// does not take, or a claim conflicting with an exclusive one, naming the site and methods.
+  void attach(const std::string& site, std::shared_ptr<Hook> hook, const std::string& method,
+              Claim claim = Claim::shared);
+  /// Removes `hook` from `site` (a no-op when it is not attached there).
+  void detach(const std::string& site, const std::shared_ptr<Hook>& hook);
+  /// What is attached at `site`; throws graft::Error for an unknown site.
+  const SiteHooks& hooks(const std::string& site) const;
+  /// The graft::Linear at a linear site, or nullptr for other sites.
+  LinearImpl* linear(const std::string& site);
+
+  /// Whether a point is a linear projection (attn.q ... ffn.down, head).
+  static bool is_linear_point(const std::string& point);
+
  protected:
-  void add_site(Site site) { sites_.push_back(std::move(site)); }
+  /// Registers a site and returns its hooks (stable for the model's life). Linear sites are
+  /// connected to their graft::Linear module of the same name by connect_sites().
+  SiteHooks* add_site(Site site);
+  /// The hooks of a site added earlier, for a family's forward to consult.
+  SiteHooks* site_hooks(const std::string& name);
+  /// Connects every linear site to the graft::Linear module at the same path. Families call it
+  /// at the end of their constructor.
+  void connect_sites();
   ModelConfig config_;
 
  private:
   std::vector<Site> sites_;
+  std::vector<std::unique_ptr<SiteHooks>> hooks_;
+  std::map<std::string, std::size_t> index_;
 };
 
 }  // namespace graft

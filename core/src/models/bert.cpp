@@ -41,13 +41,19 @@ class BertLayerImpl : public torch::nn::Module {
     ffn = register_module("ffn", BertFfn(c));
     ffn_norm = register_module("ffn_norm", Norm(c.hidden_size, c.norm_eps, true));
   }
-  at::Tensor forward(at::Tensor x, const at::Tensor& key_mask) {
-    auto q = split_heads(attn->q(x), c_.num_heads, c_.head_dim);
-    auto k = split_heads(attn->k(x), c_.num_heads, c_.head_dim);
-    auto v = split_heads(attn->v(x), c_.num_heads, c_.head_dim);
-    x = attn_norm(x + attn->o(attend(q, k, v, key_mask, false)));
-    return ffn_norm(x + ffn->down(activate(ffn->up(x), c_.hidden_act)));
+  at::Tensor forward(at::Tensor x, const at::Tensor& key_mask, std::int64_t layer) {
+    auto h = tap(taps.attn_in, x, x);
+    auto q = split_heads(attn->q(h), c_.num_heads, c_.head_dim);
+    auto k = split_heads(attn->k(h), c_.num_heads, c_.head_dim);
+    auto v = split_heads(attn->v(h), c_.num_heads, c_.head_dim);
+    auto kv = layer_keys(taps.attn_kv, k, v, key_mask, nullptr, layer);
+    x = attn_norm(x +
+                  tap(taps.attn_out, attn->o(attend(q, kv.keys, kv.values, kv.mask, false)), h));
+    h = tap(taps.ffn_in, x, x);
+    auto act = tap(taps.ffn_act, activate(ffn->up(h), c_.hidden_act), h);
+    return ffn_norm(x + tap(taps.ffn_out, ffn->down(act), h));
   }
+  LayerTaps taps;
   BertAttention attn{nullptr};
   Norm attn_norm{nullptr}, ffn_norm{nullptr};
   BertFfn ffn{nullptr};
@@ -73,33 +79,44 @@ class Bert : public Model {
     if (cfg.classifier == "roberta") head_dense = register_module("head_dense", Linear(d, d, true));
     if (!cfg.classifier.empty()) head = register_module("head", Linear(d, cfg.num_labels, true));
 
-    add_site({"embed", "embed", -1, cfg.vocab_size, d});
+    embed_site_ = add_site({"embed", "embed", -1, cfg.vocab_size, d});
     add_site({"embed_norm", "norm.embed", -1, d, d});
     for (std::int64_t i = 0; i < cfg.num_layers; ++i)
       for (auto& s : layer_sites(cfg, i, false, true)) add_site(std::move(s));
     if (head) add_site({"head", "head", -1, d, cfg.num_labels});
+    for (std::int64_t i = 0; i < cfg.num_layers; ++i) {
+      const std::string p = "layers." + std::to_string(i) + ".";
+      layers->ptr<BertLayerImpl>(i)->taps = {site_hooks(p + "attn.in"),  site_hooks(p + "attn.kv"),
+                                             site_hooks(p + "attn.out"), site_hooks(p + "ffn.in"),
+                                             site_hooks(p + "ffn.act"),  site_hooks(p + "ffn.out")};
+    }
+    connect_sites();
   }
 
   bool causal() const override { return false; }
 
   ForwardOutput forward(const ForwardInput& in, KVCache* cache) override {
     TORCH_CHECK(cache == nullptr, "bert is an encoder: it has no key/value cache");
-    const auto batch = in.input_ids.size(0), seq = in.input_ids.size(1);
-    auto key_mask = full_key_mask(in.input_ids, in.attention_mask, nullptr);
-    at::Tensor positions = in.position_ids;
+    auto words = embed(in.input_ids);
+    auto key_mask = token_mask(in.input_ids, in.attention_mask);
+    const auto prompt = add_prompts(embed_site_, words, key_mask, nullptr);
+    const auto batch = words.size(0), seq = words.size(1);
+    at::Tensor positions = prompt == 0 ? in.position_ids : at::Tensor();
     if (!positions.defined()) {
       if (config_.roberta_positions) {
         // RoBERTa numbers tokens from padding_idx + 1 and gives padding the padding index.
         positions = key_mask.cumsum(1) * key_mask + config_.pad_token_id;
       } else {
-        positions =
-            torch::arange(seq, in.input_ids.options().dtype(torch::kLong)).expand({batch, seq});
+        positions = torch::arange(seq, key_mask.options()).expand({batch, seq});
       }
     }
     auto types = in.token_type_ids.defined() ? in.token_type_ids : torch::zeros_like(in.input_ids);
-    auto x = embed_norm(embed(in.input_ids) + pos_embed(positions) + type_embed(types));
+    if (prompt > 0) types = torch::cat({torch::zeros({batch, prompt}, types.options()), types}, 1);
+    auto x = embed_norm(words + pos_embed(positions) + type_embed(types));
     for (std::size_t i = 0; i < layers->size(); ++i)
-      x = layers->ptr<BertLayerImpl>(i)->forward(x, key_mask);
+      x = layers->ptr<BertLayerImpl>(i)->forward(x, key_mask, i);
+    // Prompt positions are dropped from the outputs; the classifier reads the first real token.
+    x = x.slice(1, prompt);
     ForwardOutput out;
     out.hidden = x;
     auto first = x.select(1, 0);
@@ -113,6 +130,9 @@ class Bert : public Model {
   Norm embed_norm{nullptr};
   torch::nn::ModuleList layers{nullptr};
   Linear pooler{nullptr}, head_dense{nullptr}, head{nullptr};
+
+ private:
+  SiteHooks* embed_site_ = nullptr;
 };
 
 const std::vector<NameRule> kHfRules = {

@@ -3,6 +3,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <graft/error.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -24,8 +25,27 @@ LinearImpl::LinearImpl(std::int64_t in, std::int64_t out, bool with_bias)
   if (with_bias) bias = register_parameter("bias", torch::zeros({out}));
 }
 
-at::Tensor LinearImpl::forward(const at::Tensor& x) {
+at::Tensor LinearImpl::plain(const at::Tensor& x) const {
   return bias.defined() ? torch::linear(x, weight, bias) : torch::linear(x, weight);
+}
+
+at::Tensor LinearImpl::effective_weight() const {
+  at::Tensor w = weight;
+  if (hooks_)
+    for (const auto& t : hooks_->weight_transforms) w = t->transform(w, *this);
+  return w;
+}
+
+at::Tensor LinearImpl::hooked(const at::Tensor& x) {
+  const auto w = effective_weight();
+  at::Tensor in = x;
+  for (const auto& s : hooks_->scales)
+    if (s->side() == LinearScale::Side::input) in = in * s->scale();
+  auto y = bias.defined() ? torch::linear(in, w, bias) : torch::linear(in, w);
+  for (const auto& d : hooks_->deltas) y = y + d->delta(in, *this);
+  for (const auto& s : hooks_->scales)
+    if (s->side() == LinearScale::Side::output) y = y * s->scale();
+  return y;
 }
 
 void LinearImpl::tie_weight(const at::Tensor& w) {
@@ -35,6 +55,127 @@ void LinearImpl::tie_weight(const at::Tensor& w) {
   // The shared matrix stays a parameter of the module that owns it, not of this one.
   if (parameters_.contains("weight")) parameters_.erase("weight");
   weight = w;
+}
+
+void LinearImpl::add_bias() {
+  if (!bias.defined())
+    bias = register_parameter("bias", torch::zeros({out_features}, weight.options()), false);
+}
+
+// --- Model: sites and hooks ----------------------------------------------------------------
+
+bool Model::is_linear_point(const std::string& point) {
+  static const std::vector<std::string> linear = {"attn.q",   "attn.k", "attn.v",   "attn.o",
+                                                  "ffn.gate", "ffn.up", "ffn.down", "head"};
+  return std::find(linear.begin(), linear.end(), point) != linear.end();
+}
+
+const Site* Model::find_site(const std::string& name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &sites_[it->second];
+}
+
+SiteHooks* Model::add_site(Site site) {
+  index_[site.name] = sites_.size();
+  sites_.push_back(std::move(site));
+  hooks_.push_back(std::make_unique<SiteHooks>());
+  return hooks_.back().get();
+}
+
+SiteHooks* Model::site_hooks(const std::string& name) {
+  auto it = index_.find(name);
+  TORCH_CHECK(it != index_.end(), "internal: no site named ", name);
+  return hooks_[it->second].get();
+}
+
+void Model::connect_sites() {
+  for (std::size_t i = 0; i < sites_.size(); ++i)
+    if (is_linear_point(sites_[i].point))
+      if (auto* l = linear(sites_[i].name)) l->connect(hooks_[i].get());
+}
+
+LinearImpl* Model::linear(const std::string& site) {
+  auto* s = find_site(site);
+  if (!s || !is_linear_point(s->point)) return nullptr;
+  auto modules = named_modules("", false);
+  if (!modules.contains(site)) return nullptr;
+  return dynamic_cast<LinearImpl*>(modules[site].get());
+}
+
+const SiteHooks& Model::hooks(const std::string& site) const {
+  auto it = index_.find(site);
+  if (it == index_.end())
+    throw Error("no site named '" + site + "' in this " + config_.family + " model");
+  return *hooks_[it->second];
+}
+
+void Model::attach(const std::string& name, std::shared_ptr<Hook> hook, const std::string& method,
+                   Claim claim) {
+  auto it = index_.find(name);
+  if (it == index_.end())
+    throw Error(method + ": no site named '" + name + "' in this " + config_.family + " model");
+  const auto& site = sites_[it->second];
+  auto& h = *hooks_[it->second];
+  if (!h.exclusive_owner.empty() && h.exclusive_owner != method)
+    throw Error(method + ": site '" + name + "' is claimed exclusively by " + h.exclusive_owner);
+  if (claim == Claim::exclusive) {
+    for (const auto& owner : h.owners)
+      if (owner != method)
+        throw Error(method + ": needs site '" + name + "' alone, but " + owner +
+                    " is attached there");
+  }
+  const bool linear_site = is_linear_point(site.point);
+  const bool sublayer_site = site.point == "attn.in" || site.point == "attn.out" ||
+                             site.point == "ffn.in" || site.point == "ffn.act" ||
+                             site.point == "ffn.out";
+  auto refuse = [&](const char* kind) {
+    throw Error(method + ": a " + std::string(kind) + " cannot attach at site '" + name +
+                "' (point " + site.point + ")");
+  };
+  if (auto w = std::dynamic_pointer_cast<WeightTransform>(hook)) {
+    if (!linear_site) refuse("weight transform");
+    h.weight_transforms.push_back(w);
+  } else if (auto d = std::dynamic_pointer_cast<LinearDelta>(hook)) {
+    if (!linear_site) refuse("linear delta");
+    h.deltas.push_back(d);
+  } else if (auto sc = std::dynamic_pointer_cast<LinearScale>(hook)) {
+    if (!linear_site) refuse("linear scale");
+    h.scales.push_back(sc);
+  } else if (auto t = std::dynamic_pointer_cast<SublayerTransform>(hook)) {
+    if (!sublayer_site) refuse("sublayer transform");
+    h.transforms.push_back(t);
+  } else if (auto kv = std::dynamic_pointer_cast<KvExtension>(hook)) {
+    if (site.point != "attn.kv") refuse("key/value extension");
+    h.kv.push_back(kv);
+  } else if (auto e = std::dynamic_pointer_cast<EmbeddingExtension>(hook)) {
+    if (site.point != "embed") refuse("embedding extension");
+    h.embeddings.push_back(e);
+  } else {
+    throw Error(method + ": hook of unknown kind at site '" + name + "'");
+  }
+  if (std::find(h.owners.begin(), h.owners.end(), method) == h.owners.end())
+    h.owners.push_back(method);
+  if (claim == Claim::exclusive) h.exclusive_owner = method;
+  h.active = true;
+}
+
+void Model::detach(const std::string& name, const std::shared_ptr<Hook>& hook) {
+  auto it = index_.find(name);
+  if (it == index_.end()) return;
+  auto& h = *hooks_[it->second];
+  auto drop = [&](auto& list) {
+    list.erase(std::remove_if(list.begin(), list.end(),
+                              [&](const auto& p) { return p.get() == hook.get(); }),
+               list.end());
+  };
+  drop(h.weight_transforms);
+  drop(h.deltas);
+  drop(h.scales);
+  drop(h.transforms);
+  drop(h.kv);
+  drop(h.embeddings);
+  h.active = !(h.weight_transforms.empty() && h.deltas.empty() && h.scales.empty() &&
+               h.transforms.empty() && h.kv.empty() && h.embeddings.empty());
 }
 
 nlohmann::json ModelConfig::to_json() const {
@@ -91,12 +232,16 @@ at::Tensor NormImpl::forward(const at::Tensor& x) {
   return weight * y.to(x.scalar_type());
 }
 
-at::Tensor full_key_mask(const at::Tensor& input_ids, const at::Tensor& mask,
-                         const KVCache* cache) {
+at::Tensor token_mask(const at::Tensor& input_ids, const at::Tensor& mask) {
   auto m = mask.defined() ? mask.to(torch::kLong)
                           : torch::ones_like(input_ids, input_ids.options().dtype(torch::kLong));
   TORCH_CHECK(m.sizes() == input_ids.sizes(), "attention_mask shape ", m.sizes(),
               " does not match input_ids shape ", input_ids.sizes());
+  return m;
+}
+
+at::Tensor full_key_mask(const at::Tensor& mask, const KVCache* cache) {
+  auto m = mask;
   if (cache && cache->length() > 0) {
     TORCH_CHECK(cache->mask.size(0) == m.size(0), "the cache holds a batch of ",
                 cache->mask.size(0), " rows but the input has ", m.size(0));
@@ -173,12 +318,63 @@ std::pair<at::Tensor, at::Tensor> extend_cache(KVCache* cache, std::int64_t laye
   if (static_cast<std::int64_t>(cache->keys.size()) <= layer) {
     cache->keys.resize(layer + 1);
     cache->values.resize(layer + 1);
+    cache->prefix.resize(layer + 1, 0);
   }
   auto& ck = cache->keys[layer];
   auto& cv = cache->values[layer];
   ck = ck.defined() ? torch::cat({ck, k}, 2) : k;
   cv = cv.defined() ? torch::cat({cv, v}, 2) : v;
   return {ck, cv};
+}
+
+LayerKeys layer_keys(SiteHooks* kv, at::Tensor k, at::Tensor v, const at::Tensor& key_mask,
+                     KVCache* cache, std::int64_t layer) {
+  const bool first_pass = !cache || static_cast<std::int64_t>(cache->keys.size()) <= layer ||
+                          !cache->keys[layer].defined();
+  std::int64_t prefix = 0;
+  if (kv && kv->active && first_pass) {
+    std::vector<at::Tensor> ks, vs;
+    for (const auto& e : kv->kv) {
+      auto [pk, pv] = e->prefix(k.size(0));
+      TORCH_CHECK(pk.dim() == 4 && pk.size(1) == k.size(1) && pk.size(3) == k.size(3),
+                  "key/value prefix of shape ", pk.sizes(), " does not fit keys of shape ",
+                  k.sizes());
+      ks.push_back(pk.to(k.dtype()));
+      vs.push_back(pv.to(v.dtype()));
+      prefix += pk.size(2);
+    }
+    ks.push_back(k);
+    vs.push_back(v);
+    k = torch::cat(ks, 2);
+    v = torch::cat(vs, 2);
+  }
+  auto [keys, values] = extend_cache(cache, layer, std::move(k), std::move(v));
+  if (cache) {
+    if (first_pass) cache->prefix[layer] = prefix;
+    prefix = cache->prefix[layer];
+  }
+  auto mask = key_mask;
+  if (prefix > 0)
+    mask = torch::cat({torch::ones({key_mask.size(0), prefix}, key_mask.options()), key_mask}, 1);
+  return {keys, values, mask};
+}
+
+std::int64_t add_prompts(SiteHooks* embed, at::Tensor& x, at::Tensor& mask, const KVCache* cache) {
+  if (!embed || !embed->active || embed->embeddings.empty() || (cache && cache->length() > 0))
+    return 0;
+  std::vector<at::Tensor> parts;
+  for (const auto& e : embed->embeddings) {
+    auto p = e->prompt(x.size(0));
+    TORCH_CHECK(p.dim() == 3 && p.size(0) == x.size(0) && p.size(2) == x.size(2),
+                "prompt of shape ", p.sizes(), " does not fit embeddings of shape ", x.sizes());
+    parts.push_back(p.to(x.dtype()));
+  }
+  std::int64_t n = 0;
+  for (const auto& p : parts) n += p.size(1);
+  parts.push_back(x);
+  x = torch::cat(parts, 1);
+  mask = torch::cat({torch::ones({mask.size(0), n}, mask.options()), mask}, 1);
+  return n;
 }
 
 at::Tensor activate(const at::Tensor& x, const std::string& name) {

@@ -24,9 +24,10 @@ class NormImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Norm);
 
-/// The attention mask of all keys (cached and new) as int64 [batch, keys]: the cache's mask
-/// followed by `mask`, or ones when `mask` is undefined.
-at::Tensor full_key_mask(const at::Tensor& input_ids, const at::Tensor& mask, const KVCache* cache);
+/// The attention mask of the new tokens as int64 [batch, seq]: `mask`, or ones when undefined.
+at::Tensor token_mask(const at::Tensor& input_ids, const at::Tensor& mask);
+/// The attention mask of all keys as int64 [batch, keys]: the cache's mask followed by `mask`.
+at::Tensor full_key_mask(const at::Tensor& mask, const KVCache* cache);
 
 /// Positions of the last `new_tokens` columns of `key_mask` counted over unmasked tokens only:
 /// cumsum(mask) - 1, clamped at 0. [batch, new_tokens] int64.
@@ -56,6 +57,32 @@ at::Tensor split_heads(const at::Tensor& x, std::int64_t heads, std::int64_t dim
 /// keys and values to attend over.
 std::pair<at::Tensor, at::Tensor> extend_cache(KVCache* cache, std::int64_t layer, at::Tensor k,
                                                at::Tensor v);
+
+/// The keys, values and key mask one layer attends over: on the first pass, the attn.kv site's
+/// prefixes go before the new keys (and into the cache); then the cache is extended; the mask
+/// gains ones for the prefix.
+struct LayerKeys {
+  at::Tensor keys, values, mask;
+};
+LayerKeys layer_keys(SiteHooks* kv, at::Tensor k, at::Tensor v, const at::Tensor& key_mask,
+                     KVCache* cache, std::int64_t layer);
+
+/// Prepends the embed site's prompt vectors to x [batch, seq, d] and ones to mask [batch, seq]
+/// on the first pass (no cache, or an empty one). Returns how many positions were prepended.
+std::int64_t add_prompts(SiteHooks* embed, at::Tensor& x, at::Tensor& mask, const KVCache* cache);
+
+/// Runs a sublayer site's transforms on `out`, reading the sublayer input `in`.
+inline at::Tensor tap(SiteHooks* site, at::Tensor out, const at::Tensor& in) {
+  if (!site || !site->active) return out;
+  for (const auto& t : site->transforms) out = t->transform(out, in);
+  return out;
+}
+
+/// The activation sites of one layer, consulted by the family's forward.
+struct LayerTaps {
+  SiteHooks *attn_in = nullptr, *attn_kv = nullptr, *attn_out = nullptr;
+  SiteHooks *ffn_in = nullptr, *ffn_act = nullptr, *ffn_out = nullptr;
+};
 
 /// Activation by Hugging Face name: silu, gelu (erf), gelu_new / gelu_pytorch_tanh (tanh), relu.
 at::Tensor activate(const at::Tensor& x, const std::string& name);

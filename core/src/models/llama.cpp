@@ -43,18 +43,21 @@ class LlamaLayerImpl : public torch::nn::Module {
 
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
                      const at::Tensor& key_mask, KVCache* cache, std::int64_t layer) {
-    auto h = attn_norm(x);
+    auto h = tap(taps.attn_in, attn_norm(x), x);
     auto q = split_heads(attn->q(h), c_.num_heads, c_.head_dim);
     auto k = split_heads(attn->k(h), c_.num_kv_heads, c_.head_dim);
     auto v = split_heads(attn->v(h), c_.num_kv_heads, c_.head_dim);
     q = apply_rope(q, cos, sin, c_.rope_style);
     k = apply_rope(k, cos, sin, c_.rope_style);
-    auto [keys, values] = extend_cache(cache, layer, k, v);
-    x = x + attn->o(attend(q, keys, values, key_mask, true, c_.sliding_window));
-    h = ffn_norm(x);
-    auto a = activate(ffn->gate(h), c_.hidden_act) * ffn->up(h);
-    return x + ffn->down(a);
+    auto kv = layer_keys(taps.attn_kv, k, v, key_mask, cache, layer);
+    auto a = attn->o(attend(q, kv.keys, kv.values, kv.mask, true, c_.sliding_window));
+    x = x + tap(taps.attn_out, a, h);
+    h = tap(taps.ffn_in, ffn_norm(x), x);
+    auto act = tap(taps.ffn_act, activate(ffn->gate(h), c_.hidden_act) * ffn->up(h), h);
+    return x + tap(taps.ffn_out, ffn->down(act), h);
   }
+
+  LayerTaps taps;
 
   Norm attn_norm{nullptr}, ffn_norm{nullptr};
   LlamaAttention attn{nullptr};
@@ -77,27 +80,36 @@ class Llama : public Model {
     head = register_module("head", Linear(cfg.hidden_size, cfg.vocab_size, false));
     if (cfg.tie_embeddings) head->tie_weight(embed->weight);
 
-    add_site({"embed", "embed", -1, cfg.vocab_size, cfg.hidden_size});
+    embed_site_ = add_site({"embed", "embed", -1, cfg.vocab_size, cfg.hidden_size});
     for (std::int64_t i = 0; i < cfg.num_layers; ++i)
       for (auto& s : layer_sites(cfg, i, true, cfg.attention_bias)) add_site(std::move(s));
     add_site({"norm", "norm.final", -1, cfg.hidden_size, cfg.hidden_size});
     add_site({"head", "head", -1, cfg.hidden_size, cfg.vocab_size});
+    for (std::int64_t i = 0; i < cfg.num_layers; ++i) {
+      const std::string p = "layers." + std::to_string(i) + ".";
+      layers->ptr<LlamaLayerImpl>(i)->taps = {
+          site_hooks(p + "attn.in"), site_hooks(p + "attn.kv"), site_hooks(p + "attn.out"),
+          site_hooks(p + "ffn.in"),  site_hooks(p + "ffn.act"), site_hooks(p + "ffn.out")};
+    }
+    connect_sites();
   }
 
   bool causal() const override { return true; }
 
   ForwardOutput forward(const ForwardInput& in, KVCache* cache) override {
-    const auto seq = in.input_ids.size(1);
-    auto key_mask = full_key_mask(in.input_ids, in.attention_mask, cache);
-    auto positions =
-        in.position_ids.defined() ? in.position_ids : positions_from_mask(key_mask, seq);
-    auto [cos, sin] = rope_tables(positions, config_.head_dim, config_.rope_theta);
     auto x = embed(in.input_ids);
+    auto mask = token_mask(in.input_ids, in.attention_mask);
+    const auto prompt = add_prompts(embed_site_, x, mask, cache);
+    const auto seq = x.size(1);
+    auto key_mask = full_key_mask(mask, cache);
+    auto positions = in.position_ids.defined() && prompt == 0 ? in.position_ids
+                                                              : positions_from_mask(key_mask, seq);
+    auto [cos, sin] = rope_tables(positions, config_.head_dim, config_.rope_theta);
     for (std::size_t i = 0; i < layers->size(); ++i)
       x = layers->ptr<LlamaLayerImpl>(i)->forward(x, cos, sin, key_mask, cache, i);
     if (cache) cache->mask = key_mask;
     ForwardOutput out;
-    out.hidden = norm(x);
+    out.hidden = norm(x.slice(1, prompt));
     out.logits = head(out.hidden);
     return out;
   }
@@ -106,6 +118,9 @@ class Llama : public Model {
   torch::nn::ModuleList layers{nullptr};
   Norm norm{nullptr};
   Linear head{nullptr};
+
+ private:
+  SiteHooks* embed_site_ = nullptr;
 };
 
 const std::vector<NameRule> kHfRules = {
