@@ -2,9 +2,11 @@
 // matrix multiply measured in the same run on the same threads.
 //
 //   graft_bench [--d 512] [--layers 8] [--heads 8] [--seq 256] [--batch 8] [--threads N]
-//               [--repeat 5] [--matmul-only]
+//               [--repeat 5] [--matmul-only] [--hooks]
 //
 // Prints tokens/s, the forward's achieved GFLOP/s, the plain matmuls' GFLOP/s and their ratio.
+// With --hooks, also the cost of the hook machinery with nothing attached: the model's forward
+// against the same computation written out here without any site (hooks compiled out).
 #include <graft/load.h>
 #include <graft/model.h>
 #include <torch/torch.h>
@@ -20,6 +22,44 @@
 #include "models/families.h"
 
 namespace {
+
+using graft::models::apply_rope;
+using graft::models::attend;
+using graft::models::positions_from_mask;
+using graft::models::rope_tables;
+using graft::models::split_heads;
+
+at::Tensor rms(const at::Tensor& x, const at::Tensor& w, double eps) {
+  return w * (x * torch::rsqrt(x.pow(2).mean(-1, true) + eps));
+}
+
+// The llama forward with every site compiled out: the same weights and building blocks, plain
+// torch::linear calls, no hook checks.
+at::Tensor direct_forward(graft::Model& m, const at::Tensor& ids) {
+  const auto& c = m.config();
+  auto p = m.named_parameters();
+  auto x = torch::embedding(p["embed.weight"], ids);
+  auto mask = torch::ones_like(ids);
+  auto [cos, sin] = rope_tables(positions_from_mask(mask, ids.size(1)), c.head_dim, c.rope_theta);
+  for (std::int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string L = "layers." + std::to_string(l) + ".";
+    auto h = rms(x, p[L + "attn_norm.weight"], c.norm_eps);
+    auto q =
+        apply_rope(split_heads(torch::linear(h, p[L + "attn.q.weight"]), c.num_heads, c.head_dim),
+                   cos, sin, c.rope_style);
+    auto k = apply_rope(
+        split_heads(torch::linear(h, p[L + "attn.k.weight"]), c.num_kv_heads, c.head_dim), cos, sin,
+        c.rope_style);
+    auto v = split_heads(torch::linear(h, p[L + "attn.v.weight"]), c.num_kv_heads, c.head_dim);
+    x = x + torch::linear(attend(q, k, v, mask, true), p[L + "attn.o.weight"]);
+    h = rms(x, p[L + "ffn_norm.weight"], c.norm_eps);
+    auto a = torch::silu(torch::linear(h, p[L + "ffn.gate.weight"])) *
+             torch::linear(h, p[L + "ffn.up.weight"]);
+    x = x + torch::linear(a, p[L + "ffn.down.weight"]);
+  }
+  x = rms(x, p["norm.weight"], c.norm_eps);
+  return torch::linear(x, p["head.weight"]);
+}
 
 using Clock = std::chrono::steady_clock;
 
@@ -42,7 +82,7 @@ double median_seconds(int repeat, F&& fn) {
 int main(int argc, char** argv) {
   std::int64_t d = 512, layers = 8, heads = 8, seq = 256, batch = 8;
   int threads = 0, repeat = 5;
-  bool matmul_only = false;
+  bool matmul_only = false, hooks = false;
   for (int i = 1; i < argc; ++i) {
     auto next = [&](const char* name) -> long long {
       if (i + 1 >= argc) {
@@ -133,6 +173,26 @@ int main(int argc, char** argv) {
               (long long)d, (long long)layers, (long long)heads, (long long)seq, (long long)batch,
               fwd_s * 1e3);
   std::printf("throughput         %.0f tokens/s\n", tokens / fwd_s);
+  if (hooks) {
+    // Interleave the two so that drift in the machine's speed affects both alike.
+    std::vector<double> with, without;
+    auto a = model->forward(in, nullptr).logits;
+    auto b = direct_forward(*model, ids);
+    if (!torch::allclose(a, b, 1e-4, 1e-5)) {
+      std::fprintf(stderr, "graft_bench: the direct forward disagrees with the model\n");
+      return 1;
+    }
+    for (int i = 0; i < repeat; ++i) {
+      with.push_back(median_seconds(1, [&] { model->forward(in, nullptr); }));
+      without.push_back(median_seconds(1, [&] { direct_forward(*model, ids); }));
+    }
+    std::sort(with.begin(), with.end());
+    std::sort(without.begin(), without.end());
+    const double w = with[with.size() / 2], wo = without[without.size() / 2];
+    std::printf(
+        "hook machinery     no hooks attached %.2f ms, sites compiled out %.2f ms: ratio %.3f\n",
+        w * 1e3, wo * 1e3, w / wo);
+  }
   std::printf("achieved           %.1f GFLOP/s = %.2f of the plain matmuls' %.1f GFLOP/s\n",
               fwd_gflops, fwd_gflops / mm_gflops, mm_gflops);
   return 0;

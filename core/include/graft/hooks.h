@@ -35,6 +35,8 @@ class Hook : public torch::nn::Module {
 class WeightTransform : public Hook {
  public:
   virtual at::Tensor transform(const at::Tensor& weight, const LinearImpl& site) = 0;
+  /// Whether transform() may be folded into the stored weight (DoRA yes, quantisation no).
+  virtual bool mergeable() const { return false; }
 };
 
 /// Adds to a linear site's output: y += delta(x). x: [..., in] -> [..., out] (LoRA, KronA).

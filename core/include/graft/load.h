@@ -40,6 +40,12 @@ std::filesystem::path resolve_model(const std::string& path_or_name);
 /// checkpoint (missing tensors, wrong shapes, unsupported architecture).
 LoadedModel load_model(const std::string& path_or_name, const LoadOptions& options = {});
 
+/// Builds a model of `config.family` with uninitialised weights (for tests, benchmarks and
+/// training from scratch); init_random() then fills them reproducibly.
+std::shared_ptr<Model> make_model(const ModelConfig& config);
+/// Fills every parameter from `seed`: weights and biases N(0, std), norm gains 1 + N(0, std).
+void init_random(Model& model, std::uint64_t seed, double std = 0.02);
+
 /// Sets libtorch's intra-op thread count: `threads` when positive, else the machine's cores.
 void set_threads(int threads = 0);
 

@@ -1,8 +1,10 @@
 // graft generate, graft inspect, graft forward.
+#include <graft/adapter.h>
 #include <graft/generate.h>
 #include <graft/io/gguf.h>
 #include <graft/io/safetensors.h>
 #include <graft/load.h>
+#include <graft/plugin.h>
 #include <torch/torch.h>
 
 #include <filesystem>
@@ -31,7 +33,28 @@ std::vector<std::int64_t> parse_int_list(const std::string& text, const std::str
   return out;
 }
 
+void load_cli_plugins(const po::variables_map& vm) {
+  std::vector<std::filesystem::path> extra;
+  if (vm.count("plugin-dir"))
+    for (const auto& d : vm["plugin-dir"].as<std::vector<std::string>>()) {
+      if (!std::filesystem::is_directory(d))
+        throw UsageError("--plugin-dir " + d + ": not a folder");
+      extra.emplace_back(d);
+    }
+  load_plugins(extra);
+}
+
 namespace {
+
+// Loads the adapters named by --adapter onto the model, printing what they train.
+std::vector<std::unique_ptr<Method>> apply_adapters(const po::variables_map& vm, Model& model) {
+  std::vector<std::unique_ptr<Method>> methods;
+  if (!vm.count("adapter")) return methods;
+  load_cli_plugins(vm);
+  for (const auto& dir : vm["adapter"].as<std::vector<std::string>>())
+    for (auto& m : load_adapter(dir, model)) methods.push_back(std::move(m));
+  return methods;
+}
 
 std::string with_commas(std::int64_t n) {
   auto s = std::to_string(n);
@@ -72,6 +95,7 @@ int run_generate(const Args& args) {
     throw Error(loaded.path.string() + ": has no tokenizer to encode the prompt");
   if (!loaded.model->causal())
     throw Error(loaded.path.string() + ": is not a causal language model");
+  auto adapters = apply_adapters(vm, *loaded.model);
   const auto& tok = *loaded.tokenizer;
   auto prompt = tok.encode(vm["prompt"].as<std::string>(), !vm.count("no-bos"));
   if (prompt.empty()) throw UsageError("the prompt is empty and the model has no BOS token");
@@ -186,6 +210,7 @@ int run_forward(const Args& args) {
 
   set_threads(vm["threads"].as<int>());
   auto loaded = load_model(vm["model"].as<std::string>());
+  auto adapters = apply_adapters(vm, *loaded.model);
   const auto vocab = loaded.model->config().vocab_size;
   std::size_t len = 0;
   for (const auto& s : seqs) len = std::max(len, s.size());
@@ -219,6 +244,44 @@ int run_forward(const Args& args) {
   std::cout << "wrote " << vm["out"].as<std::string>() << ": logits "
             << (out.logits.defined() ? c10::str(out.logits.sizes()) : std::string("(none)"))
             << ", hidden " << c10::str(out.hidden.sizes()) << "\n";
+  return 0;
+}
+
+}  // namespace graft::cli
+
+namespace graft::cli {
+
+int run_methods(const Args& args) {
+  po::options_description desc("options");
+  po::variables_map vm;
+  if (!parse(args, desc, vm, "usage: graft methods [--plugin-dir DIR]")) return 0;
+  load_cli_plugins(vm);
+  auto methods = registered_methods();
+  std::size_t w = 6;
+  for (const auto& m : methods) w = std::max(w, m.info.name.size());
+  std::cout << std::left << std::setw(static_cast<int>(w)) << "method"
+            << "  " << std::setw(8) << "version"
+            << "  " << std::setw(9) << "mergeable"
+            << "  sites / file\n";
+  for (const auto& m : methods) {
+    std::string points;
+    for (const auto& p : m.info.points) points += (points.empty() ? "" : ",") + p;
+    std::cout << std::setw(static_cast<int>(w)) << m.info.name << "  " << std::setw(8)
+              << m.info.version << "  " << std::setw(9) << (m.info.mergeable ? "yes" : "no") << "  "
+              << (points.empty() ? "-" : points) << "\n"
+              << std::string(w + 23, ' ') << m.file.string() << "\n";
+  }
+  if (methods.empty()) {
+    std::cout << "(no methods found; searched:";
+    for (const auto& d : plugin_search_path()) std::cout << " " << d.string();
+    std::cout << ")\n";
+  }
+  int failed = 0;
+  for (const auto& r : load_plugins())
+    if (!r.error.empty()) {
+      if (!failed++) std::cout << "\nplugins that failed to load:\n";
+      std::cout << "  " << r.file.string() << ": " << r.error << "\n";
+    }
   return 0;
 }
 

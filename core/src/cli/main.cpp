@@ -17,6 +17,8 @@ commands:
   generate   continue a prompt with a model (greedy or sampled)
   inspect    show a model file's family, configuration, tensors and sites
   forward    run one forward pass and write logits and hidden states to safetensors
+  methods    list the PEFT methods found in plugins, and plugins that failed to load
+  new-plugin write a skeleton method plugin that builds against an installed graft
   version    print graft's and libtorch's versions
 
 'graft <command> --help' shows a command's options.
@@ -46,6 +48,8 @@ int main(int argc, char** argv) {
     if (command == "generate") return cli::run_generate(args);
     if (command == "inspect") return cli::run_inspect(args);
     if (command == "forward") return cli::run_forward(args);
+    if (command == "methods") return cli::run_methods(args);
+    if (command == "new-plugin") return cli::run_new_plugin(args);
     if (command == "version" || command == "--version") {
       std::cout << "graft " << GRAFT_VERSION << " (libtorch " << TORCH_VERSION << ")\n";
       return 0;

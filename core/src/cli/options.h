@@ -15,7 +15,8 @@ namespace po = boost::program_options;
 inline bool parse(const Args& args, po::options_description& desc, po::variables_map& vm,
                   const char* usage, const po::positional_options_description* pos = nullptr) {
   desc.add_options()("help,h", "show this help")("threads", po::value<int>()->default_value(0),
-                                                 "intra-op threads (0 = all cores)");
+                                                 "intra-op threads (0 = all cores)")(
+      "plugin-dir", po::value<std::vector<std::string>>(), "another folder to load plugins from");
   try {
     auto parser = po::command_line_parser(args).options(desc);
     if (pos) parser.positional(*pos);
@@ -30,5 +31,8 @@ inline bool parse(const Args& args, po::options_description& desc, po::variables
   }
   return true;
 }
+
+/// Loads the plugins on the search path plus --plugin-dir folders.
+void load_cli_plugins(const po::variables_map& vm);
 
 }  // namespace graft::cli

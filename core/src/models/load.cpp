@@ -106,6 +106,12 @@ LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
   return out;
 }
 
+std::shared_ptr<Model> make_model(const ModelConfig& config) { return models::make_model(config); }
+
+void init_random(Model& model, std::uint64_t seed, double std) {
+  models::init_parameters(model, seed, std);
+}
+
 void set_threads(int threads) {
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   torch::set_num_threads(threads);

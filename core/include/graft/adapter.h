@@ -1,0 +1,33 @@
+// Adapter folders: the state and settings of one or more methods, saved apart from the base
+// model and loadable onto it later.
+//
+//   DIR/adapter_config.json   {"format": "graft-adapter", "format_version": 1, "graft_version",
+//                              "base_model": {family, architecture, widths...},
+//                              "methods": [{"name": "lora", "config": {...}}, ...]}
+//   DIR/adapter.safetensors   "<method index>.<tensor name>" for each method's state
+#pragma once
+
+#include <graft/method.h>
+#include <graft/model.h>
+
+#include <filesystem>
+#include <memory>
+#include <vector>
+
+namespace graft {
+
+/// Writes the methods' settings and state into `dir` (created if needed; files written
+/// atomically).
+void save_adapter(const std::filesystem::path& dir, const Model& model,
+                  const std::vector<Method*>& methods);
+
+/// Rebuilds the methods saved in `dir` through the plugin registry, attaches them to `model` and
+/// loads their state. A base model that does not match the one the adapter was trained on (other
+/// family, other widths, missing sites, other shapes) is an error naming the file, the mismatch
+/// and the fix.
+std::vector<std::unique_ptr<Method>> load_adapter(const std::filesystem::path& dir, Model& model);
+
+/// Converts JSON (a method's saved config) into Params whose errors name `file` and `path`.
+Params params_from_json(const nlohmann::json& j, const std::string& file, const std::string& path);
+
+}  // namespace graft

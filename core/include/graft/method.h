@@ -1,0 +1,121 @@
+// PEFT methods: what a plugin provides. A method reads its settings from a graft::Params,
+// attaches hooks to the sites it selects, and exposes its trainable parameters and its state.
+#pragma once
+
+#include <graft/hooks.h>
+#include <graft/io/tensors.h>
+#include <graft/model.h>
+#include <graft/params.h>
+
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace graft {
+
+/// What `graft methods` shows about a method.
+struct MethodInfo {
+  std::string name;                 ///< the name recipes use: "lora"
+  std::string version;              ///< the plugin's version
+  std::string description;          ///< one line
+  bool mergeable = false;           ///< can fold into the base weights
+  std::vector<std::string> points;  ///< the site points it may attach to
+};
+
+/// One method instance, configured and (after attach) attached to one model.
+class Method {
+ public:
+  virtual ~Method() = default;
+  /// The method's name as registered ("lora").
+  virtual std::string name() const = 0;
+  /// Selects sites and attaches hooks; may also unfreeze base parameters (full, bitfit).
+  /// Throws graft::Error (a selection matching nothing, a site the method cannot use).
+  virtual void attach(Model& model) = 0;
+  /// Removes everything attach() did.
+  virtual void detach(Model& model) = 0;
+  /// The tensors the optimizer trains, by stable name ("layers.3.attn.q.lora_A").
+  virtual std::vector<std::pair<std::string, at::Tensor>> trainable_parameters() = 0;
+  /// What is saved in an adapter file, by the same names.
+  virtual io::TensorMap state() = 0;
+  /// Restores state(); every tensor must be present with its shape (errors name `source`).
+  virtual void load_state(const io::TensorMap& state, const std::string& source) = 0;
+  /// The resolved settings, saved next to the state so that the method can be rebuilt.
+  virtual nlohmann::json config() const = 0;
+  /// Switches dropout and similar between training and evaluation.
+  virtual void set_training(bool /*on*/) {}
+  /// Folds the method into the base weights; unmerge() takes it out again.
+  virtual void merge(Model& model);
+  virtual void unmerge(Model& model);
+  virtual bool merged() const { return false; }
+};
+
+/// A Method built from hooks: keeps (site, hook) pairs, attaches and detaches them, names their
+/// parameters "<site>.<parameter>", saves and loads them, and merges linear deltas and mergeable
+/// weight transforms. Most plugins derive from it and implement attach() and config().
+class HookMethod : public Method {
+ public:
+  void detach(Model& model) override;
+  std::vector<std::pair<std::string, at::Tensor>> trainable_parameters() override;
+  io::TensorMap state() override;
+  void load_state(const io::TensorMap& state, const std::string& source) override;
+  void set_training(bool on) override;
+  void merge(Model& model) override;
+  void unmerge(Model& model) override;
+  bool merged() const override { return merged_; }
+
+ protected:
+  /// Attaches `hook` at `site` and remembers it.
+  void add_hook(Model& model, const std::string& site, std::shared_ptr<Hook> hook,
+                Claim claim = Claim::shared);
+  const std::vector<std::pair<std::string, std::shared_ptr<Hook>>>& hook_list() const {
+    return hooks_;
+  }
+
+ private:
+  std::vector<std::pair<std::string, std::shared_ptr<Hook>>> hooks_;
+  std::vector<at::Tensor> saved_weights_;  // base weights before merging weight transforms
+  bool merged_ = false;
+};
+
+/// Which sites a method uses: `targets` are site points ("attn.q"), glob patterns over site
+/// names ("layers.*.ffn.up", "*.attn.?") or "all-linear" (every linear site but the head);
+/// `layers` are indices and ranges ("0-3") or "all"; `leave_out` removes layers.
+struct Selection {
+  std::vector<std::string> targets;
+  std::vector<std::int64_t> layers;  ///< empty: every layer
+  std::vector<std::int64_t> leave_out;
+  Params where;  ///< the settings they came from, for errors
+
+  /// Reads the keys targets, layers and leave_out of `params`.
+  static Selection from_params(const Params& params, std::vector<std::string> default_targets);
+};
+
+/// The sites of `model` a selection picks, in model order. A selection matching nothing is an
+/// error listing the points and a few site names that exist.
+std::vector<Site> select_sites(const Model& model, const Selection& selection,
+                               const std::string& method);
+
+/// Shell-style matching: '*' any run of characters, '?' one character.
+bool glob_match(const std::string& pattern, const std::string& text);
+
+/// The keys every method accepts besides its own: name (the method), targets, layers, leave_out.
+/// Checks that `params` has no other keys than these and `own` (did-you-mean on a typo).
+void check_method_keys(const Params& params, const std::vector<std::string>& own);
+
+/// Counts in the style of peft's print_trainable_parameters:
+/// "trainable params: 8,960 || all params: 268,992 || trainable%: 3.3310".
+std::string trainable_summary(const Model& model, const std::vector<Method*>& methods);
+
+/// Plugins register their methods here.
+using MethodFactory = std::function<std::unique_ptr<Method>(const Params&)>;
+class Registry {
+ public:
+  virtual ~Registry() = default;
+  /// Registers a method; a name already registered is an error.
+  virtual void add(MethodInfo info, MethodFactory factory) = 0;
+};
+
+}  // namespace graft

@@ -1,0 +1,116 @@
+#include <graft/adapter.h>
+#include <graft/io/safetensors.h>
+#include <graft/plugin.h>
+#include <graft/version.h>
+
+#include <nlohmann/json.hpp>
+
+#include "util/file.h"
+
+namespace graft {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+json base_description(const ModelConfig& c) {
+  return {{"family", c.family},
+          {"architecture", c.architecture},
+          {"vocab_size", c.vocab_size},
+          {"hidden_size", c.hidden_size},
+          {"num_layers", c.num_layers},
+          {"num_heads", c.num_heads},
+          {"num_kv_heads", c.num_kv_heads},
+          {"intermediate_size", c.intermediate_size}};
+}
+
+}  // namespace
+
+Params params_from_json(const json& j, const std::string& file, const std::string& path) {
+  Source src{file, 0, 0};
+  if (j.is_object()) {
+    auto p = Params::map(path, src);
+    for (const auto& [k, v] : j.items())
+      p.set(k, params_from_json(v, file, path.empty() ? k : path + "." + k));
+    return p;
+  }
+  if (j.is_array()) {
+    auto p = Params::list(path, src);
+    for (std::size_t i = 0; i < j.size(); ++i)
+      p.add(params_from_json(j[i], file, path + "[" + std::to_string(i) + "]"));
+    return p;
+  }
+  if (j.is_null()) return Params();
+  if (j.is_string()) return Params::scalar(j.get<std::string>(), path, src);
+  return Params::scalar(j.dump(), path, src);
+}
+
+void save_adapter(const fs::path& dir, const Model& model, const std::vector<Method*>& methods) {
+  fs::create_directories(dir);
+  json cfg = {{"format", "graft-adapter"},
+              {"format_version", 1},
+              {"graft_version", GRAFT_VERSION},
+              {"base_model", base_description(model.config())},
+              {"methods", json::array()}};
+  io::TensorMap tensors;
+  for (std::size_t i = 0; i < methods.size(); ++i) {
+    cfg["methods"].push_back({{"name", methods[i]->name()}, {"config", methods[i]->config()}});
+    for (const auto& [key, t] : methods[i]->state())
+      tensors[std::to_string(i) + "." + key] = t.detach();
+  }
+  io::write_safetensors(dir / "adapter.safetensors", tensors, {{"format", "graft-adapter"}});
+  io::write_atomically(dir / "adapter_config.json",
+                       [&](std::ostream& out) { out << cfg.dump(2) << "\n"; });
+}
+
+std::vector<std::unique_ptr<Method>> load_adapter(const fs::path& dir, Model& model) {
+  const auto cfg_path = dir / "adapter_config.json";
+  const std::string where = cfg_path.string();
+  if (!fs::exists(cfg_path))
+    throw FileError(dir.string(), "not an adapter folder (no adapter_config.json)");
+  json cfg;
+  try {
+    cfg = json::parse(io::read_text_file(cfg_path));
+  } catch (const json::exception& e) {
+    throw FileError(where, std::string("malformed JSON: ") + e.what());
+  }
+  if (cfg.value("format", "") != "graft-adapter")
+    throw FileError(where,
+                    "not a graft adapter (\"format\" is not \"graft-adapter\"); Hugging Face "
+                    "peft adapters are read by the method that wrote them");
+  if (cfg.value("format_version", 0) != 1)
+    throw FileError(where, "adapter format_version " + cfg.value("format_version", json()).dump() +
+                               " is not supported (this graft reads version 1)");
+  const auto expected = base_description(model.config());
+  const auto& base = cfg.value("base_model", json::object());
+  for (const auto& [key, value] : expected.items()) {
+    if (key == "architecture") continue;  // a classifier and an LM of one base share adapters
+    if (base.contains(key) && base[key] != value)
+      throw FileError(where, "the adapter was trained on a base model with " + key + " " +
+                                 base[key].dump() + ", but this model has " + value.dump() +
+                                 "; load it onto the model it was trained on");
+  }
+  const auto tensors = io::read_safetensors(dir / "adapter.safetensors").tensors;
+  std::vector<std::unique_ptr<Method>> out;
+  const auto& list = cfg.value("methods", json::array());
+  for (std::size_t i = 0; i < list.size(); ++i) {
+    const auto name = list[i].value("name", "");
+    const std::string path = "methods[" + std::to_string(i) + "].config";
+    auto params = params_from_json(list[i].value("config", json::object()), where, path);
+    auto method = make_method(name, params);
+    try {
+      method->attach(model);
+    } catch (const Error& e) {
+      throw FileError(where, std::string("cannot attach to this model: ") + e.what());
+    }
+    io::TensorMap mine;
+    const std::string prefix = std::to_string(i) + ".";
+    for (const auto& [key, t] : tensors)
+      if (key.rfind(prefix, 0) == 0) mine[key.substr(prefix.size())] = t;
+    method->load_state(mine, (dir / "adapter.safetensors").string());
+    out.push_back(std::move(method));
+  }
+  return out;
+}
+
+}  // namespace graft

@@ -1,0 +1,129 @@
+// LoRA (Hu et al. 2021), with rsLoRA scaling (Kalajdzievski 2023) and DoRA (Liu et al. 2024).
+#include <graft/plugin.h>
+
+#include <cmath>
+
+#include "config.h"
+#include "layer.h"
+
+namespace graft::plugins::lora {
+
+LoraConfig LoraConfig::from_params(const Params& p) {
+  check_method_keys(
+      p, {"r", "alpha", "rslora", "dropout", "init", "dora", "rank_pattern", "alpha_pattern"});
+  LoraConfig c;
+  c.r = p.get_positive_int("r", c.r);
+  c.alpha = p.get_double("alpha", c.alpha);  // peft's default is 8 whatever r is
+  if (p.has("alpha") && c.alpha <= 0)
+    p.at("alpha").fail("expected a positive number, got \"" + p.at("alpha").text() + "\"");
+  c.rslora = p.get_bool("rslora", c.rslora);
+  c.dropout = p.has("dropout") ? p.at("dropout").as_probability() : 0.0;
+  c.init = p.get_choice("init", {"default", "gaussian"}, c.init);
+  c.dora = p.get_bool("dora", c.dora);
+  if (c.dora && c.dropout > 0)
+    p.at("dropout").fail("dropout is not supported together with dora in this version; use 0");
+  c.selection = Selection::from_params(p, {"attn.q", "attn.v"});
+  auto patterns = [&](const char* key, auto read, auto& out) {
+    if (!p.has(key)) return;
+    const auto& m = p.at(key);
+    if (m.kind() != Params::Kind::map) m.fail("expected a map of site pattern to value");
+    for (const auto& [pattern, v] : m.entries()) out.emplace_back(pattern, read(v));
+  };
+  patterns(
+      "rank_pattern", [](const Params& v) { return v.as_positive_int(); }, c.rank_pattern);
+  patterns(
+      "alpha_pattern",
+      [](const Params& v) {
+        auto a = v.as_double();
+        if (a <= 0) v.fail("expected a positive number, got \"" + v.text() + "\"");
+        return a;
+      },
+      c.alpha_pattern);
+  return c;
+}
+
+nlohmann::json LoraConfig::to_json() const {
+  nlohmann::json j = {{"r", r},
+                      {"alpha", alpha},
+                      {"rslora", rslora},
+                      {"dropout", dropout},
+                      {"init", init},
+                      {"dora", dora},
+                      {"targets", selection.targets}};
+  if (!selection.layers.empty()) j["layers"] = selection.layers;
+  if (!selection.leave_out.empty()) j["leave_out"] = selection.leave_out;
+  if (!rank_pattern.empty()) {
+    j["rank_pattern"] = nlohmann::json::object();
+    for (const auto& [k, v] : rank_pattern) j["rank_pattern"][k] = v;
+  }
+  if (!alpha_pattern.empty()) {
+    j["alpha_pattern"] = nlohmann::json::object();
+    for (const auto& [k, v] : alpha_pattern) j["alpha_pattern"][k] = v;
+  }
+  return j;
+}
+
+std::pair<std::int64_t, double> LoraConfig::rank_alpha(const Site& site) const {
+  auto matches = [&](const std::string& pattern) {
+    return pattern == site.point || glob_match(pattern, site.name);
+  };
+  std::int64_t rank = r;
+  double a = alpha;
+  for (const auto& [pattern, v] : rank_pattern)
+    if (matches(pattern)) rank = v;
+  for (const auto& [pattern, v] : alpha_pattern)
+    if (matches(pattern)) a = v;
+  return {rank, a};
+}
+
+namespace {
+
+class Lora : public HookMethod {
+ public:
+  explicit Lora(LoraConfig c) : c_(std::move(c)) {}
+  std::string name() const override { return "lora"; }
+  nlohmann::json config() const override { return c_.to_json(); }
+
+  void attach(Model& model) override {
+    for (const auto& site : select_sites(model, c_.selection, name())) {
+      if (!Model::is_linear_point(site.point))
+        throw Error("lora: site '" + site.name + "' (point " + site.point +
+                    ") is not a linear projection; LoRA applies to attn.q/k/v/o, ffn.gate/up/down "
+                    "and head");
+      auto* lin = model.linear(site.name);
+      const auto [rank, alpha] = c_.rank_alpha(site);
+      const double scaling =
+          c_.rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / rank;
+      const bool gaussian = c_.init == "gaussian";
+      std::shared_ptr<Hook> hook;
+      if (c_.dora) {
+        hook = std::make_shared<DoraTransform>(*lin, rank, scaling, gaussian);
+      } else {
+        hook = std::make_shared<LoraDelta>(lin->in_features, lin->out_features, rank, scaling,
+                                           c_.dropout, gaussian);
+      }
+      hook->to(lin->weight.device());
+      add_hook(model, site.name, hook);
+    }
+  }
+
+ private:
+  LoraConfig c_;
+};
+
+void register_lora(Registry& registry) {
+  MethodInfo info;
+  info.name = "lora";
+  info.version = "1.0.0";
+  info.description = "low-rank updates B A on linear projections (rsLoRA, DoRA, rank patterns)";
+  info.mergeable = true;
+  info.points = {"attn.q", "attn.k", "attn.v", "attn.o", "ffn.gate", "ffn.up", "ffn.down", "head"};
+  registry.add(info, [](const Params& p) -> std::unique_ptr<Method> {
+    return std::make_unique<Lora>(LoraConfig::from_params(p));
+  });
+}
+
+}  // namespace
+}  // namespace graft::plugins::lora
+
+GRAFT_PLUGIN("lora", "1.0.0", graft::plugins::lora::register_lora)

@@ -1,0 +1,51 @@
+// Tiny models of every family with reproducible random weights, for tests that need no real
+// checkpoint.
+#pragma once
+
+#include <graft/model.h>
+
+#include <memory>
+#include <string>
+
+#include "models/common.h"
+#include "models/families.h"
+
+namespace graft::test {
+
+inline ModelConfig tiny_config(const std::string& family) {
+  ModelConfig c;
+  c.family = family;
+  c.vocab_size = 40;
+  c.hidden_size = 16;
+  c.num_layers = 2;
+  c.num_heads = 4;
+  c.num_kv_heads = family == "llama" ? 2 : 4;
+  c.head_dim = 4;
+  c.intermediate_size = 24;
+  c.max_positions = 64;
+  c.norm_eps = 1e-5;
+  c.hidden_act = family == "llama" ? "silu" : family == "gpt2" ? "gelu_new" : "gelu";
+  c.rope_style = RopeStyle::half_split;
+  c.attention_bias = family != "llama";
+  if (family == "bert") {
+    c.architecture = "BertForSequenceClassification";
+    c.type_vocab_size = 2;
+    c.num_labels = 3;
+    c.classifier = "pooler";
+    c.pad_token_id = 0;
+    c.norm_eps = 1e-12;
+  }
+  return c;
+}
+
+/// A tiny model with weights N(0, std) from `seed`, in eval mode, parameters frozen.
+inline std::shared_ptr<Model> tiny_model(const std::string& family, std::uint64_t seed = 1,
+                                         double std = 0.3) {
+  auto m = models::make_model(tiny_config(family));
+  models::init_parameters(*m, seed, std);
+  m->eval();
+  for (auto& p : m->parameters()) p.set_requires_grad(false);
+  return m;
+}
+
+}  // namespace graft::test
