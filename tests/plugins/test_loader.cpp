@@ -20,14 +20,18 @@ TEST_CASE("the loader refuses broken plugins one by one and keeps the good ones"
   CHECK(errors.at("libgraft_abi.so") ==
         "plugin ABI version 999, but this graft " GRAFT_VERSION
         " loads ABI version 1; rebuild the plugin against this graft");
-  CHECK_MESSAGE(errors.at("libgraft_torch_version.so").find("built against libtorch 0.4.0") != std::string::npos,
+  CHECK_MESSAGE(errors.at("libgraft_torch_version.so").find("built against libtorch 0.4.0") !=
+                    std::string::npos,
                 errors.at("libgraft_torch_version.so"));
-  CHECK_MESSAGE(errors.at("libgraft_no_descriptor.so").find("not a graft plugin") != std::string::npos,
-                errors.at("libgraft_no_descriptor.so"));
-  CHECK_MESSAGE(errors.at("libgraft_throws.so") == "registration failed: cannot find my settings file",
-                errors.at("libgraft_throws.so"));
+  CHECK_MESSAGE(
+      errors.at("libgraft_no_descriptor.so").find("not a graft plugin") != std::string::npos,
+      errors.at("libgraft_no_descriptor.so"));
+  CHECK_MESSAGE(
+      errors.at("libgraft_throws.so") == "registration failed: cannot find my settings file",
+      errors.at("libgraft_throws.so"));
   CHECK(errors.at("libgraft_twin_a.so").empty());
-  CHECK_MESSAGE(errors.at("libgraft_twin_b.so").find("method 'twin' is already registered by") != std::string::npos,
+  CHECK_MESSAGE(errors.at("libgraft_twin_b.so").find("method 'twin' is already registered by") !=
+                    std::string::npos,
                 errors.at("libgraft_twin_b.so"));
   CHECK_MESSAGE(errors.at("libgraft_garbage.so").find("cannot load") != std::string::npos,
                 errors.at("libgraft_garbage.so"));
@@ -44,5 +48,6 @@ TEST_CASE("the loader refuses broken plugins one by one and keeps the good ones"
   // Loading again does not load anything twice.
   const auto n = load_plugins({GRAFT_BROKEN_PLUGIN_DIR}).size();
   CHECK(n == records.size());
-  CHECK_THROWS_WITH_AS(make_method("nonesuch", Params()), doctest::Contains("failed to load"), Error);
+  CHECK_THROWS_WITH_AS(make_method("nonesuch", Params()), doctest::Contains("failed to load"),
+                       Error);
 }

@@ -229,9 +229,9 @@ TEST_CASE("method matrix") {
 
 TEST_CASE("method settings errors are one clear line") {
   load_test_plugins();
-  CHECK_THROWS_WITH_AS(make_method("lora", params({{"dropuot", "0.1"}})),
-                       "recipe.yaml:4:5: methods[0].dropuot: unknown key (did you mean \"dropout\"?)",
-                       ParamError);
+  CHECK_THROWS_WITH_AS(
+      make_method("lora", params({{"dropuot", "0.1"}})),
+      "recipe.yaml:4:5: methods[0].dropuot: unknown key (did you mean \"dropout\"?)", ParamError);
   CHECK_THROWS_WITH_AS(make_method("lora", params({{"r", "eight"}})),
                        "recipe.yaml:4:5: methods[0].r: expected a positive integer, got \"eight\"",
                        ParamError);

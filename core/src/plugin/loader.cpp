@@ -1,9 +1,9 @@
 // Finding, checking and loading plugin libraries with Boost.DLL, and the method registry.
+#include <dlfcn.h>
 #include <graft/plugin.h>
 
 #include <algorithm>
 #include <boost/dll/shared_library.hpp>
-#include <dlfcn.h>
 #include <cstdlib>
 #include <map>
 #include <mutex>
