@@ -3,6 +3,7 @@
 #pragma once
 
 #include <graft/model.h>
+#include <torch/torch.h>
 
 #include <memory>
 #include <string>
@@ -46,6 +47,13 @@ inline std::shared_ptr<Model> tiny_model(const std::string& family, std::uint64_
   m->eval();
   for (auto& p : m->parameters()) p.set_requires_grad(false);
   return m;
+}
+
+/// One forward pass without gradients: the logits, or the hidden states for models without a head.
+inline at::Tensor model_outputs(Model& m, const at::Tensor& ids) {
+  torch::NoGradGuard ng;
+  auto out = m.forward({ids, {}, {}, {}}, nullptr);
+  return out.logits.defined() ? out.logits : out.hidden;
 }
 
 }  // namespace graft::test

@@ -5,6 +5,7 @@
 
 #include "config.h"
 #include "layer.h"
+#include "lora.h"
 
 namespace graft::plugins::lora {
 
@@ -76,40 +77,28 @@ std::pair<std::int64_t, double> LoraConfig::rank_alpha(const Site& site) const {
   return {rank, a};
 }
 
-namespace {
-
-class Lora : public HookMethod {
- public:
-  explicit Lora(LoraConfig c) : c_(std::move(c)) {}
-  std::string name() const override { return "lora"; }
-  nlohmann::json config() const override { return c_.to_json(); }
-
-  void attach(Model& model) override {
-    for (const auto& site : select_sites(model, c_.selection, name())) {
-      if (!Model::is_linear_point(site.point))
-        throw Error("lora: site '" + site.name + "' (point " + site.point +
-                    ") is not a linear projection; LoRA applies to attn.q/k/v/o, ffn.gate/up/down "
-                    "and head");
-      auto* lin = model.linear(site.name);
-      const auto [rank, alpha] = c_.rank_alpha(site);
-      const double scaling =
-          c_.rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / rank;
-      const bool gaussian = c_.init == "gaussian";
-      std::shared_ptr<Hook> hook;
-      if (c_.dora) {
-        hook = std::make_shared<DoraTransform>(*lin, rank, scaling, gaussian);
-      } else {
-        hook = std::make_shared<LoraDelta>(lin->in_features, lin->out_features, rank, scaling,
-                                           c_.dropout, gaussian);
-      }
-      hook->to(lin->weight.device());
-      add_hook(model, site.name, hook);
+void Lora::attach(Model& model) {
+  for (const auto& site : select_sites(model, c_.selection, name())) {
+    if (!Model::is_linear_point(site.point))
+      throw Error("lora: site '" + site.name + "' (point " + site.point +
+                  ") is not a linear projection; LoRA applies to attn.q/k/v/o, ffn.gate/up/down "
+                  "and head");
+    auto* lin = model.linear(site.name);
+    const auto [rank, alpha] = c_.rank_alpha(site);
+    const bool gaussian = c_.init == "gaussian";
+    std::shared_ptr<Hook> hook;
+    if (c_.dora) {
+      hook = std::make_shared<DoraTransform>(*lin, rank, scaling(rank, alpha), gaussian);
+    } else {
+      hook = std::make_shared<LoraDelta>(lin->in_features, lin->out_features, rank,
+                                         scaling(rank, alpha), c_.dropout, gaussian);
     }
+    hook->to(lin->weight.device());
+    add_hook(model, site.name, hook);
   }
+}
 
- private:
-  LoraConfig c_;
-};
+namespace {
 
 void register_lora(Registry& registry) {
   MethodInfo info;
@@ -121,6 +110,8 @@ void register_lora(Registry& registry) {
   registry.add(info, [](const Params& p) -> std::unique_ptr<Method> {
     return std::make_unique<Lora>(LoraConfig::from_params(p));
   });
+  registry.add_format({"peft", "lora", detect_peft, read_peft, write_peft});
+  registry.add_format({"gguf", "lora", nullptr, nullptr, write_gguf_lora});
 }
 
 }  // namespace

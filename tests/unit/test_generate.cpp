@@ -7,28 +7,14 @@
 #include "models/common.h"
 #include "models/families.h"
 #include "support.h"
+#include "tiny_models.h"
 
 using namespace graft;
 
 namespace {
 
 std::shared_ptr<Model> tiny(const std::string& family, std::uint64_t seed) {
-  ModelConfig c;
-  c.family = family;
-  c.vocab_size = 50;
-  c.hidden_size = 16;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.num_kv_heads = family == "llama" ? 2 : 4;
-  c.head_dim = 4;
-  c.intermediate_size = 32;
-  c.max_positions = 64;
-  c.hidden_act = family == "llama" ? "silu" : "gelu_new";
-  c.rope_style = RopeStyle::half_split;
-  auto m = models::make_model(c);
-  models::init_parameters(*m, seed, 0.5);
-  m->eval();
-  return m;
+  return graft::test::tiny_model(family, seed, 0.5);
 }
 
 }  // namespace

@@ -22,10 +22,16 @@ void save_adapter(const std::filesystem::path& dir, const Model& model,
                   const std::vector<Method*>& methods);
 
 /// Rebuilds the methods saved in `dir` through the plugin registry, attaches them to `model` and
-/// loads their state. A base model that does not match the one the adapter was trained on (other
+/// loads their state. `dir` may also hold a foreign format a plugin reads (a Hugging Face peft
+/// adapter). A base model that does not match the one the adapter was trained on (other
 /// family, other widths, missing sites, other shapes) is an error naming the file, the mismatch
 /// and the fix.
 std::vector<std::unique_ptr<Method>> load_adapter(const std::filesystem::path& dir, Model& model);
+
+/// Writes one attached method in a foreign format registered by its plugin ("peft", "gguf").
+/// An unknown format is an error listing the formats that method has.
+void save_adapter_as(const std::string& format, const std::filesystem::path& path,
+                     const Model& model, Method& method);
 
 /// Converts JSON (a method's saved config) into Params whose errors name `file` and `path`.
 Params params_from_json(const nlohmann::json& j, const std::string& file, const std::string& path);

@@ -40,6 +40,19 @@ std::filesystem::path resolve_model(const std::string& path_or_name);
 /// checkpoint (missing tensors, wrong shapes, unsupported architecture).
 LoadedModel load_model(const std::string& path_or_name, const LoadOptions& options = {});
 
+/// Writes `model` as a Hugging Face folder that graft (and transformers) load: config.json and
+/// model.safetensors (sharded above 5 GiB), with the tokenizer files of `source` copied when it
+/// is a Hugging Face folder. `dir` must not exist or be empty; it is written completely or not
+/// at all (built under a temporary name, then renamed).
+void save_hf_model(const Model& model, const std::filesystem::path& dir,
+                   const std::filesystem::path& source = {});
+
+/// Writes a llama-family `model` as a GGUF file (F32/F16/BF16 tensors in the model's dtype),
+/// with the architecture metadata from its configuration and the tokenizer and general.*
+/// metadata copied from `source` when that is a GGUF file.
+void save_gguf_model(const Model& model, const std::filesystem::path& file,
+                     const std::filesystem::path& source = {});
+
 /// Builds a model of `config.family` with uninitialised weights (for tests, benchmarks and
 /// training from scratch); init_random() then fills them reproducibly.
 std::shared_ptr<Model> make_model(const ModelConfig& config);

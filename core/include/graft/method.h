@@ -7,6 +7,7 @@
 #include <graft/model.h>
 #include <graft/params.h>
 
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -109,13 +110,29 @@ void check_method_keys(const Params& params, const std::vector<std::string>& own
 /// "trainable params: 8,960 || all params: 268,992 || trainable%: 3.3310".
 std::string trainable_summary(const Model& model, const std::vector<Method*>& methods);
 
-/// Plugins register their methods here.
+/// A foreign adapter format a plugin reads and writes for its method (Hugging Face peft's
+/// adapter_config.json + adapter_model.safetensors, llama.cpp's GGUF LoRA).
+struct AdapterFormat {
+  std::string name;    ///< "peft", "gguf"
+  std::string method;  ///< the method whose adapters it holds ("lora")
+  /// Whether `path` (a folder or file) holds an adapter of this format for this method.
+  std::function<bool(const std::filesystem::path&)> detect;
+  /// Builds the method from the files, attaches it to `model` and loads its state; empty when
+  /// the format is write-only.
+  std::function<std::unique_ptr<Method>(const std::filesystem::path&, Model&)> read;
+  /// Writes an attached method (made by this plugin) in this format; empty when read-only.
+  std::function<void(Method&, const Model&, const std::filesystem::path&)> write;
+};
+
+/// Plugins register their methods (and the foreign formats they read and write) here.
 using MethodFactory = std::function<std::unique_ptr<Method>(const Params&)>;
 class Registry {
  public:
   virtual ~Registry() = default;
   /// Registers a method; a name already registered is an error.
   virtual void add(MethodInfo info, MethodFactory factory) = 0;
+  /// Registers a foreign adapter format for one of this plugin's methods.
+  virtual void add_format(AdapterFormat format) = 0;
 };
 
 }  // namespace graft

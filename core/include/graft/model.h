@@ -62,6 +62,10 @@ struct Site {
   std::int64_t out_features = 0;  ///< linear sites: output width; other sites: the width seen
 };
 
+/// Reorders the rows of a q or k projection ([heads * head_dim, ...] weight, bias or LoRA B)
+/// between the half-split and the interleaved RoPE pairing, as llama.cpp's converter does.
+at::Tensor permute_rope_rows(const at::Tensor& w, std::int64_t heads, RopeStyle from, RopeStyle to);
+
 /// The closed vocabulary of site points, in the order a layer meets them.
 const std::vector<std::string>& site_points();
 

@@ -73,6 +73,9 @@ std::vector<RegisteredMethod> registered_methods();
 /// Registers a method from inside the process (tests, embedders).
 void register_method(MethodInfo info, MethodFactory factory);
 
+/// The foreign adapter formats registered by plugins.
+std::vector<AdapterFormat> adapter_formats();
+
 /// Creates a method by name with its settings. An unknown name is an error listing the
 /// registered methods (and a did-you-mean), and plugins that failed to load.
 std::unique_ptr<Method> make_method(const std::string& name, const Params& params);

@@ -21,6 +21,8 @@ int run_inspect(const Args& args);
 int run_forward(const Args& args);
 int run_methods(const Args& args);
 int run_new_plugin(const Args& args);
+int run_merge(const Args& args);
+int run_export_adapter(const Args& args);
 
 /// Parses "1,5,9" into integers; `what` names the option in errors.
 std::vector<std::int64_t> parse_int_list(const std::string& text, const std::string& what);

@@ -44,9 +44,6 @@ void load_cli_plugins(const po::variables_map& vm) {
   load_plugins(extra);
 }
 
-namespace {
-
-// Loads the adapters named by --adapter onto the model, printing what they train.
 std::vector<std::unique_ptr<Method>> apply_adapters(const po::variables_map& vm, Model& model) {
   std::vector<std::unique_ptr<Method>> methods;
   if (!vm.count("adapter")) return methods;
@@ -55,6 +52,8 @@ std::vector<std::unique_ptr<Method>> apply_adapters(const po::variables_map& vm,
     for (auto& m : load_adapter(dir, model)) methods.push_back(std::move(m));
   return methods;
 }
+
+namespace {
 
 std::string with_commas(std::int64_t n) {
   auto s = std::to_string(n);

@@ -18,6 +18,8 @@ commands:
   inspect    show a model file's family, configuration, tensors and sites
   forward    run one forward pass and write logits and hidden states to safetensors
   methods    list the PEFT methods found in plugins, and plugins that failed to load
+  merge      fold adapters into the base weights; write a Hugging Face folder or a GGUF file
+  export-adapter  write an adapter in another format (peft, gguf, graft)
   new-plugin write a skeleton method plugin that builds against an installed graft
   version    print graft's and libtorch's versions
 
@@ -50,6 +52,8 @@ int main(int argc, char** argv) {
     if (command == "forward") return cli::run_forward(args);
     if (command == "methods") return cli::run_methods(args);
     if (command == "new-plugin") return cli::run_new_plugin(args);
+    if (command == "merge") return cli::run_merge(args);
+    if (command == "export-adapter") return cli::run_export_adapter(args);
     if (command == "version" || command == "--version") {
       std::cout << "graft " << GRAFT_VERSION << " (libtorch " << TORCH_VERSION << ")\n";
       return 0;

@@ -1,8 +1,12 @@
 // Option parsing shared by the commands (Boost.Program_options, kept out of public headers).
 #pragma once
 
+#include <graft/method.h>
+
 #include <boost/program_options.hpp>
 #include <iostream>
+#include <memory>
+#include <vector>
 
 #include "cli/cli.h"
 
@@ -34,5 +38,8 @@ inline bool parse(const Args& args, po::options_description& desc, po::variables
 
 /// Loads the plugins on the search path plus --plugin-dir folders.
 void load_cli_plugins(const po::variables_map& vm);
+
+/// Loads the adapters named by --adapter (if any) onto the model.
+std::vector<std::unique_ptr<Method>> apply_adapters(const po::variables_map& vm, Model& model);
 
 }  // namespace graft::cli

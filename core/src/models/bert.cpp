@@ -224,4 +224,45 @@ io::TensorMap bert_from_hf(const ModelConfig&, const io::TensorMap& checkpoint) 
   return rename_to_graft(stripped, kHfRules);
 }
 
+io::TensorMap bert_to_hf(const ModelConfig& c, const io::TensorMap& t) {
+  // The task models keep the encoder under bert. / roberta.; the head names differ by family.
+  const std::string prefix =
+      c.classifier.empty() ? "" : (c.roberta_positions ? "roberta." : "bert.");
+  io::TensorMap out;
+  for (const auto& [name, w] : t) {
+    if (name == "head.weight" || name == "head.bias") {
+      const auto kind = name.substr(5);
+      out[(c.classifier == "roberta" ? "classifier.out_proj." : "classifier.") + kind] = w;
+      continue;
+    }
+    for (const auto& [hf_name, tensor] : rename_from_graft({{name, w}}, kHfRules))
+      out[(hf_name.rfind("classifier.", 0) == 0 ? "" : prefix) + hf_name] = tensor;
+  }
+  return out;
+}
+
+nlohmann::json bert_hf_config(const ModelConfig& c) {
+  const bool roberta = c.roberta_positions;
+  nlohmann::json j = {{"architectures", {c.architecture}},
+                      {"model_type", roberta ? "roberta" : "bert"},
+                      {"vocab_size", c.vocab_size},
+                      {"hidden_size", c.hidden_size},
+                      {"num_hidden_layers", c.num_layers},
+                      {"num_attention_heads", c.num_heads},
+                      {"intermediate_size", c.intermediate_size},
+                      {"max_position_embeddings", c.max_positions},
+                      {"type_vocab_size", c.type_vocab_size},
+                      {"layer_norm_eps", c.norm_eps},
+                      {"hidden_act", c.hidden_act},
+                      {"pad_token_id", c.pad_token_id},
+                      {"position_embedding_type", "absolute"},
+                      {"torch_dtype", "float32"}};
+  if (c.num_labels > 0) {
+    j["id2label"] = nlohmann::json::object();
+    for (std::int64_t i = 0; i < c.num_labels; ++i)
+      j["id2label"][std::to_string(i)] = "LABEL_" + std::to_string(i);
+  }
+  return j;
+}
+
 }  // namespace graft::models

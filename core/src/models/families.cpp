@@ -1,6 +1,7 @@
 #include "models/families.h"
 
 #include <graft/error.h>
+#include <torch/torch.h>
 
 namespace graft::models {
 
@@ -59,4 +60,35 @@ io::TensorMap from_hf(const ModelConfig& config, const io::TensorMap& checkpoint
   throw Error("unknown model family \"" + config.family + "\"");
 }
 
+io::TensorMap to_hf(const ModelConfig& config, const io::TensorMap& tensors) {
+  if (config.family == "llama") return llama_to_hf(config, tensors);
+  if (config.family == "gpt2") return gpt2_to_hf(config, tensors);
+  if (config.family == "bert") return bert_to_hf(config, tensors);
+  throw Error("unknown model family \"" + config.family + "\"");
+}
+
+nlohmann::json hf_config(const ModelConfig& config) {
+  if (config.family == "llama") return llama_hf_config(config);
+  if (config.family == "gpt2") return gpt2_hf_config(config);
+  if (config.family == "bert") return bert_hf_config(config);
+  throw Error("unknown model family \"" + config.family + "\"");
+}
+
 }  // namespace graft::models
+
+namespace graft {
+
+at::Tensor permute_rope_rows(const at::Tensor& w, std::int64_t heads, RopeStyle from,
+                             RopeStyle to) {
+  if (from == to) return w;
+  const auto rows = w.size(0), half = rows / heads / 2;
+  auto rest = w.sizes().slice(1).vec();
+  std::vector<std::int64_t> split = {heads, 2, half}, merged = {heads, half, 2};
+  split.insert(split.end(), rest.begin(), rest.end());
+  merged.insert(merged.end(), rest.begin(), rest.end());
+  // half-split rows (h, pair half, i) -> interleaved rows (h, i, pair half), and back.
+  auto v = from == RopeStyle::half_split ? w.reshape(split) : w.reshape(merged);
+  return v.transpose(1, 2).reshape(w.sizes()).contiguous();
+}
+
+}  // namespace graft

@@ -24,6 +24,15 @@ io::TensorMap from_hf(const ModelConfig& config, const io::TensorMap& checkpoint
 /// Converts GGUF tensors to graft's parameter names.
 io::TensorMap from_gguf(const ModelConfig& config, const io::TensorMap& tensors);
 
+/// The other direction, for writing merged models: graft parameters to a Hugging Face
+/// checkpoint (names, layouts, and q/k rows in the half-split RoPE order transformers uses) and
+/// the config.json that describes it.
+io::TensorMap to_hf(const ModelConfig& config, const io::TensorMap& tensors);
+nlohmann::json hf_config(const ModelConfig& config);
+/// graft parameters to GGUF tensor names, q/k rows in the interleaved RoPE order llama.cpp's
+/// llama architecture uses (llama family only).
+io::TensorMap to_gguf(const ModelConfig& config, const io::TensorMap& tensors);
+
 // Per family.
 std::shared_ptr<Model> make_llama(const ModelConfig& config);
 std::shared_ptr<Model> make_gpt2(const ModelConfig& config);
@@ -34,6 +43,12 @@ ModelConfig bert_config_from_hf(const nlohmann::json& j, const std::string& sour
 io::TensorMap llama_from_hf(const ModelConfig& c, const io::TensorMap& t);
 io::TensorMap gpt2_from_hf(const ModelConfig& c, const io::TensorMap& t);
 io::TensorMap bert_from_hf(const ModelConfig& c, const io::TensorMap& t);
+io::TensorMap llama_to_hf(const ModelConfig& c, const io::TensorMap& t);
+io::TensorMap gpt2_to_hf(const ModelConfig& c, const io::TensorMap& t);
+io::TensorMap bert_to_hf(const ModelConfig& c, const io::TensorMap& t);
+nlohmann::json llama_hf_config(const ModelConfig& c);
+nlohmann::json gpt2_hf_config(const ModelConfig& c);
+nlohmann::json bert_hf_config(const ModelConfig& c);
 
 /// Reads config.json fields with clear errors ("config.json: num_attention_heads: expected an
 /// integer").

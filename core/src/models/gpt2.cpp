@@ -206,4 +206,47 @@ io::TensorMap gpt2_from_hf(const ModelConfig& c, const io::TensorMap& checkpoint
   return out;
 }
 
+io::TensorMap gpt2_to_hf(const ModelConfig& c, const io::TensorMap& t) {
+  io::TensorMap fused;
+  for (const auto& [name, w] : t) {
+    for (const std::string part : {".attn.q.", ".attn.k.", ".attn.v."}) {
+      auto at = name.find(part);
+      if (at == std::string::npos) continue;
+      const auto kind = name.substr(at + part.size());  // weight or bias
+      const auto base = name.substr(0, at) + ".attn.";
+      if (part == ".attn.q.")
+        fused[base + "qkv." + kind] =
+            torch::cat({w, t.at(base + "k." + kind), t.at(base + "v." + kind)}, 0);
+    }
+    if (name.find(".attn.q.") == std::string::npos && name.find(".attn.k.") == std::string::npos &&
+        name.find(".attn.v.") == std::string::npos)
+      fused[name] = w;
+  }
+  (void)c;
+  io::TensorMap out;
+  for (auto& [name, w] : rename_from_graft(fused, kHfRules)) {
+    // graft::Linear's [out, in] back to Conv1D's [in, out].
+    const bool matrix = w.dim() == 2 && name != "wte.weight" && name != "wpe.weight";
+    out["transformer." + name] = matrix ? w.t().contiguous() : w;
+  }
+  return out;
+}
+
+nlohmann::json gpt2_hf_config(const ModelConfig& c) {
+  nlohmann::json j = {{"architectures", {"GPT2LMHeadModel"}},
+                      {"model_type", "gpt2"},
+                      {"vocab_size", c.vocab_size},
+                      {"n_embd", c.hidden_size},
+                      {"n_layer", c.num_layers},
+                      {"n_head", c.num_heads},
+                      {"n_positions", c.max_positions},
+                      {"n_inner", c.intermediate_size},
+                      {"layer_norm_epsilon", c.norm_eps},
+                      {"activation_function", c.hidden_act},
+                      {"torch_dtype", "float32"}};
+  if (c.bos_token_id >= 0) j["bos_token_id"] = c.bos_token_id;
+  if (c.eos_token_id >= 0) j["eos_token_id"] = c.eos_token_id;
+  return j;
+}
+
 }  // namespace graft::models

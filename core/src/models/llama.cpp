@@ -262,4 +262,62 @@ io::TensorMap from_gguf(const ModelConfig&, const io::TensorMap& tensors) {
   return rename_to_graft(tensors, kGgufRules);
 }
 
+namespace {
+
+// q and k rows reordered from the model's RoPE pairing to `to`.
+io::TensorMap with_rope_order(const ModelConfig& c, io::TensorMap t, RopeStyle to) {
+  for (auto& [name, w] : t) {
+    const bool q = name.find(".attn.q.") != std::string::npos;
+    const bool k = name.find(".attn.k.") != std::string::npos;
+    if (q || k) w = permute_rope_rows(w, q ? c.num_heads : c.num_kv_heads, c.rope_style, to);
+  }
+  return t;
+}
+
+}  // namespace
+
+io::TensorMap llama_to_hf(const ModelConfig& c, const io::TensorMap& t) {
+  auto out = rename_from_graft(with_rope_order(c, t, RopeStyle::half_split), kHfRules);
+  if (c.tie_embeddings) out.erase("lm_head.weight");
+  return out;
+}
+
+io::TensorMap to_gguf(const ModelConfig& c, const io::TensorMap& t) {
+  if (c.family != "llama") throw Error("GGUF output is for the llama family; this is " + c.family);
+  // llama.cpp runs llama and mistral with the interleaved pairing, qwen2 with the half-split one.
+  const auto order =
+      c.architecture == "Qwen2ForCausalLM" ? RopeStyle::half_split : RopeStyle::interleaved;
+  auto out = rename_from_graft(with_rope_order(c, t, order), kGgufRules);
+  if (c.tie_embeddings) out.erase("output.weight");
+  return out;
+}
+
+nlohmann::json llama_hf_config(const ModelConfig& c) {
+  const std::string type = c.architecture == "Qwen2ForCausalLM"     ? "qwen2"
+                           : c.architecture == "MistralForCausalLM" ? "mistral"
+                                                                    : "llama";
+  nlohmann::json j = {{"architectures", {c.architecture}},
+                      {"model_type", type},
+                      {"vocab_size", c.vocab_size},
+                      {"hidden_size", c.hidden_size},
+                      {"intermediate_size", c.intermediate_size},
+                      {"num_hidden_layers", c.num_layers},
+                      {"num_attention_heads", c.num_heads},
+                      {"num_key_value_heads", c.num_kv_heads},
+                      {"head_dim", c.head_dim},
+                      {"max_position_embeddings", c.max_positions},
+                      {"rms_norm_eps", c.norm_eps},
+                      {"rope_theta", c.rope_theta},
+                      {"hidden_act", c.hidden_act},
+                      {"tie_word_embeddings", c.tie_embeddings},
+                      {"attention_bias", c.attention_bias},
+                      {"torch_dtype", "float32"}};
+  if (c.bos_token_id >= 0) j["bos_token_id"] = c.bos_token_id;
+  if (c.eos_token_id >= 0) j["eos_token_id"] = c.eos_token_id;
+  if (c.pad_token_id >= 0) j["pad_token_id"] = c.pad_token_id;
+  if (c.sliding_window > 0) j["sliding_window"] = c.sliding_window;
+  if (type == "qwen2") j["use_sliding_window"] = c.sliding_window > 0;
+  return j;
+}
+
 }  // namespace graft::models

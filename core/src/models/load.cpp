@@ -93,7 +93,7 @@ LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
       config.tie_embeddings = true;
       tensors.erase(head);
     }
-    out.tokenizer = tokenizer_from_gguf(file);
+    if (file.find("tokenizer.ggml.model")) out.tokenizer = tokenizer_from_gguf(file);
   }
   if (!options.family.empty() && options.family != config.family)
     throw FileError(where, "is a " + config.family + " model, but the family \"" + options.family +

@@ -24,7 +24,36 @@ json base_description(const ModelConfig& c) {
           {"intermediate_size", c.intermediate_size}};
 }
 
+bool is_graft_adapter(const fs::path& dir) {
+  const auto cfg_path = dir / "adapter_config.json";
+  if (!fs::exists(cfg_path)) return false;
+  try {
+    return json::parse(io::read_text_file(cfg_path)).value("format", "") == "graft-adapter";
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
 }  // namespace
+
+void save_adapter_as(const std::string& format, const fs::path& path, const Model& model,
+                     Method& method) {
+  if (format == "graft") {
+    save_adapter(path, model, {&method});
+    return;
+  }
+  std::string known = "graft";
+  for (const auto& f : adapter_formats()) {
+    if (f.method != method.name() || !f.write) continue;
+    if (f.name == format) {
+      f.write(method, model, path);
+      return;
+    }
+    known += ", " + f.name;
+  }
+  throw Error(method.name() + ": cannot write the \"" + format +
+              "\" adapter format (it writes: " + known + ")");
+}
 
 Params params_from_json(const json& j, const std::string& file, const std::string& path) {
   Source src{file, 0, 0};
@@ -66,8 +95,17 @@ void save_adapter(const fs::path& dir, const Model& model, const std::vector<Met
 std::vector<std::unique_ptr<Method>> load_adapter(const fs::path& dir, Model& model) {
   const auto cfg_path = dir / "adapter_config.json";
   const std::string where = cfg_path.string();
+  if (!is_graft_adapter(dir)) {
+    for (const auto& f : adapter_formats())
+      if (f.read && f.detect && f.detect(dir)) {
+        std::vector<std::unique_ptr<Method>> out;
+        out.push_back(f.read(dir, model));
+        return out;
+      }
+  }
   if (!fs::exists(cfg_path))
-    throw FileError(dir.string(), "not an adapter folder (no adapter_config.json)");
+    throw FileError(dir.string(),
+                    "not an adapter folder (no adapter_config.json) and no plugin reads it");
   json cfg;
   try {
     cfg = json::parse(io::read_text_file(cfg_path));
@@ -76,8 +114,8 @@ std::vector<std::unique_ptr<Method>> load_adapter(const fs::path& dir, Model& mo
   }
   if (cfg.value("format", "") != "graft-adapter")
     throw FileError(where,
-                    "not a graft adapter (\"format\" is not \"graft-adapter\"); Hugging Face "
-                    "peft adapters are read by the method that wrote them");
+                    "neither a graft adapter nor a format a loaded plugin reads (for a peft "
+                    "adapter: is the plugin of its method on the plugin path?)");
   if (cfg.value("format_version", 0) != 1)
     throw FileError(where, "adapter format_version " + cfg.value("format_version", json()).dump() +
                                " is not supported (this graft reads version 1)");

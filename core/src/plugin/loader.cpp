@@ -26,6 +26,7 @@ struct Entry {
 struct State {
   std::mutex mutex;
   std::map<std::string, Entry> methods;
+  std::vector<AdapterFormat> formats;
   std::vector<PluginRecord> records;
   std::set<std::string> seen;  // canonical paths already tried
   // Libraries stay loaded for the life of the process: libtorch code does not survive unloading.
@@ -59,12 +60,31 @@ class RegistryFor : public Registry {
     const std::string name = info.name;  // before info is moved into the entry
     s.methods.emplace(name, Entry{std::move(info), std::move(wrapped), file_});
   }
-  std::vector<std::string> added;
+  void add_format(AdapterFormat format) override {
+    auto& s = state();
+    for (const auto& f : s.formats)
+      if (f.name == format.name && f.method == format.method)
+        throw Error("the " + format.name + " format of method '" + format.method +
+                    "' is already registered");
+    formats_added.push_back(format.name + "/" + format.method);
+    s.formats.push_back(std::move(format));
+  }
+  std::vector<std::string> added, formats_added;
 
  private:
   fs::path file_;
   std::shared_ptr<boost::dll::shared_library> lib_;
 };
+
+void forget_formats(const std::vector<std::string>& keys) {
+  auto& f = state().formats;
+  f.erase(std::remove_if(f.begin(), f.end(),
+                         [&](const AdapterFormat& x) {
+                           return std::find(keys.begin(), keys.end(), x.name + "/" + x.method) !=
+                                  keys.end();
+                         }),
+          f.end());
+}
 
 void split_path_list(const char* env, std::vector<fs::path>& out) {
   if (!env) return;
@@ -133,10 +153,12 @@ PluginRecord load_plugin_file(const fs::path& file) {
     d.register_methods(registry);
   } catch (const std::exception& e) {
     for (const auto& name : registry.added) s.methods.erase(name);
+    forget_formats(registry.formats_added);
     rec.error = std::string("registration failed: ") + e.what();
     return rec;
   } catch (...) {
     for (const auto& name : registry.added) s.methods.erase(name);
+    forget_formats(registry.formats_added);
     rec.error = "registration failed with an unknown exception";
     return rec;
   }
@@ -174,6 +196,8 @@ std::vector<RegisteredMethod> registered_methods() {
   for (const auto& [name, e] : state().methods) out.push_back({e.info, e.file});
   return out;
 }
+
+std::vector<AdapterFormat> adapter_formats() { return state().formats; }
 
 void register_method(MethodInfo info, MethodFactory factory) {
   RegistryFor registry("", nullptr);

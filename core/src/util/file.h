@@ -1,6 +1,8 @@
 // File helpers shared by the readers and writers: a read-only memory map and atomic writes.
 #pragma once
 
+#include <graft/io/file.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -27,14 +29,5 @@ class MappedFile {
   const std::uint8_t* data_ = nullptr;
   std::size_t size_ = 0;
 };
-
-/// Writes a file atomically: `write` fills a stream opened on a temporary file in the same folder,
-/// which is flushed, synced and renamed over `path`. On any failure the temporary file is removed
-/// and nothing is left at `path` that was not there before.
-void write_atomically(const std::filesystem::path& path,
-                      const std::function<void(std::ostream&)>& write);
-
-/// Reads a whole text file; throws graft::FileError when it cannot be read.
-std::string read_text_file(const std::filesystem::path& path);
 
 }  // namespace graft::io

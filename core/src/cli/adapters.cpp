@@ -1,0 +1,79 @@
+// graft merge and graft export-adapter.
+#include <graft/adapter.h>
+#include <graft/load.h>
+
+#include <iostream>
+
+#include "cli/options.h"
+
+namespace graft::cli {
+
+int run_merge(const Args& args) {
+  po::options_description desc("options");
+  desc.add_options()("model,m", po::value<std::string>()->required(),
+                     "base model (GGUF file, folder or name)")(
+      "adapter", po::value<std::vector<std::string>>()->required(), "adapter folder (repeatable)")(
+      "out,o", po::value<std::string>()->required(), "output: a folder, or a .gguf file")(
+      "format", po::value<std::string>(), "hf or gguf (default: gguf when --out ends in .gguf)");
+  po::variables_map vm;
+  if (!parse(args, desc, vm, "usage: graft merge --model M --adapter DIR --out OUT")) return 0;
+  const std::string out = vm["out"].as<std::string>();
+  std::string format = vm.count("format")
+                           ? vm["format"].as<std::string>()
+                           : (std::filesystem::path(out).extension() == ".gguf" ? "gguf" : "hf");
+  if (format != "hf" && format != "gguf")
+    throw UsageError("--format: expected hf or gguf, got \"" + format + "\"");
+  if (std::filesystem::exists(out) &&
+      !(std::filesystem::is_directory(out) && std::filesystem::is_empty(out)))
+    throw UsageError("--out " + out + ": already exists; choose a new output path");
+  set_threads(vm["threads"].as<int>());
+  auto loaded = load_model(vm["model"].as<std::string>());
+  if (format == "gguf" && loaded.model->config().family != "llama")
+    throw UsageError("--format gguf: GGUF output is for llama-family models; this is " +
+                     loaded.model->config().family + " (write a Hugging Face folder instead)");
+  auto methods = apply_adapters(vm, *loaded.model);
+  for (auto& m : methods) m->merge(*loaded.model);
+  if (format == "gguf") {
+    save_gguf_model(*loaded.model, out,
+                    loaded.format == "gguf" ? loaded.path : std::filesystem::path());
+  } else {
+    save_hf_model(*loaded.model, out,
+                  loaded.format == "hf" ? loaded.path : std::filesystem::path());
+  }
+  std::cout << "merged " << methods.size() << " method(s) into " << loaded.path.string()
+            << "; wrote " << out << (format == "gguf" ? " (GGUF)" : " (Hugging Face folder)")
+            << "\n";
+  if (format == "hf" && loaded.format == "gguf")
+    std::cout
+        << "note: the GGUF file's tokenizer is not converted; the folder has no tokenizer.json\n";
+  return 0;
+}
+
+int run_export_adapter(const Args& args) {
+  po::options_description desc("options");
+  desc.add_options()("model,m", po::value<std::string>()->required(),
+                     "the base model the adapter belongs to")(
+      "adapter", po::value<std::vector<std::string>>()->required(), "adapter folder")(
+      "format", po::value<std::string>()->required(), "peft, gguf (llama.cpp --lora) or graft")(
+      "out,o", po::value<std::string>()->required(), "output folder (peft, graft) or .gguf file");
+  po::variables_map vm;
+  if (!parse(
+          args, desc, vm,
+          "usage: graft export-adapter --model M --adapter DIR --format peft|gguf|graft --out OUT"))
+    return 0;
+  const std::string out = vm["out"].as<std::string>();
+  if (std::filesystem::exists(out) &&
+      !(std::filesystem::is_directory(out) && std::filesystem::is_empty(out)))
+    throw UsageError("--out " + out + ": already exists; choose a new output path");
+  set_threads(vm["threads"].as<int>());
+  auto loaded = load_model(vm["model"].as<std::string>());
+  auto methods = apply_adapters(vm, *loaded.model);
+  if (methods.size() != 1)
+    throw UsageError("--adapter: export one method at a time (this adapter holds " +
+                     std::to_string(methods.size()) + ")");
+  save_adapter_as(vm["format"].as<std::string>(), out, *loaded.model, *methods[0]);
+  std::cout << "wrote " << out << " (" << vm["format"].as<std::string>() << ")\n";
+  return 0;
+}
+
+}  // namespace graft::cli

@@ -1,0 +1,89 @@
+// Writing models: Hugging Face folders and GGUF files, for merged adapters.
+#include <graft/error.h>
+#include <graft/io/gguf.h>
+#include <graft/io/safetensors.h>
+#include <graft/load.h>
+#include <torch/torch.h>
+
+#include <random>
+
+#include "models/families.h"
+#include "util/file.h"
+
+namespace graft {
+namespace fs = std::filesystem;
+
+namespace {
+
+io::TensorMap parameters_of(const Model& model) {
+  io::TensorMap t;
+  for (const auto& p : model.named_parameters(true))
+    t[p.key()] = p.value().detach().to(torch::kCPU);
+  return t;
+}
+
+void check_empty_target(const fs::path& p) {
+  if (fs::exists(p) && !(fs::is_directory(p) && fs::is_empty(p)))
+    throw FileError(p.string(), "already exists; choose a new output path");
+}
+
+}  // namespace
+
+void save_hf_model(const Model& model, const fs::path& dir, const fs::path& source) {
+  check_empty_target(dir);
+  const auto& c = model.config();
+  auto tensors = models::to_hf(c, parameters_of(model));
+  auto config = models::hf_config(c);
+  std::random_device rd;
+  fs::path tmp = dir;
+  tmp += ".tmp-" + std::to_string(rd());
+  try {
+    fs::create_directories(tmp);
+    io::write_safetensors_model(tmp, tensors, std::int64_t{5} << 30, {{"format", "pt"}});
+    io::write_atomically(tmp / "config.json",
+                         [&](std::ostream& o) { o << config.dump(2) << "\n"; });
+    if (!source.empty() && fs::is_directory(source))
+      for (const char* f :
+           {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+            "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json"})
+        if (fs::exists(source / f)) fs::copy_file(source / f, tmp / f);
+    if (fs::exists(dir)) fs::remove(dir);  // an empty folder
+    fs::rename(tmp, dir);
+  } catch (...) {
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+}
+
+void save_gguf_model(const Model& model, const fs::path& file, const fs::path& source) {
+  check_empty_target(file);
+  const auto& c = model.config();
+  auto tensors = models::to_gguf(c, parameters_of(model));
+  const std::string arch = c.architecture == "Qwen2ForCausalLM" ? "qwen2" : "llama";
+  std::vector<std::pair<std::string, io::GgufValue>> meta = {
+      {"general.architecture", io::gguf_string(arch)},
+      {arch + ".context_length", io::gguf_int(c.max_positions)},
+      {arch + ".embedding_length", io::gguf_int(c.hidden_size)},
+      {arch + ".block_count", io::gguf_int(c.num_layers)},
+      {arch + ".feed_forward_length", io::gguf_int(c.intermediate_size)},
+      {arch + ".attention.head_count", io::gguf_int(c.num_heads)},
+      {arch + ".attention.head_count_kv", io::gguf_int(c.num_kv_heads)},
+      {arch + ".attention.layer_norm_rms_epsilon", io::gguf_float(c.norm_eps)},
+      {arch + ".rope.freq_base", io::gguf_float(c.rope_theta)},
+      {arch + ".rope.dimension_count", io::gguf_int(c.head_dim)},
+  };
+  if (c.sliding_window > 0)
+    meta.push_back({arch + ".attention.sliding_window", io::gguf_int(c.sliding_window)});
+  if (!source.empty() && fs::is_regular_file(source) && source.extension() == ".gguf") {
+    io::GgufFile src(source);
+    for (const auto& [k, v] : src.metadata())
+      if (k.rfind("tokenizer.", 0) == 0 ||
+          (k.rfind("general.", 0) == 0 && k != "general.architecture" && k != "general.alignment" &&
+           k != "general.file_type"))
+        meta.emplace_back(k, v);
+  }
+  io::write_gguf(file, meta, tensors);
+}
+
+}  // namespace graft

@@ -1,0 +1,43 @@
+// The LoRA method, shared by its registration (method.cpp) and its foreign formats (peft.cpp).
+#pragma once
+
+#include <graft/method.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include "config.h"
+
+namespace graft::plugins::lora {
+
+class Lora : public HookMethod {
+ public:
+  explicit Lora(LoraConfig c) : c_(std::move(c)) {}
+  std::string name() const override { return "lora"; }
+  nlohmann::json config() const override { return c_.to_json(); }
+  void attach(Model& model) override;
+
+  const LoraConfig& settings() const { return c_; }
+  /// The (site, hook) pairs attached, in site order.
+  const std::vector<std::pair<std::string, std::shared_ptr<Hook>>>& hooks() const {
+    return hook_list();
+  }
+  /// s = alpha / r, or alpha / sqrt(r) with rslora.
+  double scaling(std::int64_t rank, double alpha) const {
+    return c_.rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / rank;
+  }
+
+ private:
+  LoraConfig c_;
+};
+
+// Hugging Face peft's format: adapter_config.json (peft_type "LORA") and
+// adapter_model.safetensors with peft's module names for each family.
+bool detect_peft(const std::filesystem::path& dir);
+std::unique_ptr<Method> read_peft(const std::filesystem::path& dir, Model& model);
+void write_peft(Method& method, const Model& model, const std::filesystem::path& dir);
+
+// llama.cpp's GGUF LoRA (write only).
+void write_gguf_lora(Method& method, const Model& model, const std::filesystem::path& file);
+
+}  // namespace graft::plugins::lora

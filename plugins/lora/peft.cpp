@@ -1,0 +1,283 @@
+// LoRA adapters in Hugging Face peft's format: adapter_config.json (peft_type "LORA", r,
+// lora_alpha, use_rslora, use_dora, rank_pattern, alpha_pattern, target_modules) and
+// adapter_model.safetensors with tensors named
+//   base_model.model.<module>.lora_A.weight  [r, in]
+//   base_model.model.<module>.lora_B.weight  [out, r]
+//   base_model.model.<module>.lora_magnitude_vector  [out]   (DoRA)
+// where <module> is the transformers module path of the site (model.layers.3.self_attn.q_proj,
+// transformer.h.3.attn.c_attn, bert.encoder.layer.3.attention.self.query, ...).
+//
+// GPT-2 keeps q, k and v in one module (c_attn, output [q; k; v]). Reading, its A is shared by the
+// three sites and its B split by rows. Writing, LoRA on some of q, k, v becomes one LoRA on c_attn
+// of rank r_q + r_k + r_v: A = [A_q; A_k; A_v] and B block-diagonal with each block already
+// scaled, so the fused module's own scaling is 1. Both are exact.
+#include <graft/io/file.h>
+#include <graft/io/safetensors.h>
+#include <graft/plugin.h>
+#include <torch/torch.h>
+
+#include <map>
+#include <set>
+#include <sstream>
+
+#include "layer.h"
+#include "lora.h"
+
+namespace graft::plugins::lora {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+const std::string kPrefix = "base_model.model.";
+
+// Where a site lives in transformers' module tree, and which rows of that module's output it
+// is (GPT-2's fused c_attn: q, k and v are thirds).
+struct PeftModule {
+  std::string path;                 // without kPrefix
+  std::int64_t row0 = 0, rows = 0;  // rows == 0: the whole output
+};
+
+PeftModule peft_module(const ModelConfig& c, const Site& site) {
+  const std::string L = std::to_string(site.layer);
+  const auto& p = site.point;
+  if (c.family == "llama") {
+    if (p == "head") return {"lm_head"};
+    static const std::map<std::string, std::string> m = {
+        {"attn.q", "self_attn.q_proj"}, {"attn.k", "self_attn.k_proj"},
+        {"attn.v", "self_attn.v_proj"}, {"attn.o", "self_attn.o_proj"},
+        {"ffn.gate", "mlp.gate_proj"},  {"ffn.up", "mlp.up_proj"},
+        {"ffn.down", "mlp.down_proj"}};
+    return {"model.layers." + L + "." + m.at(p)};
+  }
+  if (c.family == "gpt2") {
+    if (p == "head") return {"lm_head"};
+    const std::string h = "transformer.h." + L + ".";
+    const auto d = c.hidden_size;
+    if (p == "attn.q") return {h + "attn.c_attn", 0, d};
+    if (p == "attn.k") return {h + "attn.c_attn", d, d};
+    if (p == "attn.v") return {h + "attn.c_attn", 2 * d, d};
+    if (p == "attn.o") return {h + "attn.c_proj"};
+    if (p == "ffn.up") return {h + "mlp.c_fc"};
+    return {h + "mlp.c_proj"};
+  }
+  // bert: the task models put the encoder under bert. or roberta.
+  const std::string base = c.classifier.empty() ? "" : (c.roberta_positions ? "roberta." : "bert.");
+  if (p == "head") return {c.classifier == "roberta" ? "classifier.out_proj" : "classifier"};
+  static const std::map<std::string, std::string> m = {
+      {"attn.q", "attention.self.query"}, {"attn.k", "attention.self.key"},
+      {"attn.v", "attention.self.value"}, {"attn.o", "attention.output.dense"},
+      {"ffn.up", "intermediate.dense"},   {"ffn.down", "output.dense"}};
+  return {base + "encoder.layer." + L + "." + m.at(p)};
+}
+
+std::string short_name(const std::string& module) { return module.substr(module.rfind('.') + 1); }
+
+json read_config(const fs::path& dir) {
+  const auto path = dir / "adapter_config.json";
+  try {
+    return json::parse(io::read_text_file(path));
+  } catch (const json::exception& e) {
+    throw FileError(path.string(), std::string("malformed JSON: ") + e.what());
+  }
+}
+
+// peft matches rank_pattern/alpha_pattern keys as regular expressions anchored at the end of the
+// module name after a dot; graft supports keys that are plain module names or name suffixes.
+template <typename T>
+bool pattern_value(const json& patterns, const std::string& module, T* out) {
+  if (!patterns.is_object()) return false;
+  for (const auto& [key, v] : patterns.items())
+    if (module == key || (module.size() > key.size() &&
+                          module.compare(module.size() - key.size(), key.size(), key) == 0 &&
+                          module[module.size() - key.size() - 1] == '.')) {
+      *out = v.template get<T>();
+      return true;
+    }
+  return false;
+}
+
+std::string fmt(double v) {
+  std::ostringstream os;
+  os.precision(17);
+  os << v;
+  return os.str();
+}
+
+}  // namespace
+
+bool detect_peft(const fs::path& dir) {
+  if (!fs::exists(dir / "adapter_config.json") || !fs::exists(dir / "adapter_model.safetensors"))
+    return false;
+  try {
+    return read_config(dir).value("peft_type", "") == "LORA";
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
+  const auto cfg_path = (dir / "adapter_config.json").string();
+  const auto tensors_path = (dir / "adapter_model.safetensors").string();
+  const json cfg = read_config(dir);
+  const auto tensors = io::read_safetensors(tensors_path).tensors;
+  const auto& c = model.config();
+
+  // Every linear site by its peft module.
+  std::map<std::string, std::vector<std::pair<Site, PeftModule>>> by_module;
+  for (const auto& s : model.sites())
+    if (Model::is_linear_point(s.point)) {
+      auto m = peft_module(c, s);
+      by_module[m.path].emplace_back(s, m);
+    }
+
+  const bool rslora = cfg.value("use_rslora", false);
+  const bool dora = cfg.value("use_dora", false);
+  const double base_alpha = cfg.value("lora_alpha", 8.0);
+  const auto base_r = cfg.value("r", 8);
+  auto settings = Params::map("", Source{cfg_path, 0, 0});
+  auto scalar = [&](const std::string& key, const std::string& v) {
+    return Params::scalar(v, key, Source{cfg_path, 0, 0});
+  };
+  settings.set("r", scalar("r", std::to_string(base_r)));
+  settings.set("alpha", scalar("lora_alpha", fmt(base_alpha)));
+  settings.set("rslora", scalar("use_rslora", rslora ? "true" : "false"));
+  settings.set("dora", scalar("use_dora", dora ? "true" : "false"));
+  auto targets = Params::list("target_modules", Source{cfg_path, 0, 0});
+  auto ranks = Params::map("rank_pattern", Source{cfg_path, 0, 0});
+  auto alphas = Params::map("alpha_pattern", Source{cfg_path, 0, 0});
+  io::TensorMap state;
+  const std::string suffix_a = ".lora_A.weight";
+  for (const auto& [key, a] : tensors) {
+    if (key.size() <= suffix_a.size() ||
+        key.compare(key.size() - suffix_a.size(), suffix_a.size(), suffix_a) != 0)
+      continue;
+    std::string module = key.substr(0, key.size() - suffix_a.size());
+    if (module.rfind(kPrefix, 0) == 0) module = module.substr(kPrefix.size());
+    auto it = by_module.find(module);
+    if (it == by_module.end())
+      throw FileError(tensors_path, "LoRA on module '" + module + "', which this " + c.family +
+                                        " model does not have (an adapter for another model?)");
+    const std::string prefix = key.substr(0, key.size() - suffix_a.size());
+    auto b_it = tensors.find(prefix + ".lora_B.weight");
+    if (b_it == tensors.end())
+      throw FileError(tensors_path, "missing '" + prefix + ".lora_B.weight'");
+    const auto& b = b_it->second;
+    at::Tensor magnitude;
+    for (const auto& name :
+         {prefix + ".lora_magnitude_vector", prefix + ".lora_magnitude_vector.weight"})
+      if (tensors.count(name)) magnitude = tensors.at(name);
+    if (dora && !magnitude.defined())
+      throw FileError(tensors_path,
+                      "use_dora is set but '" + prefix + "' has no lora_magnitude_vector");
+    const auto r = a.size(0);
+    double alpha = base_alpha;
+    pattern_value(cfg.value("alpha_pattern", json::object()), module, &alpha);
+    for (const auto& [site, where] : it->second) {
+      const auto rows = where.rows ? where.rows : b.size(0);
+      if (b.dim() != 2 || b.size(1) != r || where.row0 + rows > b.size(0) ||
+          a.size(1) != site.in_features)
+        throw FileError(tensors_path, "'" + prefix + "': lora_A " + c10::str(a.sizes()) +
+                                          " and lora_B " + c10::str(b.sizes()) +
+                                          " do not fit site " + site.name + " (" +
+                                          std::to_string(site.in_features) + " -> " +
+                                          std::to_string(site.out_features) + ")");
+      targets.add(scalar("target_modules", site.name));
+      ranks.set(site.name, scalar("rank_pattern", std::to_string(r)));
+      alphas.set(site.name, scalar("alpha_pattern", fmt(alpha)));
+      state[site.name + ".lora_A"] = a;
+      state[site.name + ".lora_B"] = b.narrow(0, where.row0, rows).contiguous();
+      if (dora)
+        state[site.name + ".lora_magnitude"] = magnitude.narrow(0, where.row0, rows).contiguous();
+    }
+  }
+  if (targets.items().empty()) throw FileError(tensors_path, "holds no lora_A tensors");
+  settings.set("targets", targets);
+  settings.set("rank_pattern", ranks);
+  settings.set("alpha_pattern", alphas);
+  auto method = std::make_unique<Lora>(LoraConfig::from_params(settings));
+  method->attach(model);
+  method->load_state(state, tensors_path);
+  return method;
+}
+
+void write_peft(Method& method, const Model& model, const fs::path& dir) {
+  auto* lora = dynamic_cast<Lora*>(&method);
+  if (!lora) throw Error("peft format: not a LoRA method");
+  const auto& s = lora->settings();
+  const auto& c = model.config();
+  io::TensorMap out;
+  json rank_pattern = json::object(), alpha_pattern = json::object();
+  std::set<std::string> short_names;
+  // GPT-2's fused q/k/v, gathered per c_attn module: (row offset, A, scaled B).
+  std::map<std::string, std::vector<std::tuple<std::int64_t, at::Tensor, at::Tensor>>> fused;
+  for (const auto& [site_name, hook] : lora->hooks()) {
+    const Site* site = model.find_site(site_name);
+    const auto where = peft_module(c, *site);
+    const std::string prefix = kPrefix + where.path;
+    at::Tensor a, b, magnitude;
+    double scaling = 0;
+    if (auto d = std::dynamic_pointer_cast<LoraDelta>(hook)) {
+      a = d->A.detach(), b = d->B.detach(), scaling = d->scaling;
+    } else if (auto t = std::dynamic_pointer_cast<DoraTransform>(hook)) {
+      a = t->A.detach(), b = t->B.detach(), scaling = t->scaling, magnitude = t->magnitude.detach();
+    }
+    short_names.insert(short_name(where.path));
+    if (where.rows) {
+      if (magnitude.defined())
+        throw Error(
+            "peft format: DoRA on gpt2's q, k or v cannot be written (peft fuses them in c_attn)");
+      fused[where.path].emplace_back(where.row0, a, b * scaling);
+      continue;
+    }
+    const auto r = a.size(0);
+    const double alpha = s.rslora ? scaling * std::sqrt(static_cast<double>(r)) : scaling * r;
+    out[prefix + ".lora_A.weight"] = a.contiguous();
+    out[prefix + ".lora_B.weight"] = b.contiguous();
+    if (magnitude.defined()) out[prefix + ".lora_magnitude_vector"] = magnitude.contiguous();
+    if (r != s.r) rank_pattern[where.path] = r;
+    if (std::abs(alpha - s.alpha) > 1e-12 * std::max(1.0, s.alpha))
+      alpha_pattern[where.path] = alpha;
+  }
+  for (const auto& [path, parts] : fused) {
+    std::int64_t rank = 0;
+    for (const auto& p : parts) rank += std::get<1>(p).size(0);
+    const auto in = std::get<1>(parts.front()).size(1);
+    auto a = torch::zeros({rank, in}), b = torch::zeros({3 * c.hidden_size, rank});
+    std::int64_t col = 0;
+    for (const auto& [row0, pa, pb] : parts) {
+      const auto r = pa.size(0);
+      a.narrow(0, col, r).copy_(pa);
+      b.narrow(0, row0, pb.size(0)).narrow(1, col, r).copy_(pb);
+      col += r;
+    }
+    out[kPrefix + path + ".lora_A.weight"] = a;
+    out[kPrefix + path + ".lora_B.weight"] = b;
+    rank_pattern[path] = rank;  // the blocks carry their scaling: the module's own is 1
+    alpha_pattern[path] =
+        s.rslora ? std::sqrt(static_cast<double>(rank)) : static_cast<double>(rank);
+  }
+  json cfg = {{"peft_type", "LORA"},
+              {"task_type", c.family == "bert" ? "SEQ_CLS" : "CAUSAL_LM"},
+              {"r", s.r},
+              {"lora_alpha", s.alpha},
+              {"lora_dropout", s.dropout},
+              {"use_rslora", s.rslora},
+              {"use_dora", s.dora},
+              {"target_modules", std::vector<std::string>(short_names.begin(), short_names.end())},
+              {"rank_pattern", rank_pattern},
+              {"alpha_pattern", alpha_pattern},
+              {"bias", "none"},
+              {"fan_in_fan_out", c.family == "gpt2"},
+              {"init_lora_weights", true},
+              {"inference_mode", true},
+              {"modules_to_save", nullptr},
+              {"base_model_name_or_path", nullptr},
+              {"revision", nullptr}};
+  fs::create_directories(dir);
+  io::write_safetensors(dir / "adapter_model.safetensors", out, {{"format", "pt"}});
+  io::write_atomically(dir / "adapter_config.json",
+                       [&](std::ostream& o) { o << cfg.dump(2) << "\n"; });
+}
+
+}  // namespace graft::plugins::lora

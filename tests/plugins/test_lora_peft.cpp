@@ -1,0 +1,143 @@
+// LoRA in Hugging Face peft's format: a folder written the way peft writes it loads with the
+// outputs peft's rules give (W + alpha/r B A, per-module rank and alpha patterns), and graft's
+// adapters written as peft read back to the same outputs, for every family.
+#include <graft/adapter.h>
+#include <graft/io/file.h>
+#include <graft/io/safetensors.h>
+#include <graft/plugin.h>
+#include <torch/torch.h>
+
+#include <nlohmann/json.hpp>
+
+#include "support.h"
+#include "tiny_models.h"
+
+using namespace graft;
+using graft::test::TempDir;
+using graft::test::tiny_model;
+
+namespace {
+
+at::Tensor out_of(Model& m) {
+  return graft::test::model_outputs(m, torch::tensor({{3, 7, 1, 9, 4}}, torch::kLong));
+}
+
+void require_lora() {
+  load_plugins();
+  bool found = false;
+  for (const auto& f : adapter_formats()) found |= f.name == "peft" && f.method == "lora";
+  REQUIRE_MESSAGE(found, "the lora plugin's peft format is not registered");
+}
+
+}  // namespace
+
+TEST_CASE("a peft LoRA folder loads with peft's scaling and rank patterns") {
+  require_lora();
+  TempDir dir;
+  auto model = tiny_model("llama", 2);
+  auto expected = tiny_model("llama", 2);  // merged by hand below
+  const auto& c = model->config();
+  torch::manual_seed(3);
+  io::TensorMap t;
+  auto params = expected->named_parameters();
+  torch::NoGradGuard ng;
+  for (int l = 0; l < c.num_layers; ++l) {
+    for (const std::string proj : {"q", "v"}) {
+      const std::string module =
+          "model.layers." + std::to_string(l) + ".self_attn." + proj + "_proj";
+      const bool patterned = l == 1 && proj == "v";
+      const std::int64_t r = patterned ? 3 : 2;
+      const double alpha = patterned ? 6.0 : 4.0;  // lora_alpha 4, alpha_pattern 6 on layer 1's v
+      auto& w = params["layers." + std::to_string(l) + ".attn." + proj + ".weight"];
+      auto a = torch::randn({r, w.size(1)}), b = torch::randn({w.size(0), r});
+      t["base_model.model." + module + ".lora_A.weight"] = a;
+      t["base_model.model." + module + ".lora_B.weight"] = b;
+      w.add_(torch::matmul(b, a) * (alpha / r));
+    }
+  }
+  io::write_safetensors(dir / "adapter_model.safetensors", t);
+  nlohmann::json cfg = {{"peft_type", "LORA"},
+                        {"r", 2},
+                        {"lora_alpha", 4},
+                        {"target_modules", {"q_proj", "v_proj"}},
+                        {"rank_pattern", {{"model.layers.1.self_attn.v_proj", 3}}},
+                        {"alpha_pattern", {{"layers.1.self_attn.v_proj", 6}}},
+                        {"use_rslora", false},
+                        {"task_type", "CAUSAL_LM"}};
+  io::write_atomically(dir / "adapter_config.json", [&](std::ostream& o) { o << cfg.dump(); });
+  auto methods = load_adapter(dir.path(), *model);
+  REQUIRE(methods.size() == 1);
+  CHECK(methods[0]->name() == "lora");
+  CHECK(torch::allclose(out_of(*model), out_of(*expected), 1e-4, 1e-5));
+
+  // A module the model lacks is named in the error.
+  t["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"] = torch::zeros({2, 16});
+  io::write_safetensors(dir / "adapter_model.safetensors", t);
+  auto fresh = tiny_model("llama", 2);
+  CHECK_THROWS_WITH_AS(load_adapter(dir.path(), *fresh),
+                       doctest::Contains("model.layers.9.self_attn.q_proj"), FileError);
+}
+
+TEST_CASE("graft LoRA adapters written as peft read back with the same outputs") {
+  require_lora();
+  struct Setting {
+    std::string family, targets;
+    bool rslora, dora;
+  };
+  for (const auto& s : std::vector<Setting>{{"llama", "attn.q,attn.v", false, false},
+                                            {"llama", "all-linear", true, true},
+                                            {"gpt2", "attn.q,attn.v,attn.o,ffn.up", false, false},
+                                            {"gpt2", "attn.k", true, false},
+                                            {"bert", "attn.q,attn.v,ffn.down", false, false},
+                                            {"bert", "attn.k,attn.o", false, true}}) {
+    CAPTURE(s.family);
+    CAPTURE(s.targets);
+    auto model = tiny_model(s.family, 5);
+    auto p = Params::map("m");
+    auto targets = Params::list("m.targets");
+    std::stringstream ss(s.targets);
+    for (std::string t; std::getline(ss, t, ',');) targets.add(Params::scalar(t));
+    p.set("targets", targets);
+    p.set("r", Params::scalar("3"));
+    p.set("alpha", Params::scalar("5"));
+    p.set("rslora", Params::scalar(s.rslora ? "true" : "false"));
+    p.set("dora", Params::scalar(s.dora ? "true" : "false"));
+    auto lora = make_method("lora", p);
+    lora->attach(*model);
+    {
+      torch::NoGradGuard ng;
+      for (auto& [name, t] : lora->trainable_parameters()) t.add_(torch::randn_like(t) * 0.3);
+    }
+    const auto trained = out_of(*model);
+    TempDir dir;
+    save_adapter_as("peft", dir.path(), *model, *lora);
+    CHECK(std::filesystem::exists(dir / "adapter_model.safetensors"));
+    auto cfg = nlohmann::json::parse(io::read_text_file(dir / "adapter_config.json"));
+    CHECK(cfg["peft_type"] == "LORA");
+    CHECK(cfg["use_dora"] == s.dora);
+    auto names = io::read_safetensors(dir / "adapter_model.safetensors").tensors;
+    if (s.family == "gpt2")
+      CHECK(names.count("base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"));
+    if (s.family == "llama")
+      CHECK(names.count("base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"));
+    if (s.family == "bert")
+      CHECK(names.count("base_model.model.bert.encoder.layer.0.attention.self.key.lora_A.weight") ==
+            (s.targets.find("attn.k") != std::string::npos));
+
+    auto fresh = tiny_model(s.family, 5);
+    auto loaded = load_adapter(dir.path(), *fresh);
+    CHECK(torch::allclose(out_of(*fresh), trained, 1e-4, 1e-5));
+  }
+  auto gpt2 = tiny_model("gpt2");
+  auto p = Params::map("m");
+  p.set("dora", Params::scalar("true"));
+  auto dora = make_method("lora", p);
+  dora->attach(*gpt2);
+  TempDir dir;
+  CHECK_THROWS_WITH_AS(save_adapter_as("peft", dir.path(), *gpt2, *dora),
+                       doctest::Contains("DoRA on gpt2"), Error);
+  CHECK_THROWS_WITH_AS(
+      save_adapter_as("onnx", dir.path(), *gpt2, *dora),
+      doctest::Contains("cannot write the \"onnx\" adapter format (it writes: graft, peft, gguf)"),
+      Error);
+}

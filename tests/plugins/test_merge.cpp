@@ -1,0 +1,141 @@
+// Merged models written as Hugging Face folders and GGUF files load again with the outputs of the
+// unmerged adapter; LoRA adapters written for llama.cpp hold exactly the merged update.
+#include <graft/adapter.h>
+#include <graft/io/gguf.h>
+#include <graft/load.h>
+#include <graft/plugin.h>
+#include <torch/torch.h>
+
+#include "models/families.h"
+#include "support.h"
+#include "tiny_models.h"
+
+using namespace graft;
+using graft::test::TempDir;
+using graft::test::tiny_model;
+
+namespace {
+
+at::Tensor out_of(Model& m) {
+  return graft::test::model_outputs(
+      m, torch::tensor({{3, 7, 1, 9, 4}, {2, 2, 5, 6, 8}}, torch::kLong));
+}
+
+// A tiny llama model with the given RoPE pairing, frozen.
+std::shared_ptr<Model> llama_with(RopeStyle style, std::uint64_t seed) {
+  auto config = graft::test::tiny_config("llama");
+  config.rope_style = style;
+  config.architecture = "LlamaForCausalLM";
+  auto model = make_model(config);
+  init_random(*model, seed, 0.3);
+  model->eval();
+  for (auto& p : model->parameters()) p.set_requires_grad(false);
+  return model;
+}
+
+std::unique_ptr<Method> random_lora(Model& m, const std::string& targets) {
+  auto p = Params::map("m");
+  auto list = Params::list("m.targets");
+  list.add(Params::scalar(targets));
+  p.set("targets", list);
+  p.set("r", Params::scalar("2"));
+  p.set("alpha", Params::scalar("3"));
+  auto lora = make_method("lora", p);
+  lora->attach(m);
+  torch::NoGradGuard ng;
+  for (auto& [name, t] : lora->trainable_parameters()) t.add_(torch::randn_like(t) * 0.3);
+  return lora;
+}
+
+}  // namespace
+
+TEST_CASE("merged models round-trip through Hugging Face folders and GGUF files") {
+  load_plugins();
+  for (const std::string family : {"llama", "gpt2", "bert"}) {
+    CAPTURE(family);
+    TempDir dir;
+    auto base = tiny_model(family, 7);
+    // The base model itself saves and loads unchanged.
+    save_hf_model(*base, dir / "base");
+    auto reloaded = load_model((dir / "base").string());
+    CHECK(torch::allclose(out_of(*reloaded.model), out_of(*base), 1e-5, 1e-6));
+
+    auto lora = random_lora(*base, "all-linear");
+    const auto with_adapter = out_of(*base);
+    lora->merge(*base);
+    save_hf_model(*base, dir / "merged");
+    auto merged = load_model((dir / "merged").string());
+    CHECK(torch::allclose(out_of(*merged.model), with_adapter, 1e-4, 1e-5));
+    CHECK_THROWS_WITH_AS(save_hf_model(*base, dir / "merged"), doctest::Contains("already exists"),
+                         FileError);
+  }
+  for (const auto style : {RopeStyle::interleaved, RopeStyle::half_split}) {
+    CAPTURE(static_cast<int>(style));
+    TempDir dir;
+    auto model = llama_with(style, 8);
+    auto lora = random_lora(*model, "all-linear");
+    const auto with_adapter = out_of(*model);
+    lora->merge(*model);
+    save_gguf_model(*model, dir / "m.gguf");
+    auto gguf = load_model((dir / "m.gguf").string());
+    CHECK(gguf.model->config().rope_style == RopeStyle::interleaved);
+    CHECK(torch::allclose(out_of(*gguf.model), with_adapter, 1e-4, 1e-5));
+    // And from the GGUF model to a Hugging Face folder (q/k rows back to half-split order).
+    save_hf_model(*gguf.model, dir / "hf");
+    auto hf = load_model((dir / "hf").string());
+    CHECK(torch::allclose(out_of(*hf.model), with_adapter, 1e-4, 1e-5));
+  }
+}
+
+TEST_CASE("LoRA written for llama.cpp holds W + alpha/r B A in llama.cpp's tensor order") {
+  load_plugins();
+  for (const auto style : {RopeStyle::interleaved, RopeStyle::half_split}) {
+    CAPTURE(static_cast<int>(style));
+    TempDir dir;
+    auto model = llama_with(style, 9);
+    const auto& config = model->config();
+    auto p = Params::map("m");
+    auto list = Params::list("m.targets");
+    list.add(Params::scalar("attn.q"));
+    list.add(Params::scalar("attn.k"));
+    list.add(Params::scalar("ffn.down"));
+    p.set("targets", list);
+    p.set("r", Params::scalar("2"));
+    p.set("alpha", Params::scalar("3"));
+    p.set("rslora", Params::scalar("true"));
+    auto rank = Params::map("m.rank_pattern");
+    rank.set("ffn.down", Params::scalar("4"));
+    p.set("rank_pattern", rank);
+    auto lora = make_method("lora", p);
+    lora->attach(*model);
+    {
+      torch::NoGradGuard ng;
+      for (auto& [name, t] : lora->trainable_parameters()) t.add_(torch::randn_like(t) * 0.3);
+    }
+    auto base = models::to_gguf(model->config(), [&] {
+      io::TensorMap t;
+      for (const auto& q : model->named_parameters()) t[q.key()] = q.value().detach().clone();
+      return t;
+    }());
+    save_adapter_as("gguf", dir / "lora.gguf", *model, *lora);
+    lora->merge(*model);
+    io::TensorMap merged_params;
+    for (const auto& q : model->named_parameters()) merged_params[q.key()] = q.value().detach();
+    auto merged = models::to_gguf(model->config(), merged_params);
+
+    io::GgufFile f(dir / "lora.gguf");
+    CHECK(f.at("general.type").as_string("") == "adapter");
+    CHECK(f.at("adapter.type").as_string("") == "lora");
+    const double alpha = f.at("adapter.lora.alpha").as_double("");
+    int pairs = 0;
+    for (const auto& info : f.tensors()) {
+      if (info.name.size() < 7 || info.name.substr(info.name.size() - 7) != ".lora_a") continue;
+      const auto target = info.name.substr(0, info.name.size() - 7);
+      auto a = f.load(info), b = f.load(target + ".lora_b");
+      auto expected = base.at(target) + torch::matmul(b, a) * (alpha / a.size(0));
+      CHECK_MESSAGE(torch::allclose(expected, merged.at(target), 1e-5, 1e-6), target);
+      ++pairs;
+    }
+    CHECK(pairs == 3 * config.num_layers);
+  }
+}
