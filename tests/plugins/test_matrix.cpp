@@ -168,6 +168,9 @@ TEST_CASE("method matrix") {
         CHECK_MESSAGE(t.requires_grad(), name);
       }
       CHECK(n == c.trainable(model->config()));
+      const auto summary = trainable_summary(*model, {method.get()});
+      CHECK_MESSAGE(summary.rfind("trainable params: ", 0) == 0, summary);
+      CHECK_MESSAGE(summary.find(" || all params: ") != std::string::npos, summary);
 
       // 2. a no-op at initialisation
       if (c.noop_at_init) CHECK(torch::allclose(outputs(*model), base_out, 1e-5, 1e-6));
