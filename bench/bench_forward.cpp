@@ -108,6 +108,8 @@ int main(int argc, char** argv) {
       repeat = static_cast<int>(next("--repeat"));
     else if (a == "--matmul-only")
       matmul_only = true;
+    else if (a == "--hooks")
+      hooks = true;
     else {
       std::fprintf(stderr, "graft_bench: unknown option %s\n", a.c_str());
       return 2;
