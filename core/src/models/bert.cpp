@@ -10,35 +10,12 @@
 namespace graft::models {
 namespace {
 
-class BertAttentionImpl : public torch::nn::Module {
- public:
-  explicit BertAttentionImpl(const ModelConfig& c) {
-    const auto d = c.hidden_size;
-    q = register_module("q", Linear(d, d, true));
-    k = register_module("k", Linear(d, d, true));
-    v = register_module("v", Linear(d, d, true));
-    o = register_module("o", Linear(d, d, true));
-  }
-  Linear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr};
-};
-TORCH_MODULE(BertAttention);
-
-class BertFfnImpl : public torch::nn::Module {
- public:
-  explicit BertFfnImpl(const ModelConfig& c) {
-    up = register_module("up", Linear(c.hidden_size, c.intermediate_size, true));
-    down = register_module("down", Linear(c.intermediate_size, c.hidden_size, true));
-  }
-  Linear up{nullptr}, down{nullptr};
-};
-TORCH_MODULE(BertFfn);
-
 class BertLayerImpl : public torch::nn::Module {
  public:
   explicit BertLayerImpl(const ModelConfig& c) : c_(c) {
-    attn = register_module("attn", BertAttention(c));
+    attn = register_module("attn", Attention(c, true, true));
     attn_norm = register_module("attn_norm", Norm(c.hidden_size, c.norm_eps, true));
-    ffn = register_module("ffn", BertFfn(c));
+    ffn = register_module("ffn", Ffn(c, false, true));
     ffn_norm = register_module("ffn_norm", Norm(c.hidden_size, c.norm_eps, true));
   }
   at::Tensor forward(at::Tensor x, const at::Tensor& key_mask, std::int64_t layer) {
@@ -54,9 +31,9 @@ class BertLayerImpl : public torch::nn::Module {
     return ffn_norm(x + tap(taps.ffn_out, ffn->down(act), h));
   }
   LayerTaps taps;
-  BertAttention attn{nullptr};
+  Attention attn{nullptr};
   Norm attn_norm{nullptr}, ffn_norm{nullptr};
-  BertFfn ffn{nullptr};
+  Ffn ffn{nullptr};
 
  private:
   ModelConfig c_;
@@ -84,12 +61,9 @@ class Bert : public Model {
     for (std::int64_t i = 0; i < cfg.num_layers; ++i)
       for (auto& s : layer_sites(cfg, i, false, true)) add_site(std::move(s));
     if (head) add_site({"head", "head", -1, d, cfg.num_labels});
-    for (std::int64_t i = 0; i < cfg.num_layers; ++i) {
-      const std::string p = "layers." + std::to_string(i) + ".";
-      layers->ptr<BertLayerImpl>(i)->taps = {site_hooks(p + "attn.in"),  site_hooks(p + "attn.kv"),
-                                             site_hooks(p + "attn.out"), site_hooks(p + "ffn.in"),
-                                             site_hooks(p + "ffn.act"),  site_hooks(p + "ffn.out")};
-    }
+    for (std::int64_t i = 0; i < cfg.num_layers; ++i)
+      layers->ptr<BertLayerImpl>(i)->taps =
+          layer_taps([this](const std::string& n) { return site_hooks(n); }, i);
     connect_sites();
   }
 

@@ -218,6 +218,27 @@ nlohmann::json ModelConfig::to_json() const {
 
 namespace graft::models {
 
+LayerTaps layer_taps(const std::function<SiteHooks*(const std::string&)>& hooks,
+                     std::int64_t layer) {
+  const std::string p = "layers." + std::to_string(layer) + ".";
+  return {hooks(p + "attn.in"), hooks(p + "attn.kv"), hooks(p + "attn.out"),
+          hooks(p + "ffn.in"),  hooks(p + "ffn.act"), hooks(p + "ffn.out")};
+}
+
+AttentionImpl::AttentionImpl(const ModelConfig& c, bool qkv_bias, bool o_bias) {
+  const auto d = c.hidden_size, hd = c.head_dim;
+  q = register_module("q", Linear(d, c.num_heads * hd, qkv_bias));
+  k = register_module("k", Linear(d, c.num_kv_heads * hd, qkv_bias));
+  v = register_module("v", Linear(d, c.num_kv_heads * hd, qkv_bias));
+  o = register_module("o", Linear(c.num_heads * hd, d, o_bias));
+}
+
+FfnImpl::FfnImpl(const ModelConfig& c, bool gated, bool bias) {
+  if (gated) gate = register_module("gate", Linear(c.hidden_size, c.intermediate_size, bias));
+  up = register_module("up", Linear(c.hidden_size, c.intermediate_size, bias));
+  down = register_module("down", Linear(c.intermediate_size, c.hidden_size, bias));
+}
+
 NormImpl::NormImpl(std::int64_t width, double eps_, bool layer_norm_)
     : eps(eps_), layer_norm(layer_norm_) {
   weight = register_parameter("weight", torch::ones({width}));

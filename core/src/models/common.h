@@ -6,6 +6,7 @@
 #include <graft/model.h>
 #include <torch/torch.h>
 
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -83,6 +84,27 @@ struct LayerTaps {
   SiteHooks *attn_in = nullptr, *attn_kv = nullptr, *attn_out = nullptr;
   SiteHooks *ffn_in = nullptr, *ffn_act = nullptr, *ffn_out = nullptr;
 };
+
+/// The taps of layer `layer`, looked up by site name through `hooks`.
+LayerTaps layer_taps(const std::function<SiteHooks*(const std::string&)>& hooks,
+                     std::int64_t layer);
+
+/// The attention projections every family has: q, k, v ([d] -> heads or kv heads x head_dim)
+/// and o, as graft::Linear sites.
+class AttentionImpl : public torch::nn::Module {
+ public:
+  AttentionImpl(const ModelConfig& c, bool qkv_bias, bool o_bias);
+  Linear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr};
+};
+TORCH_MODULE(Attention);
+
+/// The feed-forward projections: up and down, and gate when `gated` (SwiGLU).
+class FfnImpl : public torch::nn::Module {
+ public:
+  FfnImpl(const ModelConfig& c, bool gated, bool bias);
+  Linear gate{nullptr}, up{nullptr}, down{nullptr};
+};
+TORCH_MODULE(Ffn);
 
 /// Activation by Hugging Face name: silu, gelu (erf), gelu_new / gelu_pytorch_tanh (tanh), relu.
 at::Tensor activate(const at::Tensor& x, const std::string& name);

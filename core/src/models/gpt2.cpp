@@ -8,36 +8,13 @@
 namespace graft::models {
 namespace {
 
-class Gpt2AttentionImpl : public torch::nn::Module {
- public:
-  explicit Gpt2AttentionImpl(const ModelConfig& c) {
-    const auto d = c.hidden_size;
-    q = register_module("q", Linear(d, d, true));
-    k = register_module("k", Linear(d, d, true));
-    v = register_module("v", Linear(d, d, true));
-    o = register_module("o", Linear(d, d, true));
-  }
-  Linear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr};
-};
-TORCH_MODULE(Gpt2Attention);
-
-class Gpt2FfnImpl : public torch::nn::Module {
- public:
-  explicit Gpt2FfnImpl(const ModelConfig& c) {
-    up = register_module("up", Linear(c.hidden_size, c.intermediate_size, true));
-    down = register_module("down", Linear(c.intermediate_size, c.hidden_size, true));
-  }
-  Linear up{nullptr}, down{nullptr};
-};
-TORCH_MODULE(Gpt2Ffn);
-
 class Gpt2LayerImpl : public torch::nn::Module {
  public:
   explicit Gpt2LayerImpl(const ModelConfig& c) : c_(c) {
     attn_norm = register_module("attn_norm", Norm(c.hidden_size, c.norm_eps, true));
-    attn = register_module("attn", Gpt2Attention(c));
+    attn = register_module("attn", Attention(c, true, true));
     ffn_norm = register_module("ffn_norm", Norm(c.hidden_size, c.norm_eps, true));
-    ffn = register_module("ffn", Gpt2Ffn(c));
+    ffn = register_module("ffn", Ffn(c, false, true));
   }
   at::Tensor forward(at::Tensor x, const at::Tensor& key_mask, KVCache* cache, std::int64_t layer) {
     auto h = tap(taps.attn_in, attn_norm(x), x);
@@ -52,8 +29,8 @@ class Gpt2LayerImpl : public torch::nn::Module {
   }
   LayerTaps taps;
   Norm attn_norm{nullptr}, ffn_norm{nullptr};
-  Gpt2Attention attn{nullptr};
-  Gpt2Ffn ffn{nullptr};
+  Attention attn{nullptr};
+  Ffn ffn{nullptr};
 
  private:
   ModelConfig c_;
@@ -78,12 +55,9 @@ class Gpt2 : public Model {
       for (auto& s : layer_sites(cfg, i, false, true)) add_site(std::move(s));
     add_site({"norm", "norm.final", -1, cfg.hidden_size, cfg.hidden_size});
     add_site({"head", "head", -1, cfg.hidden_size, cfg.vocab_size});
-    for (std::int64_t i = 0; i < cfg.num_layers; ++i) {
-      const std::string p = "layers." + std::to_string(i) + ".";
-      layers->ptr<Gpt2LayerImpl>(i)->taps = {site_hooks(p + "attn.in"),  site_hooks(p + "attn.kv"),
-                                             site_hooks(p + "attn.out"), site_hooks(p + "ffn.in"),
-                                             site_hooks(p + "ffn.act"),  site_hooks(p + "ffn.out")};
-    }
+    for (std::int64_t i = 0; i < cfg.num_layers; ++i)
+      layers->ptr<Gpt2LayerImpl>(i)->taps =
+          layer_taps([this](const std::string& n) { return site_hooks(n); }, i);
     connect_sites();
   }
 

@@ -8,37 +8,13 @@
 namespace graft::models {
 namespace {
 
-class LlamaAttentionImpl : public torch::nn::Module {
- public:
-  explicit LlamaAttentionImpl(const ModelConfig& c) {
-    const auto d = c.hidden_size, hd = c.head_dim;
-    q = register_module("q", Linear(d, c.num_heads * hd, c.attention_bias));
-    k = register_module("k", Linear(d, c.num_kv_heads * hd, c.attention_bias));
-    v = register_module("v", Linear(d, c.num_kv_heads * hd, c.attention_bias));
-    o = register_module("o", Linear(c.num_heads * hd, d, false));
-  }
-  Linear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr};
-};
-TORCH_MODULE(LlamaAttention);
-
-class LlamaFfnImpl : public torch::nn::Module {
- public:
-  explicit LlamaFfnImpl(const ModelConfig& c) {
-    gate = register_module("gate", Linear(c.hidden_size, c.intermediate_size, false));
-    up = register_module("up", Linear(c.hidden_size, c.intermediate_size, false));
-    down = register_module("down", Linear(c.intermediate_size, c.hidden_size, false));
-  }
-  Linear gate{nullptr}, up{nullptr}, down{nullptr};
-};
-TORCH_MODULE(LlamaFfn);
-
 class LlamaLayerImpl : public torch::nn::Module {
  public:
   explicit LlamaLayerImpl(const ModelConfig& c) : c_(c) {
     attn_norm = register_module("attn_norm", Norm(c.hidden_size, c.norm_eps, false));
-    attn = register_module("attn", LlamaAttention(c));
+    attn = register_module("attn", Attention(c, c.attention_bias, false));
     ffn_norm = register_module("ffn_norm", Norm(c.hidden_size, c.norm_eps, false));
-    ffn = register_module("ffn", LlamaFfn(c));
+    ffn = register_module("ffn", Ffn(c, true, false));
   }
 
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
@@ -60,8 +36,8 @@ class LlamaLayerImpl : public torch::nn::Module {
   LayerTaps taps;
 
   Norm attn_norm{nullptr}, ffn_norm{nullptr};
-  LlamaAttention attn{nullptr};
-  LlamaFfn ffn{nullptr};
+  Attention attn{nullptr};
+  Ffn ffn{nullptr};
 
  private:
   ModelConfig c_;
@@ -85,12 +61,9 @@ class Llama : public Model {
       for (auto& s : layer_sites(cfg, i, true, cfg.attention_bias)) add_site(std::move(s));
     add_site({"norm", "norm.final", -1, cfg.hidden_size, cfg.hidden_size});
     add_site({"head", "head", -1, cfg.hidden_size, cfg.vocab_size});
-    for (std::int64_t i = 0; i < cfg.num_layers; ++i) {
-      const std::string p = "layers." + std::to_string(i) + ".";
-      layers->ptr<LlamaLayerImpl>(i)->taps = {
-          site_hooks(p + "attn.in"), site_hooks(p + "attn.kv"), site_hooks(p + "attn.out"),
-          site_hooks(p + "ffn.in"),  site_hooks(p + "ffn.act"), site_hooks(p + "ffn.out")};
-    }
+    for (std::int64_t i = 0; i < cfg.num_layers; ++i)
+      layers->ptr<LlamaLayerImpl>(i)->taps =
+          layer_taps([this](const std::string& n) { return site_hooks(n); }, i);
     connect_sites();
   }
 
