@@ -380,6 +380,19 @@ LayerKeys layer_keys(SiteHooks* kv, at::Tensor k, at::Tensor v, const at::Tensor
   return {keys, values, mask};
 }
 
+DecoderInputs decoder_inputs(at::Tensor embeddings, const ForwardInput& in, SiteHooks* embed_site,
+                             const KVCache* cache) {
+  DecoderInputs d;
+  d.x = std::move(embeddings);
+  auto mask = token_mask(in.input_ids, in.attention_mask);
+  d.prompt = add_prompts(embed_site, d.x, mask, cache);
+  d.key_mask = full_key_mask(mask, cache);
+  d.positions = in.position_ids.defined() && d.prompt == 0
+                    ? in.position_ids
+                    : positions_from_mask(d.key_mask, d.x.size(1));
+  return d;
+}
+
 std::int64_t add_prompts(SiteHooks* embed, at::Tensor& x, at::Tensor& mask, const KVCache* cache) {
   if (!embed || !embed->active || embed->embeddings.empty() || (cache && cache->length() > 0))
     return 0;

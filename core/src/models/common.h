@@ -72,6 +72,16 @@ LayerKeys layer_keys(SiteHooks* kv, at::Tensor k, at::Tensor v, const at::Tensor
 /// on the first pass (no cache, or an empty one). Returns how many positions were prepended.
 std::int64_t add_prompts(SiteHooks* embed, at::Tensor& x, at::Tensor& mask, const KVCache* cache);
 
+/// The start of a causal decoder's forward: the token embeddings with the embed site's prompt
+/// vectors in front (first pass only), the key mask over cached and new positions, and each new
+/// position's index (from the mask, or in.position_ids when given and no prompt was added).
+struct DecoderInputs {
+  at::Tensor x, key_mask, positions;
+  std::int64_t prompt = 0;  ///< prompt positions prepended; drop them from the outputs
+};
+DecoderInputs decoder_inputs(at::Tensor embeddings, const ForwardInput& in, SiteHooks* embed_site,
+                             const KVCache* cache);
+
 /// Runs a sublayer site's transforms on `out`, reading the sublayer input `in`.
 inline at::Tensor tap(SiteHooks* site, at::Tensor out, const at::Tensor& in) {
   if (!site || !site->active) return out;

@@ -64,13 +64,8 @@ class Gpt2 : public Model {
   bool causal() const override { return true; }
 
   ForwardOutput forward(const ForwardInput& in, KVCache* cache) override {
-    auto x = embed(in.input_ids);
-    auto mask = token_mask(in.input_ids, in.attention_mask);
-    const auto prompt = add_prompts(embed_site_, x, mask, cache);
-    const auto seq = x.size(1);
-    auto key_mask = full_key_mask(mask, cache);
-    auto positions = in.position_ids.defined() && prompt == 0 ? in.position_ids
-                                                              : positions_from_mask(key_mask, seq);
+    auto [x, key_mask, positions, prompt] =
+        decoder_inputs(embed(in.input_ids), in, embed_site_, cache);
     TORCH_CHECK(positions.max().item<std::int64_t>() < config_.max_positions, "gpt2: position ",
                 positions.max().item<std::int64_t>(), " is beyond the model's ",
                 config_.max_positions, " learned positions");

@@ -70,13 +70,8 @@ class Llama : public Model {
   bool causal() const override { return true; }
 
   ForwardOutput forward(const ForwardInput& in, KVCache* cache) override {
-    auto x = embed(in.input_ids);
-    auto mask = token_mask(in.input_ids, in.attention_mask);
-    const auto prompt = add_prompts(embed_site_, x, mask, cache);
-    const auto seq = x.size(1);
-    auto key_mask = full_key_mask(mask, cache);
-    auto positions = in.position_ids.defined() && prompt == 0 ? in.position_ids
-                                                              : positions_from_mask(key_mask, seq);
+    auto [x, key_mask, positions, prompt] =
+        decoder_inputs(embed(in.input_ids), in, embed_site_, cache);
     auto [cos, sin] = rope_tables(positions, config_.head_dim, config_.rope_theta);
     for (std::size_t i = 0; i < layers->size(); ++i)
       x = layers->ptr<LlamaLayerImpl>(i)->forward(x, cos, sin, key_mask, cache, i);
