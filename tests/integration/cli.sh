@@ -31,6 +31,12 @@ check "model not found" 1 "model 'nope' not found: looked for" -- "$graft" gener
 printf 'GGUF\x03\x00\x00\x00' >"$work/trunc.gguf"
 check "truncated file" 1 "trunc.gguf: truncated while reading" -- "$graft" inspect "$work/trunc.gguf"
 check "version" 0 "graft [0-9]+\.[0-9]+\.[0-9]+ \(libtorch" -- "$graft" version
+check "methods" 0 "^lora +1\.0\.0 +yes" -- "$graft" methods
+broken=$(dirname "$graft")/broken-plugins
+check "methods with broken plugins" 0 "libgraft_abi.so: plugin ABI version 999" -- \
+  "$graft" methods --plugin-dir "$broken"
+check "good plugins still listed" 0 "^full +1\.0\.0" -- "$graft" methods --plugin-dir "$broken"
+check "bad plugin dir" 2 "--plugin-dir /nonexistent: not a folder" -- "$graft" methods --plugin-dir /nonexistent
 
 if [[ ! -f $model ]]; then
   echo "SKIPPED: $model is absent; the real-model checks did not run"
