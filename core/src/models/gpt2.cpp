@@ -175,7 +175,7 @@ io::TensorMap gpt2_from_hf(const ModelConfig& c, const io::TensorMap& checkpoint
   return out;
 }
 
-io::TensorMap gpt2_to_hf(const ModelConfig& c, const io::TensorMap& t) {
+io::TensorMap gpt2_to_hf(const ModelConfig&, const io::TensorMap& t) {
   io::TensorMap fused;
   for (const auto& [name, w] : t) {
     for (const std::string part : {".attn.q.", ".attn.k.", ".attn.v."}) {
@@ -191,7 +191,6 @@ io::TensorMap gpt2_to_hf(const ModelConfig& c, const io::TensorMap& t) {
         name.find(".attn.v.") == std::string::npos)
       fused[name] = w;
   }
-  (void)c;
   io::TensorMap out;
   for (auto& [name, w] : rename_from_graft(fused, kHfRules)) {
     // graft::Linear's [out, in] back to Conv1D's [in, out].
