@@ -35,7 +35,8 @@ DoraTransform::DoraTransform(const LinearImpl& site, std::int64_t r, double scal
   A = register_parameter("lora_A", torch::empty({r, site.in_features}));
   B = register_parameter("lora_B", torch::zeros({site.out_features, r}));
   init_a(A, gaussian);
-  auto norms = site.weight.detach().to(torch::kFloat).norm(2, 1);
+  // The weight the site uses: a quantised base (QDoRA) starts from its dequantised weight.
+  auto norms = site.effective_weight().detach().to(torch::kFloat).norm(2, 1);
   magnitude = register_parameter("lora_magnitude", norms.clone());
 }
 

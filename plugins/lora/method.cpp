@@ -44,15 +44,9 @@ LoraConfig LoraConfig::from_params(const Params& p) {
 }
 
 nlohmann::json LoraConfig::to_json() const {
-  nlohmann::json j = {{"r", r},
-                      {"alpha", alpha},
-                      {"rslora", rslora},
-                      {"dropout", dropout},
-                      {"init", init},
-                      {"dora", dora},
-                      {"targets", selection.targets}};
-  if (!selection.layers.empty()) j["layers"] = selection.layers;
-  if (!selection.leave_out.empty()) j["leave_out"] = selection.leave_out;
+  nlohmann::json j = {{"r", r},       {"alpha", alpha}, {"rslora", rslora}, {"dropout", dropout},
+                      {"init", init}, {"dora", dora}};
+  j.update(selection.to_json());
   if (!rank_pattern.empty()) {
     j["rank_pattern"] = nlohmann::json::object();
     for (const auto& [k, v] : rank_pattern) j["rank_pattern"][k] = v;

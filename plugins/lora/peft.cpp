@@ -11,8 +11,7 @@
 // three sites and its B split by rows. Writing, LoRA on some of q, k, v becomes one LoRA on c_attn
 // of rank r_q + r_k + r_v: A = [A_q; A_k; A_v] and B block-diagonal with each block already
 // scaled, so the fused module's own scaling is 1. Both are exact.
-#include <graft/io/file.h>
-#include <graft/io/safetensors.h>
+#include <graft/peft.h>
 #include <graft/plugin.h>
 #include <torch/torch.h>
 
@@ -29,58 +28,8 @@ using nlohmann::json;
 
 namespace {
 
-const std::string kPrefix = "base_model.model.";
-
-// Where a site lives in transformers' module tree, and which rows of that module's output it
-// is (GPT-2's fused c_attn: q, k and v are thirds).
-struct PeftModule {
-  std::string path;                 // without kPrefix
-  std::int64_t row0 = 0, rows = 0;  // rows == 0: the whole output
-};
-
-PeftModule peft_module(const ModelConfig& c, const Site& site) {
-  const std::string L = std::to_string(site.layer);
-  const auto& p = site.point;
-  if (c.family == "llama") {
-    if (p == "head") return {"lm_head"};
-    static const std::map<std::string, std::string> m = {
-        {"attn.q", "self_attn.q_proj"}, {"attn.k", "self_attn.k_proj"},
-        {"attn.v", "self_attn.v_proj"}, {"attn.o", "self_attn.o_proj"},
-        {"ffn.gate", "mlp.gate_proj"},  {"ffn.up", "mlp.up_proj"},
-        {"ffn.down", "mlp.down_proj"}};
-    return {"model.layers." + L + "." + m.at(p)};
-  }
-  if (c.family == "gpt2") {
-    if (p == "head") return {"lm_head"};
-    const std::string h = "transformer.h." + L + ".";
-    const auto d = c.hidden_size;
-    if (p == "attn.q") return {h + "attn.c_attn", 0, d};
-    if (p == "attn.k") return {h + "attn.c_attn", d, d};
-    if (p == "attn.v") return {h + "attn.c_attn", 2 * d, d};
-    if (p == "attn.o") return {h + "attn.c_proj"};
-    if (p == "ffn.up") return {h + "mlp.c_fc"};
-    return {h + "mlp.c_proj"};
-  }
-  // bert: the task models put the encoder under bert. or roberta.
-  const std::string base = c.classifier.empty() ? "" : (c.roberta_positions ? "roberta." : "bert.");
-  if (p == "head") return {c.classifier == "roberta" ? "classifier.out_proj" : "classifier"};
-  static const std::map<std::string, std::string> m = {
-      {"attn.q", "attention.self.query"}, {"attn.k", "attention.self.key"},
-      {"attn.v", "attention.self.value"}, {"attn.o", "attention.output.dense"},
-      {"ffn.up", "intermediate.dense"},   {"ffn.down", "output.dense"}};
-  return {base + "encoder.layer." + L + "." + m.at(p)};
-}
-
-std::string short_name(const std::string& module) { return module.substr(module.rfind('.') + 1); }
-
-json read_config(const fs::path& dir) {
-  const auto path = dir / "adapter_config.json";
-  try {
-    return json::parse(io::read_text_file(path));
-  } catch (const json::exception& e) {
-    throw FileError(path.string(), std::string("malformed JSON: ") + e.what());
-  }
-}
+using peft::kPrefix;
+using peft::short_name;
 
 // peft matches rank_pattern/alpha_pattern keys as regular expressions anchored at the end of the
 // module name after a dot; graft supports keys that are plain module names or name suffixes.
@@ -106,28 +55,20 @@ std::string fmt(double v) {
 
 }  // namespace
 
-bool detect_peft(const fs::path& dir) {
-  if (!fs::exists(dir / "adapter_config.json") || !fs::exists(dir / "adapter_model.safetensors"))
-    return false;
-  try {
-    return read_config(dir).value("peft_type", "") == "LORA";
-  } catch (const Error&) {
-    return false;
-  }
-}
+bool detect_peft(const fs::path& dir) { return peft::is_adapter(dir, "LORA"); }
 
 std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
   const auto cfg_path = (dir / "adapter_config.json").string();
-  const auto tensors_path = (dir / "adapter_model.safetensors").string();
-  const json cfg = read_config(dir);
-  const auto tensors = io::read_safetensors(tensors_path).tensors;
+  const auto tensors_path = peft::tensors_path(dir);
+  const json cfg = peft::read_config(dir);
+  const auto tensors = peft::read_tensors(dir);
   const auto& c = model.config();
 
   // Every linear site by its peft module.
-  std::map<std::string, std::vector<std::pair<Site, PeftModule>>> by_module;
+  std::map<std::string, std::vector<std::pair<Site, peft::Module>>> by_module;
   for (const auto& s : model.sites())
     if (Model::is_linear_point(s.point)) {
-      auto m = peft_module(c, s);
+      auto m = peft::module_of(c, s);
       by_module[m.path].emplace_back(s, m);
     }
 
@@ -213,7 +154,7 @@ void write_peft(Method& method, const Model& model, const fs::path& dir) {
   std::map<std::string, std::vector<std::tuple<std::int64_t, at::Tensor, at::Tensor>>> fused;
   for (const auto& [site_name, hook] : lora->hooks()) {
     const Site* site = model.find_site(site_name);
-    const auto where = peft_module(c, *site);
+    const auto where = peft::module_of(c, *site);
     const std::string prefix = kPrefix + where.path;
     at::Tensor a, b, magnitude;
     double scaling = 0;
@@ -258,7 +199,7 @@ void write_peft(Method& method, const Model& model, const fs::path& dir) {
         s.rslora ? std::sqrt(static_cast<double>(rank)) : static_cast<double>(rank);
   }
   json cfg = {{"peft_type", "LORA"},
-              {"task_type", c.family == "bert" ? "SEQ_CLS" : "CAUSAL_LM"},
+              {"task_type", peft::task_type(c)},
               {"r", s.r},
               {"lora_alpha", s.alpha},
               {"lora_dropout", s.dropout},
@@ -274,10 +215,7 @@ void write_peft(Method& method, const Model& model, const fs::path& dir) {
               {"modules_to_save", nullptr},
               {"base_model_name_or_path", nullptr},
               {"revision", nullptr}};
-  fs::create_directories(dir);
-  io::write_safetensors(dir / "adapter_model.safetensors", out, {{"format", "pt"}});
-  io::write_atomically(dir / "adapter_config.json",
-                       [&](std::ostream& o) { o << cfg.dump(2) << "\n"; });
+  peft::write_adapter(dir, cfg, out);
 }
 
 }  // namespace graft::plugins::lora

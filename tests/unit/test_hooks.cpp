@@ -46,6 +46,7 @@ class FixedPrefix : public KvExtension {
   std::pair<at::Tensor, at::Tensor> prefix(std::int64_t batch) override {
     return {k_.expand({batch, -1, -1, -1}), v_.expand({batch, -1, -1, -1})};
   }
+  std::int64_t length() const override { return k_.size(2); }
 
  private:
   at::Tensor k_, v_;

@@ -66,10 +66,13 @@ class SublayerTransform : public Hook {
 };
 
 /// Prepends learned keys and values to a layer's attention (prefix tuning). Returns
-/// [batch, kv_heads, prefix, head_dim] each; every query may attend to them.
+/// [batch, kv_heads, prefix, head_dim] each; every query may attend to them. As in transformers
+/// with a filled cache, the positions of the real tokens start after the longest prefix.
 class KvExtension : public Hook {
  public:
   virtual std::pair<at::Tensor, at::Tensor> prefix(std::int64_t batch) = 0;
+  /// How many positions prefix() returns.
+  virtual std::int64_t length() const = 0;
 };
 
 /// Prepends learned vectors to the token embeddings (prompt tuning). Returns [batch, prompt, d].

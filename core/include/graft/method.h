@@ -47,6 +47,15 @@ class Method {
   virtual nlohmann::json config() const = 0;
   /// Switches dropout and similar between training and evaluation.
   virtual void set_training(bool /*on*/) {}
+  /// Whether the method must see a few training batches after attach() and before training
+  /// (sparse fine-tuning choosing its entries by gradient magnitude).
+  virtual bool needs_calibration() const { return false; }
+  /// Runs the calibration: `loss` computes the loss of the next training batch (a scalar with
+  /// a graph); the method calls it as often as it needs.
+  virtual void calibrate(Model& /*model*/, const std::function<at::Tensor()>& /*loss*/) {}
+  /// One line for the run log about what attach() did beyond adding parameters (the memory a
+  /// quantised base saves); empty when there is nothing to say.
+  virtual std::string report() const { return {}; }
   /// Folds the method into the base weights; unmerge() takes it out again.
   virtual void merge(Model& model);
   virtual void unmerge(Model& model);
@@ -92,6 +101,8 @@ struct Selection {
 
   /// Reads the keys targets, layers and leave_out of `params`.
   static Selection from_params(const Params& params, std::vector<std::string> default_targets);
+  /// The keys targets, layers and leave_out (the last two only when set), for a method's config().
+  nlohmann::json to_json() const;
 };
 
 /// The sites of `model` a selection picks, in model order. A selection matching nothing is an

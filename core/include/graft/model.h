@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <graft/hooks.h>
+#include <graft/tokenizer.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
@@ -162,6 +163,11 @@ class Model : public torch::nn::Module {
   /// Whether a point is a linear projection (attn.q ... ffn.down, head).
   static bool is_linear_point(const std::string& point);
 
+  /// The tokenizer the checkpoint carried (set by load_model), or nullptr: for methods that
+  /// initialise from text (prompt tuning).
+  const Tokenizer* tokenizer() const { return tokenizer_.get(); }
+  void set_tokenizer(std::shared_ptr<Tokenizer> tokenizer) { tokenizer_ = std::move(tokenizer); }
+
  protected:
   /// Registers a site and returns its hooks (stable for the model's life). Linear sites are
   /// connected to their graft::Linear module of the same name by connect_sites().
@@ -171,12 +177,16 @@ class Model : public torch::nn::Module {
   /// Connects every linear site to the graft::Linear module at the same path. Families call it
   /// at the end of their constructor.
   void connect_sites();
+  /// The longest key/value prefix any layer's attn.kv site adds: the real tokens' positions
+  /// start after it (transformers numbers tokens after the cached prefix).
+  std::int64_t prefix_length() const;
   ModelConfig config_;
 
  private:
   std::vector<Site> sites_;
   std::vector<std::unique_ptr<SiteHooks>> hooks_;
   std::map<std::string, std::size_t> index_;
+  std::shared_ptr<Tokenizer> tokenizer_;
 };
 
 }  // namespace graft

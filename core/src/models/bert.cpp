@@ -77,11 +77,13 @@ class Bert : public Model {
     const auto batch = words.size(0), seq = words.size(1);
     at::Tensor positions = prompt == 0 ? in.position_ids : at::Tensor();
     if (!positions.defined()) {
+      // Tokens are numbered after a key/value prefix, as transformers does with a cache.
+      const auto prefix = prefix_length();
       if (config_.roberta_positions) {
         // RoBERTa numbers tokens from padding_idx + 1 and gives padding the padding index.
-        positions = key_mask.cumsum(1) * key_mask + config_.pad_token_id;
+        positions = (key_mask.cumsum(1) + prefix) * key_mask + config_.pad_token_id;
       } else {
-        positions = torch::arange(seq, key_mask.options()).expand({batch, seq});
+        positions = torch::arange(prefix, prefix + seq, key_mask.options()).expand({batch, seq});
       }
     }
     auto types = in.token_type_ids.defined() ? in.token_type_ids : torch::zeros_like(in.input_ids);
@@ -89,11 +91,11 @@ class Bert : public Model {
     auto x = embed_norm(words + pos_embed(positions) + type_embed(types));
     for (std::size_t i = 0; i < layers->size(); ++i)
       x = layers->ptr<BertLayerImpl>(i)->forward(x, key_mask, i);
-    // Prompt positions are dropped from the outputs; the classifier reads the first real token.
-    x = x.slice(1, prompt);
-    ForwardOutput out;
-    out.hidden = x;
+    // As in peft, the classifier reads the first position, a prompt vector when there are any;
+    // prompt positions are dropped from the hidden states returned.
     auto first = x.select(1, 0);
+    ForwardOutput out;
+    out.hidden = x.slice(1, prompt);
     if (pooler) out.pooled = torch::tanh(pooler(first));
     if (config_.classifier == "pooler") out.logits = head(out.pooled);
     if (config_.classifier == "roberta") out.logits = head(torch::tanh(head_dense(first)));

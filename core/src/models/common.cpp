@@ -82,6 +82,18 @@ SiteHooks* Model::add_site(Site site) {
   return hooks_.back().get();
 }
 
+std::int64_t Model::prefix_length() const {
+  std::int64_t longest = 0;
+  for (std::size_t i = 0; i < sites_.size(); ++i) {
+    const auto& h = *hooks_[i];
+    if (!h.active || h.kv.empty()) continue;
+    std::int64_t n = 0;
+    for (const auto& e : h.kv) n += e->length();
+    longest = std::max(longest, n);
+  }
+  return longest;
+}
+
 SiteHooks* Model::site_hooks(const std::string& name) {
   auto it = index_.find(name);
   TORCH_CHECK(it != index_.end(), "internal: no site named ", name);
@@ -381,7 +393,7 @@ LayerKeys layer_keys(SiteHooks* kv, at::Tensor k, at::Tensor v, const at::Tensor
 }
 
 DecoderInputs decoder_inputs(at::Tensor embeddings, const ForwardInput& in, SiteHooks* embed_site,
-                             const KVCache* cache) {
+                             const KVCache* cache, std::int64_t prefix) {
   DecoderInputs d;
   d.x = std::move(embeddings);
   auto mask = token_mask(in.input_ids, in.attention_mask);
@@ -389,7 +401,7 @@ DecoderInputs decoder_inputs(at::Tensor embeddings, const ForwardInput& in, Site
   d.key_mask = full_key_mask(mask, cache);
   d.positions = in.position_ids.defined() && d.prompt == 0
                     ? in.position_ids
-                    : positions_from_mask(d.key_mask, d.x.size(1));
+                    : positions_from_mask(d.key_mask, d.x.size(1)) + prefix;
   return d;
 }
 

@@ -74,13 +74,14 @@ std::int64_t add_prompts(SiteHooks* embed, at::Tensor& x, at::Tensor& mask, cons
 
 /// The start of a causal decoder's forward: the token embeddings with the embed site's prompt
 /// vectors in front (first pass only), the key mask over cached and new positions, and each new
-/// position's index (from the mask, or in.position_ids when given and no prompt was added).
+/// position's index (from the mask, or in.position_ids when given and no prompt was added),
+/// counted after `prefix` learned key/value positions as transformers does.
 struct DecoderInputs {
   at::Tensor x, key_mask, positions;
   std::int64_t prompt = 0;  ///< prompt positions prepended; drop them from the outputs
 };
 DecoderInputs decoder_inputs(at::Tensor embeddings, const ForwardInput& in, SiteHooks* embed_site,
-                             const KVCache* cache);
+                             const KVCache* cache, std::int64_t prefix);
 
 /// Runs a sublayer site's transforms on `out`, reading the sublayer input `in`.
 inline at::Tensor tap(SiteHooks* site, at::Tensor out, const at::Tensor& in) {

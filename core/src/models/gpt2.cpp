@@ -65,7 +65,7 @@ class Gpt2 : public Model {
 
   ForwardOutput forward(const ForwardInput& in, KVCache* cache) override {
     auto [x, key_mask, positions, prompt] =
-        decoder_inputs(embed(in.input_ids), in, embed_site_, cache);
+        decoder_inputs(embed(in.input_ids), in, embed_site_, cache, prefix_length());
     TORCH_CHECK(positions.max().item<std::int64_t>() < config_.max_positions, "gpt2: position ",
                 positions.max().item<std::int64_t>(), " is beyond the model's ",
                 config_.max_positions, " learned positions");

@@ -71,7 +71,7 @@ class Llama : public Model {
 
   ForwardOutput forward(const ForwardInput& in, KVCache* cache) override {
     auto [x, key_mask, positions, prompt] =
-        decoder_inputs(embed(in.input_ids), in, embed_site_, cache);
+        decoder_inputs(embed(in.input_ids), in, embed_site_, cache, prefix_length());
     auto [cos, sin] = rope_tables(positions, config_.head_dim, config_.rope_theta);
     for (std::size_t i = 0; i < layers->size(); ++i)
       x = layers->ptr<LlamaLayerImpl>(i)->forward(x, cos, sin, key_mask, cache, i);

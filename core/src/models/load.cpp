@@ -103,6 +103,7 @@ LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
   out.model->to(options.device, options.dtype);
   out.model->eval();
   for (auto& p : out.model->parameters()) p.set_requires_grad(false);
+  out.model->set_tokenizer(out.tokenizer);
   return out;
 }
 

@@ -1,5 +1,7 @@
 #include <graft/adapter.h>
+#include <graft/io/file.h>
 #include <graft/io/safetensors.h>
+#include <graft/peft.h>
 #include <graft/plugin.h>
 #include <graft/version.h>
 
@@ -152,3 +154,79 @@ std::vector<std::unique_ptr<Method>> load_adapter(const fs::path& dir, Model& mo
 }
 
 }  // namespace graft
+
+namespace graft::peft {
+
+Module module_of(const ModelConfig& c, const Site& site) {
+  const std::string L = std::to_string(site.layer);
+  const auto& p = site.point;
+  if (c.family == "llama") {
+    if (p == "head") return {"lm_head"};
+    static const std::map<std::string, std::string> m = {
+        {"attn.q", "self_attn.q_proj"}, {"attn.k", "self_attn.k_proj"},
+        {"attn.v", "self_attn.v_proj"}, {"attn.o", "self_attn.o_proj"},
+        {"ffn.gate", "mlp.gate_proj"},  {"ffn.up", "mlp.up_proj"},
+        {"ffn.down", "mlp.down_proj"}};
+    return {"model.layers." + L + "." + m.at(p)};
+  }
+  if (c.family == "gpt2") {
+    if (p == "head") return {"lm_head"};
+    const std::string h = "transformer.h." + L + ".";
+    const auto d = c.hidden_size;
+    if (p == "attn.q") return {h + "attn.c_attn", 0, d};
+    if (p == "attn.k") return {h + "attn.c_attn", d, d};
+    if (p == "attn.v") return {h + "attn.c_attn", 2 * d, d};
+    if (p == "attn.o") return {h + "attn.c_proj"};
+    if (p == "ffn.up") return {h + "mlp.c_fc"};
+    return {h + "mlp.c_proj"};
+  }
+  // bert: the task models put the encoder under bert. or roberta.
+  const std::string base = c.classifier.empty() ? "" : (c.roberta_positions ? "roberta." : "bert.");
+  if (p == "head") return {c.classifier == "roberta" ? "classifier.out_proj" : "classifier"};
+  static const std::map<std::string, std::string> m = {
+      {"attn.q", "attention.self.query"}, {"attn.k", "attention.self.key"},
+      {"attn.v", "attention.self.value"}, {"attn.o", "attention.output.dense"},
+      {"ffn.up", "intermediate.dense"},   {"ffn.down", "output.dense"}};
+  return {base + "encoder.layer." + L + "." + m.at(p)};
+}
+
+std::string short_name(const std::string& module) { return module.substr(module.rfind('.') + 1); }
+
+std::string task_type(const ModelConfig& c) { return c.num_labels > 0 ? "SEQ_CLS" : "CAUSAL_LM"; }
+
+nlohmann::json read_config(const fs::path& dir) {
+  const auto path = dir / "adapter_config.json";
+  try {
+    return nlohmann::json::parse(io::read_text_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    throw FileError(path.string(), std::string("malformed JSON: ") + e.what());
+  }
+}
+
+std::string tensors_path(const fs::path& dir) {
+  return (dir / "adapter_model.safetensors").string();
+}
+
+io::TensorMap read_tensors(const fs::path& dir) {
+  return io::read_safetensors(tensors_path(dir)).tensors;
+}
+
+bool is_adapter(const fs::path& dir, const std::string& peft_type) {
+  if (!fs::exists(dir / "adapter_config.json") || !fs::exists(dir / "adapter_model.safetensors"))
+    return false;
+  try {
+    return read_config(dir).value("peft_type", "") == peft_type;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+void write_adapter(const fs::path& dir, const nlohmann::json& config,
+                   const io::TensorMap& tensors) {
+  fs::create_directories(dir);
+  io::write_safetensors(dir / "adapter_model.safetensors", tensors, {{"format", "pt"}});
+  io::write_atomically(dir / "adapter_config.json",
+                       [&](std::ostream& o) { o << config.dump(2) << "\n"; });
+}
+
+}  // namespace graft::peft

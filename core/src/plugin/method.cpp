@@ -43,7 +43,7 @@ io::TensorMap HookMethod::state() {
 
 void HookMethod::load_state(const io::TensorMap& state, const std::string& source) {
   torch::NoGradGuard no_grad;
-  auto expected = this->state();
+  auto expected = HookMethod::state();  // the hooks' tensors; subclasses load their own first
   for (const auto& [key, t] : state)
     if (!expected.count(key))
       throw FileError(source, name() + ": unexpected tensor '" + key +
@@ -71,51 +71,83 @@ void HookMethod::merge(Model& model) {
     auto* lin = model.linear(site);
     auto delta = std::dynamic_pointer_cast<LinearDelta>(hook);
     auto transform = std::dynamic_pointer_cast<WeightTransform>(hook);
-    const bool ok = lin && ((delta && delta->delta_weight(*lin).defined()) ||
-                            (transform && transform->mergeable()));
+    const bool ok =
+        lin &&
+        ((delta && (delta->delta_weight(*lin).defined() || delta->delta_bias(*lin).defined())) ||
+         (transform && transform->mergeable()) || std::dynamic_pointer_cast<LinearScale>(hook));
     if (!ok)
       throw Error(name() + ": cannot merge: the hook at site '" + site +
                   "' does not fold into weights");
+    if (lin->weight.numel() != lin->in_features * lin->out_features)
+      throw Error(name() + ": cannot merge into site '" + site +
+                  "': its base weight is held by another method (quantize); merge that first");
   }
+  // Weight transforms and scales are undone by restoring the weights saved here; deltas by
+  // subtracting them again.
   saved_weights_.clear();
+  auto save = [&](LinearImpl* lin) {
+    saved_weights_.push_back(lin->weight.detach().clone());
+    saved_weights_.push_back(lin->bias.defined() ? lin->bias.detach().clone() : at::Tensor());
+  };
   for (const auto& [site, hook] : hooks_) {
     auto* lin = model.linear(site);
     if (auto t = std::dynamic_pointer_cast<WeightTransform>(hook)) {
-      saved_weights_.push_back(lin->weight.detach().clone());
+      save(lin);
       lin->weight.copy_(t->transform(lin->weight, *lin));
     }
   }
   for (const auto& [site, hook] : hooks_) {
     auto* lin = model.linear(site);
     if (auto d = std::dynamic_pointer_cast<LinearDelta>(hook)) {
-      lin->weight.add_(d->delta_weight(*lin).to(lin->weight.dtype()));
+      auto dw = d->delta_weight(*lin);
+      if (dw.defined()) lin->weight.add_(dw.to(lin->weight.dtype()));
       auto db = d->delta_bias(*lin);
       if (db.defined()) {
         lin->add_bias();
         lin->bias.add_(db.to(lin->bias.dtype()));
       }
     }
-    model.detach(site, hook);
   }
+  for (const auto& [site, hook] : hooks_) {
+    auto* lin = model.linear(site);
+    if (auto sc = std::dynamic_pointer_cast<LinearScale>(hook)) {
+      save(lin);
+      auto s = sc->scale().to(lin->weight.dtype());
+      if (sc->side() == LinearScale::Side::input) {
+        lin->weight.mul_(s.unsqueeze(0));
+      } else {
+        lin->weight.mul_(s.unsqueeze(1));
+        if (lin->bias.defined()) lin->bias.mul_(s);
+      }
+    }
+  }
+  for (const auto& [site, hook] : hooks_) model.detach(site, hook);
   merged_ = true;
 }
 
 void HookMethod::unmerge(Model& model) {
   if (!merged_) return;
   torch::NoGradGuard no_grad;
-  std::size_t saved = 0;
+  // Undo in the reverse order of merge(): scales, deltas, weight transforms.
+  std::size_t saved = saved_weights_.size();
+  auto restore = [&](LinearImpl* lin) {
+    auto bias = saved_weights_[--saved];
+    lin->weight.copy_(saved_weights_[--saved]);
+    if (bias.defined()) lin->bias.copy_(bias);
+  };
+  for (auto it = hooks_.rbegin(); it != hooks_.rend(); ++it)
+    if (std::dynamic_pointer_cast<LinearScale>(it->second)) restore(model.linear(it->first));
   for (const auto& [site, hook] : hooks_) {
     auto* lin = model.linear(site);
     if (auto d = std::dynamic_pointer_cast<LinearDelta>(hook)) {
-      lin->weight.sub_(d->delta_weight(*lin).to(lin->weight.dtype()));
+      auto dw = d->delta_weight(*lin);
+      if (dw.defined()) lin->weight.sub_(dw.to(lin->weight.dtype()));
       auto db = d->delta_bias(*lin);
       if (db.defined()) lin->bias.sub_(db.to(lin->bias.dtype()));
     }
   }
-  for (const auto& [site, hook] : hooks_) {
-    if (std::dynamic_pointer_cast<WeightTransform>(hook))
-      model.linear(site)->weight.copy_(saved_weights_[saved++]);
-  }
+  for (auto it = hooks_.rbegin(); it != hooks_.rend(); ++it)
+    if (std::dynamic_pointer_cast<WeightTransform>(it->second)) restore(model.linear(it->first));
   for (const auto& [site, hook] : hooks_) model.attach(site, hook, name());
   saved_weights_.clear();
   merged_ = false;
@@ -220,6 +252,13 @@ Selection Selection::from_params(const Params& params, std::vector<std::string> 
   if (params.has("layers")) s.layers = read_layers(params.at("layers"), true);
   if (params.has("leave_out")) s.leave_out = read_layers(params.at("leave_out"), false);
   return s;
+}
+
+nlohmann::json Selection::to_json() const {
+  nlohmann::json j = {{"targets", targets}};
+  if (!layers.empty()) j["layers"] = layers;
+  if (!leave_out.empty()) j["leave_out"] = leave_out;
+  return j;
 }
 
 std::vector<Site> select_sites(const Model& model, const Selection& sel,

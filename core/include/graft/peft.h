@@ -1,0 +1,50 @@
+// Hugging Face peft's adapter folders, for plugins that read and write their method in peft's
+// format: adapter_config.json (with "peft_type") and adapter_model.safetensors whose tensors are
+// named "base_model.model.<module>.<name>", <module> being the transformers module path of a
+// site (model.layers.3.self_attn.q_proj, transformer.h.3.attn.c_attn,
+// bert.encoder.layer.3.attention.self.query, ...). The core knows the module paths of its
+// families; which tensors a method stores is the plugin's business.
+#pragma once
+
+#include <graft/io/tensors.h>
+#include <graft/model.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace graft::peft {
+
+/// The prefix peft puts before every module path.
+inline const std::string kPrefix = "base_model.model.";
+
+/// Where a linear site lives in transformers' module tree, and which rows of that module's output
+/// it is: GPT-2's fused c_attn holds q, k and v as thirds.
+struct Module {
+  std::string path;                 ///< without kPrefix
+  std::int64_t row0 = 0, rows = 0;  ///< rows == 0: the whole output
+};
+Module module_of(const ModelConfig& config, const Site& site);
+
+/// The module's last name component ("q_proj"), as peft's target_modules lists it.
+std::string short_name(const std::string& module);
+
+/// peft's task type for a model: "SEQ_CLS" for classifiers, "CAUSAL_LM" otherwise.
+std::string task_type(const ModelConfig& config);
+
+/// Whether `dir` holds a peft adapter of `peft_type` ("LORA", "IA3", "PREFIX_TUNING", ...).
+bool is_adapter(const std::filesystem::path& dir, const std::string& peft_type);
+
+/// adapter_config.json of `dir`; malformed JSON is a FileError naming the file.
+nlohmann::json read_config(const std::filesystem::path& dir);
+/// adapter_model.safetensors of `dir`.
+io::TensorMap read_tensors(const std::filesystem::path& dir);
+/// The path read_tensors() reads, for error messages.
+std::string tensors_path(const std::filesystem::path& dir);
+
+/// Writes both files into `dir` (created if needed), each atomically.
+void write_adapter(const std::filesystem::path& dir, const nlohmann::json& config,
+                   const io::TensorMap& tensors);
+
+}  // namespace graft::peft
