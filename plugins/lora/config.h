@@ -18,7 +18,8 @@ struct LoraConfig {
   double dropout = 0.0;          ///< on the adapter's input, training only
   std::string init = "default";  ///< default: A Kaiming-uniform, B 0; gaussian: A ~ N(0, (1/r)^2)
   bool dora = false;             ///< weight-decomposed LoRA: a learned magnitude per output
-  Selection selection;           ///< default targets attn.q and attn.v
+  bool gating = false;  ///< UniPELT: scale the delta by sigmoid(Linear(in, 1)(x)), averaged
+  Selection selection;  ///< default targets attn.q and attn.v
   /// Per-site overrides: a site point or a glob over site names -> rank / alpha.
   std::vector<std::pair<std::string, std::int64_t>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;

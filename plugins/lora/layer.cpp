@@ -15,20 +15,26 @@ void init_a(at::Tensor& A, bool gaussian) {
 }
 
 LoraDelta::LoraDelta(std::int64_t in, std::int64_t out, std::int64_t r, double scaling_, double p,
-                     bool gaussian)
+                     bool gaussian, bool gating)
     : scaling(scaling_) {
   A = register_parameter("lora_A", torch::empty({r, in}));
   B = register_parameter("lora_B", torch::zeros({out, r}));
   init_a(A, gaussian);
   dropout = register_module("dropout", torch::nn::Dropout(p));
+  if (gating) gate = register_module("gate", torch::nn::Linear(in, 1));
 }
 
 at::Tensor LoraDelta::delta(const at::Tensor& x, const LinearImpl&) {
   auto h = dropout->options.p() > 0 ? dropout(x) : x;
-  return torch::linear(torch::linear(h, A.to(x.dtype())), B.to(x.dtype())) * scaling;
+  auto y = torch::linear(torch::linear(h, A.to(x.dtype())), B.to(x.dtype())) * scaling;
+  if (gate) y = y * torch::sigmoid(gate(x.to(gate->weight.dtype()))).mean(-2, true).to(y.dtype());
+  return y;
 }
 
-at::Tensor LoraDelta::delta_weight(const LinearImpl&) { return torch::matmul(B, A) * scaling; }
+at::Tensor LoraDelta::delta_weight(const LinearImpl&) {
+  if (gate) return {};
+  return torch::matmul(B, A) * scaling;
+}
 
 DoraTransform::DoraTransform(const LinearImpl& site, std::int64_t r, double scaling_, bool gaussian)
     : scaling(scaling_) {

@@ -11,13 +11,15 @@ namespace graft::plugins::lora {
 class LoraDelta : public LinearDelta {
  public:
   LoraDelta(std::int64_t in, std::int64_t out, std::int64_t r, double scaling, double dropout,
-            bool gaussian);
+            bool gaussian, bool gating = false);
   at::Tensor delta(const at::Tensor& x, const LinearImpl& site) override;
+  /// s B A; undefined with a gate (the gate depends on the input: not mergeable).
   at::Tensor delta_weight(const LinearImpl& site) override;
 
   at::Tensor A, B;
   double scaling;
   torch::nn::Dropout dropout{nullptr};
+  torch::nn::Linear gate{nullptr};  ///< UniPELT's gate over the sequence, when gating
 };
 
 /// DoRA: W' = m * (W + s B A) / ||W + s B A|| with the norm taken per output row and treated as

@@ -10,8 +10,8 @@
 namespace graft::plugins::lora {
 
 LoraConfig LoraConfig::from_params(const Params& p) {
-  check_method_keys(
-      p, {"r", "alpha", "rslora", "dropout", "init", "dora", "rank_pattern", "alpha_pattern"});
+  check_method_keys(p, {"r", "alpha", "rslora", "dropout", "init", "dora", "gating", "rank_pattern",
+                        "alpha_pattern"});
   LoraConfig c;
   c.r = p.get_positive_int("r", c.r);
   c.alpha = p.get_double("alpha", c.alpha);  // peft's default is 8 whatever r is
@@ -23,6 +23,8 @@ LoraConfig LoraConfig::from_params(const Params& p) {
   c.dora = p.get_bool("dora", c.dora);
   if (c.dora && c.dropout > 0)
     p.at("dropout").fail("dropout is not supported together with dora in this version; use 0");
+  c.gating = p.get_bool("gating", c.gating);
+  if (c.dora && c.gating) p.at("gating").fail("gating does not combine with dora; use one");
   c.selection = Selection::from_params(p, {"attn.q", "attn.v"});
   auto patterns = [&](const char* key, auto read, auto& out) {
     if (!p.has(key)) return;
@@ -45,7 +47,7 @@ LoraConfig LoraConfig::from_params(const Params& p) {
 
 nlohmann::json LoraConfig::to_json() const {
   nlohmann::json j = {{"r", r},       {"alpha", alpha}, {"rslora", rslora}, {"dropout", dropout},
-                      {"init", init}, {"dora", dora}};
+                      {"init", init}, {"dora", dora},   {"gating", gating}};
   j.update(selection.to_json());
   if (!rank_pattern.empty()) {
     j["rank_pattern"] = nlohmann::json::object();
@@ -85,7 +87,7 @@ void Lora::attach(Model& model) {
       hook = std::make_shared<DoraTransform>(*lin, rank, scaling(rank, alpha), gaussian);
     } else {
       hook = std::make_shared<LoraDelta>(lin->in_features, lin->out_features, rank,
-                                         scaling(rank, alpha), c_.dropout, gaussian);
+                                         scaling(rank, alpha), c_.dropout, gaussian, c_.gating);
     }
     hook->to(lin->weight.device());
     add_hook(model, site.name, hook);

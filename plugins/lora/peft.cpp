@@ -146,6 +146,7 @@ void write_peft(Method& method, const Model& model, const fs::path& dir) {
   auto* lora = dynamic_cast<Lora*>(&method);
   if (!lora) throw Error("peft format: not a LoRA method");
   const auto& s = lora->settings();
+  if (s.gating) throw Error("peft format: LoRA with gating (UniPELT) has no peft equivalent");
   const auto& c = model.config();
   io::TensorMap out;
   json rank_pattern = json::object(), alpha_pattern = json::object();

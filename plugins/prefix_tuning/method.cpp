@@ -19,6 +19,7 @@ struct Config {
   std::int64_t bottleneck = 512;  ///< peft's encoder_hidden_size
   bool flat = false;
   double dropout = 0.0;
+  bool gating = false;  ///< UniPELT: scale the prefix's values by a gate read from the input
 };
 
 /// The prefix of every layer: the MLP's parameters, or the flat tensor.
@@ -54,17 +55,23 @@ class PrefixStore : public torch::nn::Module {
 class LayerPrefix : public KvExtension {
  public:
   LayerPrefix(std::shared_ptr<PrefixStore> store, std::int64_t layer, std::int64_t kv_heads,
-              std::int64_t head_dim, std::int64_t P, double dropout)
+              std::int64_t head_dim, std::int64_t P, const Config& c, std::int64_t d)
       : store_(std::move(store)), layer_(layer), heads_(kv_heads), dim_(head_dim), P_(P) {
-    drop_ = register_module("dropout", torch::nn::Dropout(dropout));
+    drop_ = register_module("dropout", torch::nn::Dropout(c.dropout));
+    if (c.gating) gate_ = register_module("gate", torch::nn::Linear(d, 1));
   }
-  std::pair<at::Tensor, at::Tensor> prefix(std::int64_t batch) override {
-    const auto kv = heads_ * dim_;
+  std::pair<at::Tensor, at::Tensor> prefix(const at::Tensor& input) override {
+    const auto batch = input.size(0), kv = heads_ * dim_;
     auto cols = store_->columns(2 * layer_ * kv, 2 * kv);  // [P, 2 kv]: keys then values
     if (drop_->options.p() > 0) cols = drop_(cols);
     auto kvs = cols.view({P_, 2, heads_, dim_}).permute({1, 2, 0, 3});  // [2, heads, P, dim]
-    return {kvs[0].unsqueeze(0).expand({batch, -1, -1, -1}),
-            kvs[1].unsqueeze(0).expand({batch, -1, -1, -1})};
+    auto keys = kvs[0].unsqueeze(0).expand({batch, -1, -1, -1});
+    auto values = kvs[1].unsqueeze(0).expand({batch, -1, -1, -1});
+    if (gate_) {  // the prefix's share of the attention output, scaled per row
+      auto g = torch::sigmoid(gate_(input.to(gate_->weight.dtype()))).mean(1);  // [batch, 1]
+      values = values * g.view({batch, 1, 1, 1}).to(values.dtype());
+    }
+    return {keys, values};
   }
   std::int64_t length() const override { return P_; }
 
@@ -72,16 +79,18 @@ class LayerPrefix : public KvExtension {
   std::shared_ptr<PrefixStore> store_;
   std::int64_t layer_, heads_, dim_, P_;
   torch::nn::Dropout drop_{nullptr};
+  torch::nn::Linear gate_{nullptr};
 };
 
 class PrefixTuning : public HookMethod {
  public:
   explicit PrefixTuning(const Params& p) {
-    check_method_keys(p, {"num_virtual_tokens", "bottleneck", "flat", "dropout"});
+    check_method_keys(p, {"num_virtual_tokens", "bottleneck", "flat", "dropout", "gating"});
     c_.num_virtual_tokens = p.get_positive_int("num_virtual_tokens", c_.num_virtual_tokens);
     c_.bottleneck = p.get_positive_int("bottleneck", c_.bottleneck);
     c_.flat = p.get_bool("flat", c_.flat);
     if (p.has("dropout")) c_.dropout = p.at("dropout").as_probability();
+    c_.gating = p.get_bool("gating", false);
     if (p.has("targets") || p.has("layers") || p.has("leave_out"))
       p.fail(
           "prefix_tuning prefixes every layer's keys and values (as peft does); targets, "
@@ -93,7 +102,8 @@ class PrefixTuning : public HookMethod {
     return {{"num_virtual_tokens", c_.num_virtual_tokens},
             {"bottleneck", c_.bottleneck},
             {"flat", true},
-            {"dropout", c_.dropout}};
+            {"dropout", c_.dropout},
+            {"gating", c_.gating}};
   }
 
   void attach(Model& model) override {
@@ -104,7 +114,7 @@ class PrefixTuning : public HookMethod {
     for (std::int64_t l = 0; l < mc.num_layers; ++l)
       add_hook(model, "layers." + std::to_string(l) + ".attn.kv",
                std::make_shared<LayerPrefix>(store_, l, mc.num_kv_heads, mc.head_dim,
-                                             c_.num_virtual_tokens, c_.dropout));
+                                             c_.num_virtual_tokens, c_, mc.hidden_size));
   }
   void detach(Model& model) override {
     HookMethod::detach(model);
@@ -115,14 +125,20 @@ class PrefixTuning : public HookMethod {
     if (store_) store_->train(on);
   }
 
+  /// The MLP (or flat tensor) once, and each layer's gate when gating.
   std::vector<std::pair<std::string, at::Tensor>> trainable_parameters() override {
-    std::vector<std::pair<std::string, at::Tensor>> out;
+    auto out = HookMethod::trainable_parameters();
     for (const auto& p : attached().named_parameters(false)) out.emplace_back(p.key(), p.value());
     return out;
   }
-  /// Only the flat tensor is saved, as peft does.
-  io::TensorMap state() override { return {{"prefix", attached().all()}}; }
-  void load_state(const io::TensorMap& state, const std::string& source) override {
+  /// Only the flat tensor is saved (as peft does), with the gates when gating.
+  io::TensorMap state() override {
+    auto out = HookMethod::state();
+    out["prefix"] = attached().all();
+    return out;
+  }
+  void load_state(const io::TensorMap& full, const std::string& source) override {
+    auto state = full;
     auto it = state.find("prefix");
     if (it == state.end()) throw FileError(source, "prefix_tuning: missing tensor 'prefix'");
     auto& s = attached();
@@ -134,8 +150,12 @@ class PrefixTuning : public HookMethod {
       throw FileError(source,
                       "prefix_tuning: a saved prefix loads into flat: true (the MLP "
                       "that produced it is not saved)");
-    torch::NoGradGuard no_grad;
-    s.flat.copy_(it->second);
+    {
+      torch::NoGradGuard no_grad;
+      s.flat.copy_(it->second);
+    }
+    state.erase("prefix");
+    HookMethod::load_state(state, source);
   }
 
   const Config& settings() const { return c_; }
@@ -184,6 +204,8 @@ std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
 void write_peft(Method& method, const Model& model, const fs::path& dir) {
   auto* prefix = dynamic_cast<PrefixTuning*>(&method);
   if (!prefix) throw Error("peft format: not a prefix_tuning method");
+  if (prefix->settings().gating)
+    throw Error("peft format: prefix_tuning with gating (UniPELT) has no peft equivalent");
   const auto& c = model.config();
   const auto flat = prefix->state().at("prefix").detach().to(torch::kFloat).contiguous();
   // Saved flat, the MLP is gone: prefix_projection false, as peft's own saved adapters read.

@@ -244,6 +244,21 @@ std::vector<Case> cases() {
        false,
        true,
        false},
+      // UniPELT's parts with their gates: not mergeable (the gate reads the input); a gate
+      // starts at sigmoid(.) = 1/2-ish, so the gated delta is still zero at first.
+      {"UniPELT: gated prefix + gated pfeiffer + gated lora",
+       {{"prefix_tuning",
+         params({{"num_virtual_tokens", "2"}, {"flat", "true"}, {"gating", "true"}})},
+        {"pfeiffer", params({{"reduction_factor", "4"}, {"init", "mam"}, {"gating", "true"}})},
+        {"lora", params({{"r", "2"}, {"alpha", "2"}, {"gating", "true"}})}},
+       [](const ModelConfig& c) {
+         const std::int64_t d = c.hidden_size, k = d / 4, kv = kv_width(c);
+         return 2 * c.num_layers * 2 * kv + c.num_layers * (d + 1) +        // prefix, gates
+                c.num_layers * (2 * d * k + k + d + d + 1) +                // pfeiffer + gate
+                c.num_layers * (2 * (d + d) + 2 * (d + kv) + 2 * (d + 1));  // lora + gates
+       },
+       false,
+       false},
       // A hybrid of a weight delta, a scale and an adapter on the same model.
       {"lora + ia3 + pfeiffer",
        {{"lora", params({{"r", "2"}})},

@@ -81,7 +81,9 @@ TEST_CASE("prefix tuning equals transformers' past_key_values: tokens numbered a
     // The same prefix handed over as an already-filled cache of three positions.
     KVCache cache;
     for (std::int64_t l = 0; l < model->config().num_layers; ++l) {
-      auto [k, v] = model->hooks("layers." + std::to_string(l) + ".attn.kv").kv.at(0)->prefix(1);
+      auto [k, v] = model->hooks("layers." + std::to_string(l) + ".attn.kv")
+                        .kv.at(0)
+                        ->prefix(torch::zeros({1, 1, model->config().hidden_size}));
       cache.keys.push_back(k.detach().clone());
       cache.values.push_back(v.detach().clone());
       cache.prefix.push_back(0);
@@ -166,7 +168,8 @@ TEST_CASE("peft's prefix layout: per token, layer l's keys then values, heads th
                        {"num_transformer_submodules", 1}},
                       {{"prompt_embeddings", flat}});
   auto loaded = load_adapter(dir.path(), *model);
-  auto [k, v] = model->hooks("layers.1.attn.kv").kv.at(0)->prefix(1);
+  auto [k, v] =
+      model->hooks("layers.1.attn.kv").kv.at(0)->prefix(torch::zeros({1, 1, c.hidden_size}));
   for (std::int64_t p = 0; p < P; ++p)
     for (std::int64_t h = 0; h < c.num_kv_heads; ++h) {
       CHECK(torch::equal(k[0][h][p], flat[p].narrow(0, 2 * kv + h * c.head_dim, c.head_dim)));
@@ -336,4 +339,34 @@ TEST_CASE("bitfit trains norm biases in place where the family has them") {
   for (const auto& [name, t] : m->trainable_parameters()) n += t.numel();
   const auto d = gpt2->config().hidden_size;
   CHECK(n == 2 * (d + d));  // per layer: the attention norm's bias and q's bias
+}
+
+TEST_CASE("the trainable counts the plugin READMEs give for stories260K") {
+  const auto path = graft::test::shared_dir() / "models" / "stories260K";
+  GRAFT_SKIP_UNLESS_EXISTS(path);
+  load_test_plugins();
+  auto loaded = load_model(path.string());
+  const std::vector<std::tuple<std::string, Params, std::int64_t>> examples = {
+      {"lora", params({}), 8960},
+      {"bitfit", params({{"add_missing", "true"}}), 3000},
+      {"ia3", params({}), 1180},
+      {"pfeiffer", params({}), 2900},
+      {"parallel", params({}), 20960},
+      {"compacter++", params({{"reduction_factor", "16"}}), 1084},
+      {"prompt_tuning", params({}), 640},
+      {"prefix_tuning", params({}), 199360},
+      {"krona", params({}), 1120},
+      {"intrinsic_said", params({}), 1035},
+      {"sparse", params({}), 1125},
+      {"quantize", params({}), 0},
+  };
+  for (const auto& [name, settings, expected] : examples) {
+    CAPTURE(name);
+    auto m = make_method(name, settings);
+    m->attach(*loaded.model);
+    std::int64_t n = 0;
+    for (const auto& [key, t] : m->trainable_parameters()) n += t.numel();
+    CHECK(n == expected);
+    m->detach(*loaded.model);
+  }
 }

@@ -43,7 +43,8 @@ class FixedPrefix : public KvExtension {
  public:
   FixedPrefix(std::int64_t kv_heads, std::int64_t p, std::int64_t dim)
       : k_(torch::randn({1, kv_heads, p, dim})), v_(torch::randn({1, kv_heads, p, dim})) {}
-  std::pair<at::Tensor, at::Tensor> prefix(std::int64_t batch) override {
+  std::pair<at::Tensor, at::Tensor> prefix(const at::Tensor& input) override {
+    const auto batch = input.size(0);
     return {k_.expand({batch, -1, -1, -1}), v_.expand({batch, -1, -1, -1})};
   }
   std::int64_t length() const override { return k_.size(2); }

@@ -65,12 +65,14 @@ class SublayerTransform : public Hook {
   virtual at::Tensor transform(const at::Tensor& out, const at::Tensor& in) = 0;
 };
 
-/// Prepends learned keys and values to a layer's attention (prefix tuning). Returns
-/// [batch, kv_heads, prefix, head_dim] each; every query may attend to them. As in transformers
-/// with a filled cache, the positions of the real tokens start after the longest prefix.
+/// Prepends learned keys and values to a layer's attention (prefix tuning). Receives the
+/// attention's (normalised) input [batch, seq, d] of the first pass (a gate may read it) and
+/// returns [batch, kv_heads, prefix, head_dim] each; every query may attend to them. With a
+/// cache, they are computed once and cached. As in transformers with a filled cache, the
+/// positions of the real tokens start after the longest prefix.
 class KvExtension : public Hook {
  public:
-  virtual std::pair<at::Tensor, at::Tensor> prefix(std::int64_t batch) = 0;
+  virtual std::pair<at::Tensor, at::Tensor> prefix(const at::Tensor& input) = 0;
   /// How many positions prefix() returns.
   virtual std::int64_t length() const = 0;
 };

@@ -23,7 +23,7 @@ class BertLayerImpl : public torch::nn::Module {
     auto q = split_heads(attn->q(h), c_.num_heads, c_.head_dim);
     auto k = split_heads(attn->k(h), c_.num_heads, c_.head_dim);
     auto v = split_heads(attn->v(h), c_.num_heads, c_.head_dim);
-    auto kv = layer_keys(taps.attn_kv, k, v, key_mask, nullptr, layer);
+    auto kv = layer_keys(taps.attn_kv, h, k, v, key_mask, nullptr, layer);
     x = attn_norm(x +
                   tap(taps.attn_out, attn->o(attend(q, kv.keys, kv.values, kv.mask, false)), h));
     h = tap(taps.ffn_in, x, x);

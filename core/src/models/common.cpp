@@ -360,15 +360,15 @@ std::pair<at::Tensor, at::Tensor> extend_cache(KVCache* cache, std::int64_t laye
   return {ck, cv};
 }
 
-LayerKeys layer_keys(SiteHooks* kv, at::Tensor k, at::Tensor v, const at::Tensor& key_mask,
-                     KVCache* cache, std::int64_t layer) {
+LayerKeys layer_keys(SiteHooks* kv, const at::Tensor& input, at::Tensor k, at::Tensor v,
+                     const at::Tensor& key_mask, KVCache* cache, std::int64_t layer) {
   const bool first_pass = !cache || static_cast<std::int64_t>(cache->keys.size()) <= layer ||
                           !cache->keys[layer].defined();
   std::int64_t prefix = 0;
   if (kv && kv->active && first_pass) {
     std::vector<at::Tensor> ks, vs;
     for (const auto& e : kv->kv) {
-      auto [pk, pv] = e->prefix(k.size(0));
+      auto [pk, pv] = e->prefix(input);
       TORCH_CHECK(pk.dim() == 4 && pk.size(1) == k.size(1) && pk.size(3) == k.size(3),
                   "key/value prefix of shape ", pk.sizes(), " does not fit keys of shape ",
                   k.sizes());

@@ -65,8 +65,8 @@ std::pair<at::Tensor, at::Tensor> extend_cache(KVCache* cache, std::int64_t laye
 struct LayerKeys {
   at::Tensor keys, values, mask;
 };
-LayerKeys layer_keys(SiteHooks* kv, at::Tensor k, at::Tensor v, const at::Tensor& key_mask,
-                     KVCache* cache, std::int64_t layer);
+LayerKeys layer_keys(SiteHooks* kv, const at::Tensor& input, at::Tensor k, at::Tensor v,
+                     const at::Tensor& key_mask, KVCache* cache, std::int64_t layer);
 
 /// Prepends the embed site's prompt vectors to x [batch, seq, d] and ones to mask [batch, seq]
 /// on the first pass (no cache, or an empty one). Returns how many positions were prepended.

@@ -21,7 +21,7 @@ class Gpt2LayerImpl : public torch::nn::Module {
     auto q = split_heads(attn->q(h), c_.num_heads, c_.head_dim);
     auto k = split_heads(attn->k(h), c_.num_heads, c_.head_dim);
     auto v = split_heads(attn->v(h), c_.num_heads, c_.head_dim);
-    auto kv = layer_keys(taps.attn_kv, k, v, key_mask, cache, layer);
+    auto kv = layer_keys(taps.attn_kv, h, k, v, key_mask, cache, layer);
     x = x + tap(taps.attn_out, attn->o(attend(q, kv.keys, kv.values, kv.mask, true)), h);
     h = tap(taps.ffn_in, ffn_norm(x), x);
     auto act = tap(taps.ffn_act, activate(ffn->up(h), c_.hidden_act), h);

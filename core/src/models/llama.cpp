@@ -25,7 +25,7 @@ class LlamaLayerImpl : public torch::nn::Module {
     auto v = split_heads(attn->v(h), c_.num_kv_heads, c_.head_dim);
     q = apply_rope(q, cos, sin, c_.rope_style);
     k = apply_rope(k, cos, sin, c_.rope_style);
-    auto kv = layer_keys(taps.attn_kv, k, v, key_mask, cache, layer);
+    auto kv = layer_keys(taps.attn_kv, h, k, v, key_mask, cache, layer);
     auto a = attn->o(attend(q, kv.keys, kv.values, kv.mask, true, c_.sliding_window));
     x = x + tap(taps.attn_out, a, h);
     h = tap(taps.ffn_in, ffn_norm(x), x);
