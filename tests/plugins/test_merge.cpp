@@ -6,6 +6,7 @@
 #include <graft/plugin.h>
 #include <torch/torch.h>
 
+#include "method_params.h"
 #include "models/families.h"
 #include "support.h"
 #include "tiny_models.h"
@@ -137,5 +138,44 @@ TEST_CASE("LoRA written for llama.cpp holds W + alpha/r B A in llama.cpp's tenso
       ++pairs;
     }
     CHECK(pairs == 3 * config.num_layers);
+  }
+}
+
+TEST_CASE("every mergeable method's merged model saves and loads with its outputs") {
+  graft::test::load_test_plugins();
+  using graft::test::params;
+  const std::vector<std::pair<std::string, Params>> methods = {
+      {"bitfit", params({{"add_missing", "true"}})},
+      {"ia3", params({})},
+      {"krona", params({{"targets", "[all-linear]"}})},
+      {"intrinsic_said", params({{"dim", "40"}})},
+      {"sparse", params({{"density", "0.1"}})},
+      {"lora", params({{"dora", "true"}, {"targets", "[attn.q, ffn.down]"}})},
+  };
+  for (const auto& [name, settings] : methods) {
+    for (const std::string family : {"llama", "gpt2", "bert"}) {
+      CAPTURE(name);
+      CAPTURE(family);
+      TempDir dir;
+      auto model = tiny_model(family, 7);
+      auto m = make_method(name, settings);
+      m->attach(*model);
+      {
+        torch::NoGradGuard ng;
+        for (auto& [key, t] : m->trainable_parameters()) t.add_(torch::randn_like(t) * 0.2);
+      }
+      const auto with_adapter = out_of(*model);
+      m->merge(*model);
+      if (name == "bitfit" && family == "llama") {  // Llama checkpoints hold no o/ffn biases
+        CHECK_THROWS_WITH_AS(save_hf_model(*model, dir / "merged"),
+                             doctest::Contains("tensor 'layers.0.attn.o.bias' has no place"),
+                             Error);
+        CHECK_FALSE(std::filesystem::exists(dir / "merged"));
+        continue;
+      }
+      save_hf_model(*model, dir / "merged");
+      auto merged = load_model((dir / "merged").string());
+      CHECK(torch::allclose(out_of(*merged.model), with_adapter, 1e-4, 1e-5));
+    }
   }
 }

@@ -49,7 +49,11 @@ std::vector<std::unique_ptr<Method>> apply_adapters(const po::variables_map& vm,
   if (!vm.count("adapter")) return methods;
   load_cli_plugins(vm);
   for (const auto& dir : vm["adapter"].as<std::vector<std::string>>())
-    for (auto& m : load_adapter(dir, model)) methods.push_back(std::move(m));
+    for (auto& m : load_adapter(dir, model)) {
+      const auto line = m->report();  // e.g. the memory a quantised base saves
+      if (!line.empty()) std::cerr << line << "\n";
+      methods.push_back(std::move(m));
+    }
   return methods;
 }
 
