@@ -158,6 +158,17 @@ class PrefixTuning : public HookMethod {
     HookMethod::load_state(state, source);
   }
 
+  /// A checkpoint holds the MLP itself (the flat prefix cannot be turned back into it).
+  void load_checkpoint_state(const io::TensorMap& all, const std::string& source) override {
+    torch::NoGradGuard no_grad;
+    for (auto& [name, t] : trainable_parameters()) {
+      auto it = all.find("train." + name);
+      if (it == all.end())
+        throw FileError(source, "prefix_tuning: missing tensor 'train." + name + "'");
+      t.copy_(it->second);
+    }
+  }
+
   const Config& settings() const { return c_; }
 
  private:

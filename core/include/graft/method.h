@@ -53,6 +53,11 @@ class Method {
   /// Runs the calibration: `loss` computes the loss of the next training batch (a scalar with
   /// a graph); the method calls it as often as it needs.
   virtual void calibrate(Model& /*model*/, const std::function<at::Tensor()>& /*loss*/) {}
+  /// Everything needed to continue training exactly (checkpoints): by default state() plus every
+  /// trainable tensor as "train.<name>".
+  virtual io::TensorMap checkpoint_state();
+  /// Restores checkpoint_state() onto a freshly attached method.
+  virtual void load_checkpoint_state(const io::TensorMap& state, const std::string& source);
   /// One line for the run log about what attach() did beyond adding parameters (the memory a
   /// quantised base saves); empty when there is nothing to say.
   virtual std::string report() const { return {}; }

@@ -14,6 +14,9 @@ namespace {
 constexpr const char* kUsage = R"(usage: graft <command> [options]
 
 commands:
+  run        train, evaluate and save as a YAML recipe says (key.path=value overrides)
+  validate   check a recipe (keys, values, files, model, methods) without running it
+  eval       evaluate a model, with adapters, on a recipe's eval data
   generate   continue a prompt with a model (greedy or sampled)
   inspect    show a model file's family, configuration, tensors and sites
   forward    run one forward pass and write logits and hidden states to safetensors
@@ -47,6 +50,9 @@ int main(int argc, char** argv) {
   const std::string command = args[0];
   args.erase(args.begin());
   try {
+    if (command == "run") return cli::run_run(args);
+    if (command == "validate") return cli::run_validate(args);
+    if (command == "eval") return cli::run_eval(args);
     if (command == "generate") return cli::run_generate(args);
     if (command == "inspect") return cli::run_inspect(args);
     if (command == "forward") return cli::run_forward(args);

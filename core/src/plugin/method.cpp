@@ -15,6 +15,25 @@ void Method::unmerge(Model&) {
   throw Error(name() + ": this method cannot be merged into the base weights");
 }
 
+io::TensorMap Method::checkpoint_state() {
+  auto out = state();
+  for (const auto& [name, t] : trainable_parameters()) out["train." + name] = t;
+  return out;
+}
+
+void Method::load_checkpoint_state(const io::TensorMap& all, const std::string& source) {
+  io::TensorMap state, train;
+  for (const auto& [key, t] : all)
+    (key.rfind("train.", 0) == 0 ? train[key.substr(6)] : state[key]) = t;
+  load_state(state, source);
+  torch::NoGradGuard no_grad;
+  for (auto& [name, t] : trainable_parameters()) {
+    auto it = train.find(name);
+    if (it == train.end()) throw FileError(source, this->name() + ": missing tensor 'train." + name + "'");
+    t.copy_(it->second);
+  }
+}
+
 void HookMethod::add_hook(Model& model, const std::string& site, std::shared_ptr<Hook> hook,
                           Claim claim) {
   model.attach(site, hook, name(), claim);

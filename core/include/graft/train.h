@@ -1,0 +1,40 @@
+// Running recipes: training with evaluation, checkpoints and exact resume, writing a run folder;
+// and evaluating a model (with adapters) on a recipe's data.
+//
+// A run folder (output.dir) holds:
+//   recipe.yaml      the resolved recipe (includes and overrides applied)
+//   manifest.json    graft version, git commit, libtorch version, plugins, hardware, seed, command
+//   metrics.jsonl    one JSON object per log or evaluation (deterministic: no timings)
+//   summary.json     final metrics, eval before/after, samples, trainable parameters, timings
+//   adapter/         the trained methods (graft adapter folder; task_head.safetensors when a
+//                    classification head was trained)
+//   checkpoints/step-N/  methods' training state, optimizer state, RNG state, data position
+// Every file is written atomically.
+#pragma once
+
+#include <graft/recipe.h>
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace graft {
+
+struct RunOptions {
+  bool resume = false;       ///< continue from the run folder's latest checkpoint
+  std::int64_t stop_at = 0;  ///< stop after this step with a checkpoint, as if interrupted
+  bool progress = true;      ///< a progress bar on a terminal (plain lines otherwise)
+  std::string command_line;  ///< recorded in the manifest
+};
+
+/// Trains, evaluates and saves as the recipe says. Returns summary.json's content. Errors: a
+/// ParamError/FileError for a bad recipe, model or data (before any work starts); an Error when
+/// the loss stops being finite (the last good checkpoint is kept and named).
+nlohmann::json run_recipe(const Recipe& recipe, const RunOptions& options);
+
+/// Evaluates the recipe's model, with the given adapter folders loaded (none: the base model),
+/// on the recipe's eval split. Returns {"metrics": {...}, "examples": n}.
+nlohmann::json evaluate_recipe(const Recipe& recipe, const std::vector<std::string>& adapters);
+
+}  // namespace graft

@@ -1,0 +1,128 @@
+// graft run, graft validate, graft eval: recipes from the command line.
+#include <graft/load.h>
+#include <graft/plugin.h>
+#include <graft/recipe.h>
+#include <graft/train.h>
+#include <torch/torch.h>
+
+#include <iostream>
+
+#include "cli/options.h"
+
+namespace graft::cli {
+namespace {
+
+// The recipe file and the key=value overrides that follow it.
+struct RecipeArgs {
+  std::string file;
+  std::vector<std::string> overrides;
+};
+
+RecipeArgs recipe_args(const po::variables_map& vm) {
+  if (!vm.count("recipe")) throw UsageError("give a recipe file: graft <command> recipe.yaml [key=value ...]");
+  auto all = vm["recipe"].as<std::vector<std::string>>();
+  RecipeArgs r{all.front(), {all.begin() + 1, all.end()}};
+  for (const auto& o : r.overrides)
+    if (o.find('=') == std::string::npos)
+      throw UsageError("\"" + o + "\" is not an override; write key.path=value (train.lr=3e-4)");
+  return r;
+}
+
+Recipe read(const po::variables_map& vm) {
+  load_cli_plugins(vm);
+  const auto a = recipe_args(vm);
+  auto params = load_recipe(a.file, a.overrides);
+  return Recipe::from_params(params, a.file);
+}
+
+std::string joined(const Args& args) {
+  std::string s = "graft";
+  for (const auto& a : args) s += " " + a;
+  return s;
+}
+
+}  // namespace
+
+int run_run(const Args& args) {
+  po::options_description desc("options");
+  desc.add_options()("resume", "continue the run in output.dir from its latest checkpoint")(
+      "stop-at", po::value<std::int64_t>()->default_value(0),
+      "stop after this step, leaving a checkpoint (as if interrupted)")(
+      "recipe", po::value<std::vector<std::string>>(), "recipe file, then key=value overrides");
+  po::positional_options_description pos;
+  pos.add("recipe", -1);
+  po::variables_map vm;
+  if (!parse(args, desc, vm, "usage: graft run recipe.yaml [key.path=value ...] [--resume]", &pos))
+    return 0;
+  set_threads(vm["threads"].as<int>());
+  const auto recipe = read(vm);
+  RunOptions o;
+  o.resume = vm.count("resume") > 0;
+  o.stop_at = vm["stop-at"].as<std::int64_t>();
+  o.command_line = joined(args);
+  run_recipe(recipe, o);
+  return 0;
+}
+
+int run_validate(const Args& args) {
+  po::options_description desc("options");
+  desc.add_options()("recipe", po::value<std::vector<std::string>>(),
+                     "recipe file, then key=value overrides");
+  po::positional_options_description pos;
+  pos.add("recipe", -1);
+  po::variables_map vm;
+  if (!parse(args, desc, vm, "usage: graft validate recipe.yaml [key.path=value ...]", &pos))
+    return 0;
+  const auto recipe = read(vm);
+  // The model and the methods too: sites, widths and conflicting claims are checked by
+  // attaching (nothing is trained or written).
+  LoadOptions lo;
+  lo.family = recipe.model.family;
+  LoadedModel loaded;
+  try {
+    loaded = load_model(recipe.model.path, lo);
+  } catch (const FileError&) {
+    throw;
+  } catch (const Error& e) {
+    recipe.params.at("model").at("path").fail(e.what());
+  }
+  for (const auto& item : recipe.methods.items()) {
+    auto m = make_method(item.at("name").as_string(), item);
+    try {
+      m->attach(*loaded.model);
+    } catch (const ParamError&) {
+      throw;
+    } catch (const Error& e) {
+      item.fail(e.what());
+    }
+    m.release();  // stays attached so that later methods meet its claims
+  }
+  std::cout << recipe.file.string() << ": valid (" << recipe.methods.items().size() << " method"
+            << (recipe.methods.items().size() == 1 ? "" : "s") << ", " << recipe.task.train.size()
+            << " training file" << (recipe.task.train.size() == 1 ? "" : "s") << ", output "
+            << recipe.output.dir.string() << ")\n";
+  return 0;
+}
+
+int run_eval(const Args& args) {
+  po::options_description desc("options");
+  desc.add_options()("adapter", po::value<std::vector<std::string>>(),
+                     "adapter folder to load (repeatable; none: the base model)")(
+      "recipe", po::value<std::vector<std::string>>(), "recipe file, then key=value overrides");
+  po::positional_options_description pos;
+  pos.add("recipe", -1);
+  po::variables_map vm;
+  if (!parse(args, desc, vm,
+             "usage: graft eval recipe.yaml [key.path=value ...] [--adapter DIR]\n"
+             "Evaluates the recipe's model (with the adapters) on the recipe's eval data.",
+             &pos))
+    return 0;
+  set_threads(vm["threads"].as<int>());
+  const auto recipe = read(vm);
+  std::vector<std::string> adapters;
+  if (vm.count("adapter")) adapters = vm["adapter"].as<std::vector<std::string>>();
+  std::cout << evaluate_recipe(recipe, adapters).dump(2) << "\n";
+  return 0;
+}
+
+}  // namespace graft::cli

@@ -1,0 +1,424 @@
+// Recipes: YAML into settings trees with sources, includes, overrides, and the validated schema.
+#include <graft/error.h>
+#include <graft/io/file.h>
+#include <graft/plugin.h>
+#include <graft/recipe.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <regex>
+#include <sstream>
+
+#include "build_config.h"
+
+namespace graft {
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string child_path(const std::string& parent, const std::string& key) {
+  return parent.empty() ? key : parent + "." + key;
+}
+
+Params from_yaml(const YAML::Node& node, const std::string& file, const std::string& path) {
+  const auto mark = node.Mark();
+  const Source src{file, mark.line + 1, mark.column + 1};
+  switch (node.Type()) {
+    case YAML::NodeType::Map: {
+      auto p = Params::map(path, src);
+      for (const auto& kv : node) {
+        const auto key = kv.first.as<std::string>();
+        if (p.has(key)) {
+          const auto km = kv.first.Mark();
+          Params::scalar(key, child_path(path, key), Source{file, km.line + 1, km.column + 1})
+              .fail("this key is given twice");
+        }
+        p.set(key, from_yaml(kv.second, file, child_path(path, key)));
+      }
+      return p;
+    }
+    case YAML::NodeType::Sequence: {
+      auto p = Params::list(path, src);
+      std::size_t i = 0;
+      for (const auto& item : node)
+        p.add(from_yaml(item, file, path + "[" + std::to_string(i++) + "]"));
+      return p;
+    }
+    case YAML::NodeType::Scalar:
+      return Params::scalar(node.Scalar(), path, src, node.Tag() == "!");
+    default:
+      return Params();
+  }
+}
+
+YAML::Node parse_yaml(const std::string& text, const std::string& file) {
+  try {
+    return YAML::Load(text);
+  } catch (const YAML::ParserException& e) {
+    throw FileError(file + ":" + std::to_string(e.mark.line + 1) + ":" +
+                        std::to_string(e.mark.column + 1),
+                    "YAML syntax: " + e.msg);
+  }
+}
+
+// `over` wins: maps merge key by key, anything else replaces.
+Params merge(const Params& base, const Params& over) {
+  if (base.kind() != Params::Kind::map || over.kind() != Params::Kind::map) return over;
+  auto out = base;
+  for (const auto& [key, v] : over.entries()) {
+    if (base.has(key) && base.at(key).kind() == Params::Kind::map &&
+        v.kind() == Params::Kind::map)
+      out.set(key, merge(base.at(key), v));
+    else
+      out.set(key, v);
+  }
+  return out;
+}
+
+Params without(const Params& map, const std::string& drop) {
+  auto out = Params::map(map.path(), map.source());
+  for (const auto& [k, v] : map.entries())
+    if (k != drop) out.set(k, v);
+  return out;
+}
+
+Params load_with_includes(const fs::path& path, std::vector<fs::path>& chain) {
+  const auto canonical = fs::weakly_canonical(path);
+  if (std::find(chain.begin(), chain.end(), canonical) != chain.end())
+    throw FileError(path.string(), "includes itself (through " + chain.back().string() + ")");
+  chain.push_back(canonical);
+  auto p = read_yaml(path);
+  if (p.kind() != Params::Kind::map)
+    throw FileError(path.string(), "a recipe is a map of keys (model, task, methods, train, ...)");
+  if (p.has("include")) {
+    Params merged = Params::map("", Source{path.string(), 1, 1});
+    for (const auto& inc : p.at("include").as_strings()) {
+      auto file = path.parent_path() / inc;
+      if (!fs::exists(file)) p.at("include").fail("no such file: " + file.string());
+      merged = merge(merged, load_with_includes(file, chain));
+    }
+    p = merge(merged, without(p, "include"));
+  }
+  chain.pop_back();
+  return p;
+}
+
+// One component of an override path: a key or a list index.
+struct Step {
+  std::string key;
+  std::int64_t index = -1;
+};
+
+std::vector<Step> parse_key_path(const std::string& text, const std::string& override_text) {
+  std::vector<Step> steps;
+  static const std::regex part(R"(([A-Za-z_][A-Za-z0-9_+\-]*)((\[[0-9]+\])*))");
+  std::stringstream ss(text);
+  std::string piece;
+  while (std::getline(ss, piece, '.')) {
+    std::smatch m;
+    if (!std::regex_match(piece, m, part))
+      throw ParamError("command line: \"" + override_text +
+                       "\": expected key.path=value, e.g. train.lr=3e-4 or methods[0].r=16");
+    steps.push_back({m[1].str()});
+    std::string rest = m[2].str();
+    static const std::regex index(R"(\[([0-9]+)\])");
+    for (std::sregex_iterator it(rest.begin(), rest.end(), index), end; it != end; ++it)
+      steps.push_back({"", std::stoll((*it)[1].str())});
+  }
+  return steps;
+}
+
+// Rebuilds `node` with the value at `steps[i..]` replaced.
+Params replace(const Params& node, const std::vector<Step>& steps, std::size_t i,
+               const Params& value, const std::string& path, const std::string& override_text) {
+  if (i == steps.size()) return value;
+  const auto& s = steps[i];
+  if (s.index >= 0) {
+    if (node.kind() != Params::Kind::list || s.index > static_cast<std::int64_t>(node.items().size()))
+      throw ParamError("command line: \"" + override_text + "\": " + path + " has no item " +
+                       std::to_string(s.index));
+    auto out = Params::list(node.path(), node.source());
+    const auto sub = path + "[" + std::to_string(s.index) + "]";
+    for (std::size_t j = 0; j < node.items().size(); ++j)
+      out.add(static_cast<std::int64_t>(j) == s.index
+                  ? replace(node.items()[j], steps, i + 1, value, sub, override_text)
+                  : node.items()[j]);
+    if (s.index == static_cast<std::int64_t>(node.items().size()))
+      out.add(replace(Params(), steps, i + 1, value, sub, override_text));
+    return out;
+  }
+  if (node.kind() != Params::Kind::map && !node.is_null())
+    throw ParamError("command line: \"" + override_text + "\": " + path + " is not a map");
+  auto out = node.is_null() ? Params::map(path, Source{"command line", 0, 0}) : node;
+  const auto sub = child_path(path, s.key);
+  const Params child = node.has(s.key) ? node.at(s.key) : Params();
+  out.set(s.key, replace(child, steps, i + 1, value, sub, override_text));
+  return out;
+}
+
+// Data files: as given (relative to the recipe), else on the data search path.
+std::vector<fs::path> data_search_path(const fs::path& recipe_dir) {
+  std::vector<fs::path> dirs = {recipe_dir};
+  if (const char* env = std::getenv("GRAFT_DATA")) {
+    std::stringstream ss(env);
+    std::string item;
+    while (std::getline(ss, item, ':'))
+      if (!item.empty()) dirs.emplace_back(item);
+  }
+  dirs.push_back(fs::path(GRAFT_DEFAULT_SHARED_DIR) / "data");
+  dirs.emplace_back(GRAFT_SOURCE_DATA_DIR);
+  dirs.emplace_back("data");
+  return dirs;
+}
+
+bool has_glob(const std::string& s) { return s.find_first_of("*?") != std::string::npos; }
+
+// Expands one data entry ("sotu/19*.txt") to existing files, sorted.
+std::vector<fs::path> expand(const Params& where, const std::string& entry,
+                             const fs::path& recipe_dir) {
+  std::vector<fs::path> tried;
+  for (const auto& dir : data_search_path(recipe_dir)) {
+    const auto full = fs::path(entry).is_absolute() ? fs::path(entry) : dir / entry;
+    tried.push_back(full.parent_path());
+    if (!has_glob(full.filename().string())) {
+      if (fs::is_regular_file(full)) return {full};
+      if (fs::is_directory(full)) {
+        std::vector<fs::path> files;
+        for (const auto& e : fs::directory_iterator(full))
+          if (e.is_regular_file()) files.push_back(e.path());
+        std::sort(files.begin(), files.end());
+        if (!files.empty()) return files;
+      }
+    } else if (fs::is_directory(full.parent_path())) {
+      std::vector<fs::path> files;
+      for (const auto& e : fs::directory_iterator(full.parent_path()))
+        if (e.is_regular_file() && glob_match(full.filename().string(), e.path().filename().string()))
+          files.push_back(e.path());
+      std::sort(files.begin(), files.end());
+      if (!files.empty()) return files;
+    }
+    if (fs::path(entry).is_absolute()) break;
+  }
+  std::string places;
+  for (const auto& t : tried) places += (places.empty() ? "" : ", ") + t.string();
+  where.fail("no data file matches \"" + entry + "\" (looked in " + places +
+             "; run scripts/fetch-data.sh for the public data sets, or set GRAFT_DATA)");
+}
+
+std::vector<fs::path> data_files(const Params& task, const std::string& key,
+                                 const fs::path& recipe_dir) {
+  std::vector<fs::path> out;
+  if (!task.has(key)) return out;
+  const auto& node = task.at(key);
+  for (const auto& entry : node.as_strings()) {
+    auto files = expand(node, entry, recipe_dir);
+    out.insert(out.end(), files.begin(), files.end());
+  }
+  return out;
+}
+
+double positive_double(const Params& p, const std::string& key, double fallback) {
+  if (!p.has(key)) return fallback;
+  const auto v = p.at(key).as_double();
+  if (!(v > 0)) p.at(key).fail("expected a positive number, got \"" + p.at(key).text() + "\"");
+  return v;
+}
+
+std::int64_t non_negative(const Params& p, const std::string& key, std::int64_t fallback) {
+  return p.has(key) ? p.at(key).as_non_negative_int() : fallback;
+}
+
+const Params& section(const Params& root, const std::string& key) {
+  static const Params empty;
+  if (!root.has(key)) return empty;
+  const auto& s = root.at(key);
+  if (s.kind() != Params::Kind::map) s.fail("expected a map of settings");
+  return s;
+}
+
+}  // namespace
+
+Params read_yaml(const fs::path& path) {
+  if (!fs::exists(path)) throw FileError(path.string(), "no such file");
+  const auto text = io::read_text_file(path);
+  return from_yaml(parse_yaml(text, path.string()), path.string(), "");
+}
+
+namespace {
+void emit(YAML::Emitter& out, const Params& p) {
+  switch (p.kind()) {
+    case Params::Kind::map:
+      out << YAML::BeginMap;
+      for (const auto& [k, v] : p.entries()) {
+        out << YAML::Key << k << YAML::Value;
+        emit(out, v);
+      }
+      out << YAML::EndMap;
+      break;
+    case Params::Kind::list:
+      out << YAML::BeginSeq;
+      for (const auto& v : p.items()) emit(out, v);
+      out << YAML::EndSeq;
+      break;
+    case Params::Kind::scalar:
+      out << p.text();
+      break;
+    default:
+      out << YAML::Null;
+  }
+}
+}  // namespace
+
+std::string to_yaml(const Params& params) {
+  YAML::Emitter out;
+  emit(out, params);
+  return std::string(out.c_str()) + "\n";
+}
+
+Params load_recipe(const fs::path& path, const std::vector<std::string>& overrides) {
+  std::vector<fs::path> chain;
+  auto p = load_with_includes(path, chain);
+  for (const auto& o : overrides) {
+    const auto eq = o.find('=');
+    if (eq == std::string::npos || eq == 0)
+      throw ParamError("command line: \"" + o +
+                       "\": expected key.path=value, e.g. train.lr=3e-4 or methods[0].r=16");
+    const auto key = o.substr(0, eq);
+    auto value = from_yaml(parse_yaml(o.substr(eq + 1), "command line"), "command line", key);
+    if (value.is_null()) value = Params::scalar("", key, Source{"command line", 0, 0});
+    p = replace(p, parse_key_path(key, o), 0, value, "", o);
+  }
+  return p;
+}
+
+Recipe Recipe::from_params(const Params& p, const fs::path& file) {
+  Recipe r;
+  r.file = file;
+  r.params = p;
+  const auto dir = file.parent_path();
+  p.check_keys({"seed", "model", "task", "methods", "train", "eval", "generate", "output",
+                "checkpoint"});
+  r.seed = static_cast<std::uint64_t>(non_negative(p, "seed", 0));
+
+  const auto& m = section(p, "model");
+  m.check_keys({"path", "family", "dtype", "device"});
+  if (!m.has("path")) (p.has("model") ? m : p).fail("model.path is required: a model file, folder or name");
+  r.model.path = m.at("path").as_string();
+  r.model.family = m.has("family") ? m.at("family").as_choice({"llama", "gpt2", "bert"}) : "";
+  r.model.dtype = m.get_choice("dtype", {"float32", "bfloat16", "float16"}, "float32");
+  r.model.device = m.get_string("device", "cpu");
+  {
+    static const std::regex device(R"(cpu|cuda(:[0-9]+)?)");
+    if (!std::regex_match(r.model.device, device))
+      m.at("device").fail("expected cpu, cuda or cuda:N, got \"" + r.model.device + "\"");
+  }
+
+  const auto& t = section(p, "task");
+  t.check_keys({"kind", "train", "eval", "eval_fraction", "format", "columns", "text_field",
+                "label_field", "prompt_field", "response_field", "label_rule", "num_labels",
+                "max_length", "packing", "max_documents"});
+  r.task.kind = t.get_choice("kind", {"causal_lm", "sequence_classification", "instruction"},
+                             "causal_lm");
+  if (!t.has("train")) (p.has("task") ? t : p).fail("task.train is required: the training data files");
+  r.task.format = t.get_choice("format", {"text", "tsv", "csv", "jsonl", "json"},
+                               r.task.kind == "instruction" ? "jsonl" : "text");
+  if (r.task.kind != "causal_lm" && r.task.format == "text")
+    t.at("format").fail(r.task.kind + " needs labelled records: use tsv, csv, jsonl or json");
+  r.task.train = data_files(t, "train", dir);
+  r.task.eval = data_files(t, "eval", dir);
+  if (t.has("eval_fraction")) {
+    r.task.eval_fraction = t.at("eval_fraction").as_probability();
+    if (!r.task.eval.empty())
+      t.at("eval_fraction").fail("give either task.eval files or task.eval_fraction, not both");
+  }
+  r.task.columns = t.get_strings("columns", {});
+  r.task.text_field = t.get_string("text_field", "text");
+  r.task.label_field = t.get_string("label_field", "label");
+  r.task.prompt_field = t.get_string("prompt_field", "prompt");
+  r.task.response_field = t.get_string("response_field", "response");
+  r.task.label_rule = t.get_choice("label_rule", {"none", "sign"}, "none");
+  r.task.num_labels = t.get_positive_int("num_labels", 2);
+  if (r.task.kind == "sequence_classification" && r.task.num_labels < 2)
+    t.at("num_labels").fail("a classifier needs at least 2 labels");
+  r.task.max_length = t.get_positive_int("max_length", 128);
+  if (r.task.max_length < 2) t.at("max_length").fail("expected at least 2 tokens");
+  r.task.packing = t.get_bool("packing", true);
+  r.task.max_documents = non_negative(t, "max_documents", 0);
+
+  if (!p.has("methods")) p.fail("methods is required: a list such as [{name: lora, r: 8}]");
+  r.methods = p.at("methods");
+  if (r.methods.kind() != Params::Kind::list || r.methods.items().empty())
+    r.methods.fail("expected a list of methods, each a map with a name");
+  for (const auto& method : r.methods.items()) {
+    if (method.kind() != Params::Kind::map || !method.has("name"))
+      method.fail("expected a map with a name, e.g. {name: lora, r: 8}");
+    make_method(method.at("name").as_string(), method);  // validates the method's own keys
+  }
+
+  const auto& tr = section(p, "train");
+  tr.check_keys({"steps", "epochs", "batch_size", "gradient_accumulation", "optimizer", "lr",
+                 "weight_decay", "momentum", "beta1", "beta2", "eps", "schedule",
+                 "warmup_steps", "max_grad_norm", "log_every"});
+  r.train.steps = non_negative(tr, "steps", 0);
+  r.train.epochs = tr.get_positive_int("epochs", 1);
+  if (tr.has("steps") && tr.has("epochs"))
+    tr.at("epochs").fail("give either train.steps or train.epochs, not both");
+  r.train.batch_size = tr.get_positive_int("batch_size", 8);
+  r.train.gradient_accumulation = tr.get_positive_int("gradient_accumulation", 1);
+  r.train.optimizer = tr.get_choice("optimizer", {"adamw", "sgd"}, "adamw");
+  r.train.lr = positive_double(tr, "lr", 1e-3);
+  if (tr.has("weight_decay") && tr.at("weight_decay").as_double() < 0)
+    tr.at("weight_decay").fail("expected a number >= 0");
+  r.train.weight_decay = tr.get_double("weight_decay", 0.0);
+  r.train.momentum = tr.has("momentum") ? tr.at("momentum").as_probability() : 0.0;
+  r.train.beta1 = tr.has("beta1") ? tr.at("beta1").as_probability() : 0.9;
+  r.train.beta2 = tr.has("beta2") ? tr.at("beta2").as_probability() : 0.999;
+  r.train.eps = positive_double(tr, "eps", 1e-8);
+  r.train.schedule = tr.get_choice("schedule", {"constant", "linear", "cosine"}, "constant");
+  r.train.warmup_steps = non_negative(tr, "warmup_steps", 0);
+  if (tr.has("max_grad_norm") && tr.at("max_grad_norm").as_double() < 0)
+    tr.at("max_grad_norm").fail("expected a number >= 0 (0 turns clipping off)");
+  r.train.max_grad_norm = tr.get_double("max_grad_norm", 1.0);
+  r.train.log_every = tr.get_positive_int("log_every", 10);
+  if (r.train.steps && r.train.warmup_steps > r.train.steps)
+    tr.at("warmup_steps").fail("warmup_steps " + std::to_string(r.train.warmup_steps) +
+                               " is longer than the " + std::to_string(r.train.steps) + " steps");
+
+  const auto& ev = section(p, "eval");
+  ev.check_keys({"every", "batches", "metrics"});
+  r.eval.every = non_negative(ev, "every", 0);
+  r.eval.batches = non_negative(ev, "batches", 0);
+  const std::vector<std::string> lm = {"loss", "perplexity", "accuracy"},
+                                 cls = {"loss", "accuracy", "f1"};
+  const auto& allowed = r.task.kind == "sequence_classification" ? cls : lm;
+  r.eval.metrics = ev.get_strings("metrics", r.task.kind == "sequence_classification"
+                                                 ? std::vector<std::string>{"loss", "accuracy", "f1"}
+                                                 : std::vector<std::string>{"loss", "perplexity"});
+  if (ev.has("metrics"))
+    for (std::size_t i = 0; i < r.eval.metrics.size(); ++i) {
+      const auto& node = ev.at("metrics").kind() == Params::Kind::list
+                             ? ev.at("metrics").items()[i]
+                             : ev.at("metrics");
+      node.as_choice(allowed);
+    }
+
+  const auto& g = section(p, "generate");
+  g.check_keys({"prompt", "max_new_tokens"});
+  r.generate.prompt = g.get_string("prompt", "");
+  r.generate.max_new_tokens = g.get_positive_int("max_new_tokens", 48);
+
+  const auto& o = section(p, "output");
+  o.check_keys({"dir", "save_adapter"});
+  r.output.dir = o.has("dir") ? fs::path(o.at("dir").as_string())
+                              : fs::path("runs") / file.stem();
+  r.output.save_adapter = o.get_bool("save_adapter", true);
+
+  const auto& c = section(p, "checkpoint");
+  c.check_keys({"every", "keep"});
+  r.checkpoint.every = non_negative(c, "every", 0);
+  r.checkpoint.keep = c.get_positive_int("keep", 2);
+  return r;
+}
+
+}  // namespace graft

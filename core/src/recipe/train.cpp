@@ -1,0 +1,675 @@
+// Running recipes: the training loop, evaluation, checkpoints, resume and the run folder.
+#include <ATen/CPUGeneratorImpl.h>
+#include <graft/adapter.h>
+#include <graft/data.h>
+#include <graft/error.h>
+#include <graft/generate.h>
+#include <graft/io/file.h>
+#include <graft/io/safetensors.h>
+#include <graft/load.h>
+#include <graft/plugin.h>
+#include <graft/train.h>
+#include <graft/version.h>
+#include <sys/resource.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+#include <thread>
+
+#include "build_config.h"
+
+namespace graft {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// A linear classifier on the pooled hidden state, for models without a classification head of
+// the task's width (a causal LM classifying by its last token). Saved beside the adapter.
+struct TaskHeadImpl : torch::nn::Module {
+  TaskHeadImpl(std::int64_t d, std::int64_t labels) {
+    linear = register_module("linear", torch::nn::Linear(d, labels));
+  }
+  torch::nn::Linear linear{nullptr};
+};
+TORCH_MODULE(TaskHead);
+
+const char* kHeadFile = "task_head.safetensors";
+
+c10::ScalarType dtype_of(const std::string& name) {
+  if (name == "bfloat16") return torch::kBFloat16;
+  if (name == "float16") return torch::kHalf;
+  return torch::kFloat;
+}
+
+// Everything a run or an evaluation works with.
+struct Session {
+  LoadedModel loaded;
+  std::vector<std::unique_ptr<Method>> methods;
+  TaskHead head{nullptr};
+  bool classification = false;
+  bool model_head = false;  // the model's own classifier has the task's width
+  std::int64_t pad_id = 0;
+  torch::Device device = torch::kCPU;
+  Model& model() { return *loaded.model; }
+};
+
+Session open_session(const Recipe& r) {
+  Session s;
+  s.device = torch::Device(r.model.device);
+  if (s.device.is_cuda() && !torch::cuda::is_available())
+    r.params.at("model").at("device").fail("this machine has no CUDA device (or libtorch has no CUDA)");
+  LoadOptions lo;
+  lo.family = r.model.family;
+  lo.dtype = dtype_of(r.model.dtype);
+  lo.device = s.device;
+  try {
+    s.loaded = load_model(r.model.path, lo);
+  } catch (const FileError&) {
+    throw;
+  } catch (const Error& e) {
+    r.params.at("model").at("path").fail(e.what());
+  }
+  if (!s.loaded.tokenizer)
+    r.params.at("model").at("path").fail("the model carries no tokenizer; graft needs one to read text data");
+  s.pad_id = s.loaded.tokenizer->pad_id() >= 0 ? s.loaded.tokenizer->pad_id() : 0;
+  s.classification = r.task.kind == "sequence_classification";
+  const auto& c = s.model().config();
+  s.model_head = s.classification && c.num_labels == r.task.num_labels;
+  if (!s.classification && c.family == "bert")
+    r.params.at("task").at("kind").fail("bert models are encoders: use sequence_classification");
+  return s;
+}
+
+void attach_methods(Session& s, const Recipe& r) {
+  const auto& items = r.methods.items();
+  for (const auto& item : items) {
+    auto m = make_method(item.at("name").as_string(), item);
+    try {
+      m->attach(s.model());
+    } catch (const ParamError&) {
+      throw;
+    } catch (const Error& e) {
+      item.fail(e.what());  // a conflicting claim, a site the method cannot use
+    }
+    s.methods.push_back(std::move(m));
+  }
+  if (s.classification && !s.model_head) {
+    s.head = TaskHead(s.model().config().hidden_size, r.task.num_labels);
+    s.head->to(s.device);
+  }
+}
+
+// The logits the task's loss reads: [B, T, V] for language modelling, [B, labels] otherwise.
+at::Tensor task_logits(Session& s, const Batch& b) {
+  auto out = s.model().forward({b.input_ids, b.attention_mask, {}, {}}, nullptr);
+  if (!s.classification) return out.logits;
+  if (s.model_head) return out.logits;
+  at::Tensor pooled;
+  if (s.model().causal()) {
+    auto last = b.attention_mask.sum(1) - 1;  // right padding: the last real token
+    pooled = out.hidden.index({torch::arange(out.hidden.size(0), last.options()), last});
+  } else {
+    pooled = out.pooled.defined() ? out.pooled : out.hidden.select(1, 0);
+  }
+  return s.head->linear(pooled.to(s.head->linear->weight.dtype()));
+}
+
+struct LossParts {
+  at::Tensor loss;       // mean over the batch's targets
+  std::int64_t targets;  // tokens or examples scored
+};
+
+LossParts task_loss(Session& s, const Batch& b) {
+  auto logits = task_logits(s, b).to(torch::kFloat);
+  if (s.classification) return {torch::cross_entropy_loss(logits, b.labels), b.labels.size(0)};
+  auto pred = logits.slice(1, 0, -1).reshape({-1, logits.size(-1)});
+  auto target = b.labels.slice(1, 1).reshape({-1});
+  const auto n = target.ne(-100).sum().item<std::int64_t>();
+  auto loss = torch::nn::functional::cross_entropy(
+      pred, target,
+      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
+  return {loss / std::max<std::int64_t>(n, 1), n};
+}
+
+Batch to_device(Batch b, const torch::Device& d) {
+  b.input_ids = b.input_ids.to(d);
+  b.attention_mask = b.attention_mask.to(d);
+  b.labels = b.labels.to(d);
+  return b;
+}
+
+void set_training(Session& s, bool on) {
+  for (auto& m : s.methods) m->set_training(on);
+  if (s.head) s.head->train(on);
+}
+
+json evaluate(Session& s, const std::vector<Example>& data, std::int64_t batch_size,
+              std::int64_t max_batches, const std::vector<std::string>& metrics) {
+  torch::NoGradGuard no_grad;
+  set_training(s, false);
+  double loss_sum = 0;
+  std::int64_t scored = 0, correct = 0, batches = 0;
+  std::vector<std::int64_t> tp, fp, fn;
+  for (std::size_t at = 0; at < data.size(); at += batch_size) {
+    if (max_batches > 0 && batches++ >= max_batches) break;
+    std::vector<std::size_t> which;
+    for (std::size_t i = at; i < std::min(data.size(), at + batch_size); ++i) which.push_back(i);
+    auto b = to_device(make_batch(data, which, s.pad_id, s.classification), s.device);
+    auto logits = task_logits(s, b).to(torch::kFloat);
+    if (s.classification) {
+      loss_sum += torch::cross_entropy_loss(logits, b.labels, {}, at::Reduction::Sum).item<double>();
+      auto pred = logits.argmax(-1).cpu();
+      auto gold = b.labels.cpu();
+      const auto k = logits.size(-1);
+      tp.resize(k), fp.resize(k), fn.resize(k);
+      for (std::int64_t i = 0; i < pred.size(0); ++i) {
+        const auto p = pred[i].item<std::int64_t>(), g = gold[i].item<std::int64_t>();
+        if (p == g) {
+          ++correct;
+          ++tp[p];
+        } else {
+          ++fp[p];
+          ++fn[g];
+        }
+      }
+      scored += pred.size(0);
+    } else {
+      auto pred = logits.slice(1, 0, -1).reshape({-1, logits.size(-1)});
+      auto target = b.labels.slice(1, 1).reshape({-1});
+      auto valid = target.ne(-100);
+      loss_sum += torch::nn::functional::cross_entropy(
+                      pred, target,
+                      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(
+                          torch::kSum))
+                      .item<double>();
+      correct += (pred.argmax(-1).eq(target) & valid).sum().item<std::int64_t>();
+      scored += valid.sum().item<std::int64_t>();
+    }
+  }
+  json out = json::object();
+  if (scored == 0) return out;
+  const double loss = loss_sum / scored;
+  for (const auto& m : metrics) {
+    if (m == "loss") out["loss"] = loss;
+    if (m == "perplexity") out["perplexity"] = std::exp(loss);
+    if (m == "accuracy") out["accuracy"] = static_cast<double>(correct) / scored;
+    if (m == "f1") {
+      // Binary: the F1 of class 1; more classes: the mean F1 over classes (macro).
+      auto f1 = [&](std::size_t c) {
+        const double d = 2.0 * tp[c] + fp[c] + fn[c];
+        return d > 0 ? 2.0 * tp[c] / d : 0.0;
+      };
+      double sum = 0;
+      for (std::size_t c = 0; c < tp.size(); ++c) sum += f1(c);
+      out["f1"] = tp.size() == 2 ? f1(1) : sum / std::max<std::size_t>(tp.size(), 1);
+    }
+  }
+  return out;
+}
+
+std::string sample(Session& s, const Recipe& r) {
+  if (r.generate.prompt.empty()) return {};
+  torch::NoGradGuard no_grad;
+  set_training(s, false);
+  auto ids = s.loaded.tokenizer->encode(r.generate.prompt, true);
+  GenerationOptions g;
+  g.max_new_tokens = r.generate.max_new_tokens;
+  if (s.loaded.tokenizer->eos_id() >= 0) g.stop_ids = {s.loaded.tokenizer->eos_id()};
+  auto out = generate(s.model(), torch::tensor(ids, torch::kLong).view({1, -1}).to(s.device), {}, g);
+  // Decoded together with the prompt, so that the first new token keeps its leading space.
+  auto row = out[0].cpu();
+  for (std::int64_t i = 0; i < row.size(0); ++i)
+    if (row[i].item<std::int64_t>() >= 0) ids.push_back(row[i].item<std::int64_t>());
+  return s.loaded.tokenizer->decode(ids);
+}
+
+std::vector<std::pair<std::string, at::Tensor>> trainable(Session& s) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (std::size_t i = 0; i < s.methods.size(); ++i)
+    for (auto& [name, t] : s.methods[i]->trainable_parameters())
+      out.emplace_back(std::to_string(i) + "." + name, t);
+  if (s.head)
+    for (const auto& p : s.head->named_parameters(true)) out.emplace_back("head." + p.key(), p.value());
+  return out;
+}
+
+double lr_at(const TrainSpec& t, std::int64_t step, std::int64_t total) {
+  // step counts from 0: the learning rate of the step about to be taken.
+  if (t.warmup_steps > 0 && step < t.warmup_steps)
+    return t.lr * static_cast<double>(step + 1) / static_cast<double>(t.warmup_steps);
+  const double span = std::max<std::int64_t>(1, total - t.warmup_steps);
+  const double progress = static_cast<double>(step - t.warmup_steps) / span;
+  if (t.schedule == "linear") return t.lr * std::max(0.0, 1.0 - progress);
+  if (t.schedule == "cosine") return t.lr * 0.5 * (1.0 + std::cos(M_PI * std::min(1.0, progress)));
+  return t.lr;
+}
+
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(const TrainSpec& t,
+                                                        const std::vector<at::Tensor>& params) {
+  if (t.optimizer == "sgd")
+    return std::make_unique<torch::optim::SGD>(
+        params, torch::optim::SGDOptions(t.lr).momentum(t.momentum).weight_decay(t.weight_decay));
+  return std::make_unique<torch::optim::AdamW>(
+      params, torch::optim::AdamWOptions(t.lr)
+                  .betas({t.beta1, t.beta2})
+                  .eps(t.eps)
+                  .weight_decay(t.weight_decay));
+}
+
+void set_lr(torch::optim::Optimizer& opt, double lr) {
+  for (auto& g : opt.param_groups()) g.options().set_lr(lr);
+}
+
+std::string git_commit() {
+  const std::string cmd = "git -C \"" + fs::path(GRAFT_SOURCE_DATA_DIR).parent_path().string() +
+                          "\" rev-parse HEAD 2>/dev/null";
+  std::string out;
+  if (FILE* p = popen(cmd.c_str(), "r")) {
+    char buf[128];
+    while (fgets(buf, sizeof buf, p)) out += buf;
+    pclose(p);
+  }
+  while (!out.empty() && std::isspace(static_cast<unsigned char>(out.back()))) out.pop_back();
+  return out.empty() ? "unknown" : out;
+}
+
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown";
+}
+
+json manifest(const Recipe& r, const RunOptions& o) {
+  json plugins = json::array();
+  for (const auto& m : registered_methods())
+    plugins.push_back({{"name", m.info.name}, {"version", m.info.version}, {"file", m.file.string()}});
+  return {{"graft_version", GRAFT_VERSION},
+          {"git_commit", git_commit()},
+          {"libtorch_version", TORCH_VERSION},
+          {"plugins", plugins},
+          {"hardware",
+           {{"cpu", cpu_model()},
+            {"cores", std::thread::hardware_concurrency()},
+            {"torch_threads", torch::get_num_threads()},
+            {"device", r.model.device}}},
+          {"seed", r.seed},
+          {"recipe", r.file.string()},
+          {"command", o.command_line}};
+}
+
+void write_json(const fs::path& path, const json& j) {
+  io::write_atomically(path, [&](std::ostream& out) { out << j.dump(2) << "\n"; });
+}
+
+void write_metrics(const fs::path& path, const std::vector<json>& lines) {
+  io::write_atomically(path, [&](std::ostream& out) {
+    for (const auto& l : lines) out << l.dump() << "\n";
+  });
+}
+
+std::string fixed(double v, int digits) {
+  std::ostringstream os;
+  os << std::fixed << std::setprecision(digits) << v;
+  return os.str();
+}
+
+std::string metrics_line(const json& m) {
+  std::string s;
+  for (const auto& [k, v] : m.items())
+    if (v.is_number()) s += (s.empty() ? "" : ", ") + k + " " + fixed(v.get<double>(), 4);
+  return s;
+}
+
+std::string duration(double seconds) {
+  const auto s = static_cast<std::int64_t>(seconds + 0.5);
+  std::ostringstream os;
+  os << s / 60 << ":" << std::setw(2) << std::setfill('0') << s % 60;
+  return os.str();
+}
+
+void save_head(Session& s, const fs::path& dir) {
+  if (!s.head) return;
+  io::TensorMap t;
+  for (const auto& p : s.head->named_parameters(true)) t[p.key()] = p.value().detach().cpu();
+  io::write_safetensors(dir / kHeadFile, t, {{"format", "graft-task-head"}});
+}
+
+void load_head(Session& s, const fs::path& dir) {
+  if (!s.head || !fs::exists(dir / kHeadFile)) return;
+  auto t = io::read_safetensors((dir / kHeadFile).string()).tensors;
+  torch::NoGradGuard no_grad;
+  for (auto& p : s.head->named_parameters(true)) {
+    auto it = t.find(p.key());
+    if (it == t.end() || it->second.sizes() != p.value().sizes())
+      throw FileError((dir / kHeadFile).string(), "does not hold a head of this task's shape");
+    p.value().copy_(it->second);
+  }
+}
+
+// --- checkpoints ---------------------------------------------------------------------------
+
+struct Position {
+  std::int64_t step = 0;           // optimizer steps done
+  std::int64_t micro_batches = 0;  // micro-batches consumed
+};
+
+fs::path checkpoint_dir(const fs::path& run, std::int64_t step) {
+  std::ostringstream os;
+  os << "step-" << std::setw(6) << std::setfill('0') << step;
+  return run / "checkpoints" / os.str();
+}
+
+void save_checkpoint(Session& s, torch::optim::Optimizer& opt, const Position& pos,
+                     const std::vector<json>& metrics, const json& extra, const fs::path& run,
+                     std::int64_t keep) {
+  const auto dir = checkpoint_dir(run, pos.step);
+  auto tmp = dir;
+  tmp += ".tmp";
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  io::TensorMap t;
+  for (std::size_t i = 0; i < s.methods.size(); ++i)
+    for (const auto& [k, v] : s.methods[i]->checkpoint_state())
+      t[std::to_string(i) + "." + k] = v.detach().cpu();
+  if (s.head)
+    for (const auto& p : s.head->named_parameters(true)) t["head." + p.key()] = p.value().detach().cpu();
+  t["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
+  io::write_safetensors(tmp / "state.safetensors", t, {{"format", "graft-checkpoint"}});
+  torch::save(opt, (tmp / "optimizer.pt").string());
+  write_json(tmp / "trainer.json", {{"step", pos.step},
+                                    {"micro_batches", pos.micro_batches},
+                                    {"metrics", metrics},
+                                    {"extra", extra}});
+  fs::remove_all(dir);
+  fs::rename(tmp, dir);
+  // Keep the newest `keep`.
+  std::vector<fs::path> all;
+  for (const auto& e : fs::directory_iterator(run / "checkpoints"))
+    if (e.is_directory() && e.path().extension() != ".tmp") all.push_back(e.path());
+  std::sort(all.begin(), all.end());
+  for (std::size_t i = 0; i + keep < all.size(); ++i) fs::remove_all(all[i]);
+}
+
+fs::path latest_checkpoint(const fs::path& run) {
+  std::vector<fs::path> all;
+  if (fs::is_directory(run / "checkpoints"))
+    for (const auto& e : fs::directory_iterator(run / "checkpoints"))
+      if (e.is_directory() && e.path().extension() != ".tmp" && fs::exists(e.path() / "trainer.json"))
+        all.push_back(e.path());
+  std::sort(all.begin(), all.end());
+  return all.empty() ? fs::path() : all.back();
+}
+
+json load_checkpoint(Session& s, torch::optim::Optimizer& opt, const fs::path& dir, Position& pos,
+                     std::vector<json>& metrics) {
+  const auto where = (dir / "state.safetensors").string();
+  auto t = io::read_safetensors(where).tensors;
+  for (std::size_t i = 0; i < s.methods.size(); ++i) {
+    io::TensorMap mine;
+    const auto prefix = std::to_string(i) + ".";
+    for (const auto& [k, v] : t)
+      if (k.rfind(prefix, 0) == 0) mine[k.substr(prefix.size())] = v.to(s.device);
+    s.methods[i]->load_checkpoint_state(mine, where);
+  }
+  if (s.head) {
+    torch::NoGradGuard no_grad;
+    for (auto& p : s.head->named_parameters(true)) p.value().copy_(t.at("head." + p.key()));
+  }
+  {
+    auto gen = at::detail::getDefaultCPUGenerator();  // a handle to the process's generator
+    gen.set_state(t.at("rng.cpu"));
+  }
+  torch::load(opt, (dir / "optimizer.pt").string());
+  const auto j = json::parse(io::read_text_file(dir / "trainer.json"));
+  pos.step = j.at("step").get<std::int64_t>();
+  pos.micro_batches = j.at("micro_batches").get<std::int64_t>();
+  metrics = j.at("metrics").get<std::vector<json>>();
+  return j.value("extra", json::object());
+}
+
+bool on_terminal() { return isatty(fileno(stderr)) != 0; }
+
+double peak_memory_mib() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_maxrss) / 1024.0;
+}
+
+}  // namespace
+
+json run_recipe(const Recipe& r, const RunOptions& o) {
+  const auto run = r.output.dir;
+  const auto recipe_text = to_yaml(r.params);
+  if (o.resume) {
+    if (!fs::exists(run / "recipe.yaml"))
+      throw Error(run.string() + ": no run to resume here (no recipe.yaml); start it without --resume");
+    if (io::read_text_file(run / "recipe.yaml") != recipe_text)
+      throw Error(run.string() + ": the recipe (with its overrides) differs from the one this run "
+                                 "started with (" + (run / "recipe.yaml").string() +
+                  "); resume with the same recipe and overrides");
+  } else if (fs::exists(run / "recipe.yaml") || fs::exists(run / "metrics.jsonl")) {
+    throw Error(run.string() + ": already holds a run; add --resume to continue it, or choose "
+                               "another folder (output.dir=...)");
+  }
+
+  torch::manual_seed(r.seed);
+  Session s = open_session(r);
+  attach_methods(s, r);
+  const auto& tok = *s.loaded.tokenizer;
+  auto data = load_task_data(r.task, tok, r.seed);
+  const auto B = r.train.batch_size, accum = r.train.gradient_accumulation;
+  const auto per_epoch = static_cast<std::int64_t>((data.train.size() + B - 1) / B);
+  const auto total = r.train.steps > 0 ? r.train.steps
+                                       : std::max<std::int64_t>(1, r.train.epochs * per_epoch / accum);
+
+  auto micro_batch = [&](std::int64_t index) {
+    const auto epoch = index / per_epoch, at = (index % per_epoch) * B;
+    auto order = shuffled(data.train.size(), r.seed, static_cast<std::uint64_t>(epoch));
+    std::vector<std::size_t> which;
+    for (auto i = at; i < std::min<std::int64_t>(at + B, order.size()); ++i) which.push_back(order[i]);
+    return to_device(make_batch(data.train, which, s.pad_id, s.classification), s.device);
+  };
+
+  // Methods that choose what to train from data see the first batches of epoch 0.
+  for (auto& m : s.methods)
+    if (m->needs_calibration() && !o.resume) {
+      std::int64_t next = 0;
+      m->calibrate(s.model(), [&] { return task_loss(s, micro_batch(next++)).loss; });
+    }
+
+  std::vector<at::Tensor> params;
+  std::int64_t n_trainable = 0;
+  for (auto& [name, t] : trainable(s)) {
+    params.push_back(t);
+    n_trainable += t.numel();
+  }
+  if (params.empty()) r.methods.fail("the methods leave nothing to train (quantize alone?); add a method with parameters");
+  auto opt = make_optimizer(r.train, params);
+
+  std::ostream& log = std::cerr;
+  std::vector<std::string> methods_summary;
+  std::vector<Method*> raw;
+  for (auto& m : s.methods) raw.push_back(m.get());
+  log << "graft run " << r.file.string() << ": " << s.model().config().family << " model "
+      << s.loaded.path.filename().string() << ", " << data.train.size() << " train / "
+      << data.eval.size() << " eval examples, " << total << " steps\n";
+  log << trainable_summary(s.model(), raw) << "\n";
+  for (auto& m : s.methods)
+    if (!m->report().empty()) log << m->report() << "\n";
+
+  Position pos;
+  std::vector<json> metrics;
+  json before = json::object(), extra = json::object();
+  fs::create_directories(run);
+  if (o.resume) {
+    const auto ck = latest_checkpoint(run);
+    if (ck.empty()) throw Error(run.string() + ": no checkpoint to resume from");
+    extra = load_checkpoint(s, *opt, ck, pos, metrics);
+    log << "resumed from " << ck.string() << " (step " << pos.step << ")\n";
+  } else {
+    io::write_atomically(run / "recipe.yaml", [&](std::ostream& out) { out << recipe_text; });
+    write_json(run / "manifest.json", manifest(r, o));
+    if (!data.eval.empty()) {
+      before = evaluate(s, data.eval, B, r.eval.batches, r.eval.metrics);
+      log << "eval before: " << metrics_line(before) << "\n";
+      json line = {{"step", 0}, {"split", "eval"}};
+      line.update(before);
+      metrics.push_back(line);
+    }
+    extra["eval_before"] = before;
+    extra["sample_before"] = sample(s, r);
+    if (!extra["sample_before"].get<std::string>().empty())
+      log << "sample before: " << extra["sample_before"].get<std::string>() << "\n";
+    write_metrics(run / "metrics.jsonl", metrics);
+  }
+
+  const auto start = Clock::now();
+  std::int64_t tokens = 0;
+  double window_loss = 0;
+  std::int64_t window_steps = 0;
+  const bool bar = o.progress && on_terminal();
+  set_training(s, true);
+  while (pos.step < total) {
+    set_lr(*opt, lr_at(r.train, pos.step, total));
+    opt->zero_grad();
+    double step_loss = 0;
+    for (std::int64_t a = 0; a < accum; ++a) {
+      auto b = micro_batch(pos.micro_batches++);
+      tokens += b.tokens;
+      auto parts = task_loss(s, b);
+      const double value = parts.loss.item<double>();
+      if (!std::isfinite(value)) {
+        write_metrics(run / "metrics.jsonl", metrics);
+        const auto ck = latest_checkpoint(run);
+        throw Error("step " + std::to_string(pos.step + 1) + ": the loss is " + fixed(value, 1) +
+                    "; training stopped. " +
+                    (ck.empty() ? std::string("No checkpoint was written yet. ")
+                                : "The last good checkpoint is " + ck.string() + ". ") +
+                    "Lower train.lr, add train.warmup_steps or set train.max_grad_norm.");
+      }
+      (parts.loss / static_cast<double>(accum)).backward();
+      step_loss += value / static_cast<double>(accum);
+    }
+    if (r.train.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(params, r.train.max_grad_norm);
+    opt->step();
+    ++pos.step;
+    window_loss += step_loss;
+    ++window_steps;
+
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    const double tok_s = elapsed > 0 ? tokens / elapsed : 0;
+    const auto done_here = pos.step - (o.resume ? 0 : 0);
+    const double eta = done_here > 0 ? elapsed / done_here * (total - pos.step) : 0;
+    if (pos.step % r.train.log_every == 0 || pos.step == total) {
+      json line = {{"step", pos.step},
+                   {"split", "train"},
+                   {"loss", window_loss / window_steps},
+                   {"lr", lr_at(r.train, pos.step - 1, total)}};
+      metrics.push_back(line);
+      if (!bar)
+        log << "step " << pos.step << "/" << total << "  loss " << fixed(window_loss / window_steps, 4)
+            << "  " << static_cast<std::int64_t>(tok_s) << " tok/s  eta " << duration(eta) << "\n";
+      window_loss = 0;
+      window_steps = 0;
+    }
+    if (bar) {
+      const int width = 30, filled = static_cast<int>(width * pos.step / total);
+      log << "\r[" << std::string(filled, '#') << std::string(width - filled, '.') << "] "
+          << pos.step << "/" << total << "  loss " << fixed(step_loss, 4) << "  "
+          << static_cast<std::int64_t>(tok_s) << " tok/s  eta " << duration(eta) << "   "
+          << std::flush;
+    }
+    if (r.eval.every > 0 && pos.step % r.eval.every == 0 && pos.step < total && !data.eval.empty()) {
+      auto m = evaluate(s, data.eval, B, r.eval.batches, r.eval.metrics);
+      json line = {{"step", pos.step}, {"split", "eval"}};
+      line.update(m);
+      metrics.push_back(line);
+      if (bar) log << "\n";
+      log << "eval at step " << pos.step << ": " << metrics_line(m) << "\n";
+      set_training(s, true);
+    }
+    write_metrics(run / "metrics.jsonl", metrics);
+    const bool stop_here = o.stop_at > 0 && pos.step == o.stop_at && pos.step < total;
+    if ((r.checkpoint.every > 0 && pos.step % r.checkpoint.every == 0) || stop_here)
+      save_checkpoint(s, *opt, pos, metrics, extra, run, r.checkpoint.keep);
+    if (stop_here) {
+      if (bar) log << "\n";
+      log << "stopped after step " << pos.step << " as asked (--stop-at); continue with --resume\n";
+      return {{"stopped_at", pos.step}};
+    }
+  }
+  if (bar) log << "\n";
+  const double wall = std::chrono::duration<double>(Clock::now() - start).count();
+
+  json after = json::object();
+  if (!data.eval.empty()) {
+    after = evaluate(s, data.eval, B, r.eval.batches, r.eval.metrics);
+    json line = {{"step", pos.step}, {"split", "eval"}};
+    line.update(after);
+    metrics.push_back(line);
+    log << "eval before: " << metrics_line(extra.value("eval_before", json::object())) << "\n";
+    log << "eval after:  " << metrics_line(after) << "\n";
+  }
+  const auto sample_after = sample(s, r);
+  if (!sample_after.empty()) {
+    log << "sample before: " << extra.value("sample_before", std::string()) << "\n";
+    log << "sample after:  " << sample_after << "\n";
+  }
+  write_metrics(run / "metrics.jsonl", metrics);
+  if (r.output.save_adapter) {
+    save_adapter(run / "adapter", s.model(), raw);
+    save_head(s, run / "adapter");
+  }
+  json summary = {{"steps", pos.step},
+                  {"train_examples", data.train.size()},
+                  {"eval_examples", data.eval.size()},
+                  {"trainable_parameters", n_trainable},
+                  {"eval_before", extra.value("eval_before", json::object())},
+                  {"eval_after", after},
+                  {"sample_before", extra.value("sample_before", std::string())},
+                  {"sample_after", sample_after},
+                  {"wall_seconds", wall},
+                  {"tokens_per_second", wall > 0 ? tokens / wall : 0.0},
+                  {"peak_memory_mib", peak_memory_mib()}};
+  write_json(run / "summary.json", summary);
+  log << "run folder: " << run.string() << "\n";
+  return summary;
+}
+
+json evaluate_recipe(const Recipe& r, const std::vector<std::string>& adapters) {
+  torch::manual_seed(r.seed);
+  Session s = open_session(r);
+  for (const auto& dir : adapters)
+    for (auto& m : load_adapter(dir, s.model())) s.methods.push_back(std::move(m));
+  if (s.classification && !s.model_head) {
+    s.head = TaskHead(s.model().config().hidden_size, r.task.num_labels);
+    s.head->to(s.device);
+    bool found = false;
+    for (const auto& dir : adapters) {
+      found |= fs::exists(fs::path(dir) / kHeadFile);
+      load_head(s, dir);
+    }
+    if (!found)
+      std::cerr << "note: no " << kHeadFile << " among the adapters: the classification head is "
+                   "untrained (random)\n";
+  }
+  auto data = load_task_data(r.task, *s.loaded.tokenizer, r.seed);
+  const auto& eval = data.eval.empty() ? data.train : data.eval;
+  return {{"metrics", evaluate(s, eval, r.train.batch_size, r.eval.batches, r.eval.metrics)},
+          {"examples", eval.size()},
+          {"split", data.eval.empty() ? "train" : "eval"}};
+}
+
+}  // namespace graft
