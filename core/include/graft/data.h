@@ -24,7 +24,7 @@ struct Example {
 struct TaskData {
   std::vector<Example> train, eval;
   std::int64_t documents = 0;  ///< records or documents read
-  std::int64_t dropped = 0;    ///< records skipped by the label rule
+  std::int64_t dropped = 0;    ///< records without a label (JSON null) or dropped by the rule
 };
 
 /// Reads, tokenizes and splits the task's data. A malformed record is a FileError naming the

@@ -27,24 +27,24 @@ Params load_recipe(const std::filesystem::path& path,
                    const std::vector<std::string>& overrides = {});
 
 struct ModelSpec {
-  std::string path;              ///< a file, folder or name on the model path
-  std::string family;            ///< "" or a family the model must have
+  std::string path;               ///< a file, folder or name on the model path
+  std::string family;             ///< "" or a family the model must have
   std::string dtype = "float32";  ///< float32, bfloat16, float16
-  std::string device = "cpu";    ///< cpu, cuda, cuda:N
+  std::string device = "cpu";     ///< cpu, cuda, cuda:N
 };
 
 struct TaskSpec {
   std::string kind = "causal_lm";  ///< causal_lm, sequence_classification, instruction
   std::vector<std::filesystem::path> train, eval;  ///< resolved files (globs expanded)
-  double eval_fraction = 0.1;  ///< held out from train when no eval files are given
-  std::string format = "text";  ///< text, tsv, csv, jsonl, json
+  double eval_fraction = 0.1;        ///< held out from train when no eval files are given
+  std::string format = "text";       ///< text, tsv, csv, jsonl, json
   std::vector<std::string> columns;  ///< tsv/csv column names when the file has no header
   std::string text_field = "text", label_field = "label";
   std::string prompt_field = "prompt", response_field = "response";
   std::string label_rule = "none";  ///< none, sign (>0 -> 1, <0 -> 0, 0 dropped)
   std::int64_t num_labels = 2;
   std::int64_t max_length = 128;
-  bool packing = true;            ///< causal_lm: concatenate documents, then cut into sequences
+  bool packing = true;             ///< causal_lm: concatenate documents, then cut into sequences
   std::int64_t max_documents = 0;  ///< 0 = all
 };
 
@@ -63,8 +63,8 @@ struct TrainSpec {
 };
 
 struct EvalSpec {
-  std::int64_t every = 0;    ///< evaluate every N steps (0: before and after training only)
-  std::int64_t batches = 0;  ///< 0 = the whole eval split
+  std::int64_t every = 0;            ///< evaluate every N steps (0: before and after training only)
+  std::int64_t batches = 0;          ///< 0 = the whole eval split
   std::vector<std::string> metrics;  ///< loss, perplexity, accuracy, f1
 };
 

@@ -19,7 +19,8 @@ struct RecipeArgs {
 };
 
 RecipeArgs recipe_args(const po::variables_map& vm) {
-  if (!vm.count("recipe")) throw UsageError("give a recipe file: graft <command> recipe.yaml [key=value ...]");
+  if (!vm.count("recipe"))
+    throw UsageError("give a recipe file: graft <command> recipe.yaml [key=value ...]");
   auto all = vm["recipe"].as<std::vector<std::string>>();
   RecipeArgs r{all.front(), {all.begin() + 1, all.end()}};
   for (const auto& o : r.overrides)
@@ -121,7 +122,7 @@ int run_eval(const Args& args) {
   const auto recipe = read(vm);
   std::vector<std::string> adapters;
   if (vm.count("adapter")) adapters = vm["adapter"].as<std::vector<std::string>>();
-  std::cout << evaluate_recipe(recipe, adapters).dump(2) << "\n";
+  std::cout << evaluate_recipe(recipe, adapters).dump(2) << "\n";  // numbers and names only
   return 0;
 }
 

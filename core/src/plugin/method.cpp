@@ -29,7 +29,8 @@ void Method::load_checkpoint_state(const io::TensorMap& all, const std::string& 
   torch::NoGradGuard no_grad;
   for (auto& [name, t] : trainable_parameters()) {
     auto it = train.find(name);
-    if (it == train.end()) throw FileError(source, this->name() + ": missing tensor 'train." + name + "'");
+    if (it == train.end())
+      throw FileError(source, this->name() + ": missing tensor 'train." + name + "'");
     t.copy_(it->second);
   }
 }

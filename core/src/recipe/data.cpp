@@ -142,9 +142,10 @@ const std::string& field(const Record& r, const std::string& key) {
   return it->second;
 }
 
-// The label of a record, or -1 when the label rule drops it.
+// The label of a record, or -1 when it has none (JSON null) or the label rule drops it.
 std::int64_t label_of(const Record& r, const TaskSpec& task) {
   const auto& text = field(r, task.label_field);
+  if (text == "null" && (task.format == "json" || task.format == "jsonl")) return -1;
   char* end = nullptr;
   const double v = std::strtod(text.c_str(), &end);
   if (end == text.c_str() || *end != '\0')
@@ -204,9 +205,8 @@ std::vector<Example> instruction_examples(const std::vector<Record>& docs, const
   return out;
 }
 
-std::vector<Example> classification_examples(const std::vector<Record>& docs,
-                                             const TaskSpec& task, const Tokenizer& tok,
-                                             std::int64_t* dropped) {
+std::vector<Example> classification_examples(const std::vector<Record>& docs, const TaskSpec& task,
+                                             const Tokenizer& tok, std::int64_t* dropped) {
   std::vector<Example> out;
   for (const auto& d : docs) {
     const auto label = label_of(d, task);
@@ -245,7 +245,8 @@ TaskData load_task_data(const TaskSpec& task, const Tokenizer& tok, std::uint64_
   };
   TaskData data;
   auto train_records = read_all(task.train);
-  if (task.max_documents > 0 && static_cast<std::int64_t>(train_records.size()) > task.max_documents)
+  if (task.max_documents > 0 &&
+      static_cast<std::int64_t>(train_records.size()) > task.max_documents)
     train_records.resize(task.max_documents);
   std::vector<Record> eval_records = read_all(task.eval);
   data.documents = static_cast<std::int64_t>(train_records.size() + eval_records.size());
@@ -281,7 +282,8 @@ Batch make_batch(const std::vector<Example>& examples, const std::vector<std::si
   const auto B = static_cast<std::int64_t>(which.size()), T = static_cast<std::int64_t>(longest);
   auto ids = torch::full({B, T}, pad_id < 0 ? 0 : pad_id, torch::kLong);
   auto mask = torch::zeros({B, T}, torch::kLong);
-  auto labels = classification ? torch::empty({B}, torch::kLong) : torch::full({B, T}, -100, torch::kLong);
+  auto labels =
+      classification ? torch::empty({B}, torch::kLong) : torch::full({B, T}, -100, torch::kLong);
   auto ids_a = ids.accessor<std::int64_t, 2>();
   auto mask_a = mask.accessor<std::int64_t, 2>();
   Batch b;

@@ -21,9 +21,15 @@ std::string child_path(const std::string& parent, const std::string& key) {
   return parent.empty() ? key : parent + "." + key;
 }
 
-Params from_yaml(const YAML::Node& node, const std::string& file, const std::string& path) {
-  const auto mark = node.Mark();
-  const Source src{file, mark.line + 1, mark.column + 1};
+// Sources point at the node, or at its key for a map entry (`at`), as people read errors.
+Source source_of(const YAML::Mark& mark, const std::string& file) {
+  if (file == "command line") return Source{file, 0, 0};
+  return Source{file, mark.line + 1, mark.column + 1};
+}
+
+Params from_yaml(const YAML::Node& node, const std::string& file, const std::string& path,
+                 const YAML::Mark* at = nullptr) {
+  const Source src = source_of(at ? *at : node.Mark(), file);
   switch (node.Type()) {
     case YAML::NodeType::Map: {
       auto p = Params::map(path, src);
@@ -31,10 +37,11 @@ Params from_yaml(const YAML::Node& node, const std::string& file, const std::str
         const auto key = kv.first.as<std::string>();
         if (p.has(key)) {
           const auto km = kv.first.Mark();
-          Params::scalar(key, child_path(path, key), Source{file, km.line + 1, km.column + 1})
+          Params::scalar(key, child_path(path, key), source_of(km, file))
               .fail("this key is given twice");
         }
-        p.set(key, from_yaml(kv.second, file, child_path(path, key)));
+        const auto key_mark = kv.first.Mark();
+        p.set(key, from_yaml(kv.second, file, child_path(path, key), &key_mark));
       }
       return p;
     }
@@ -56,9 +63,9 @@ YAML::Node parse_yaml(const std::string& text, const std::string& file) {
   try {
     return YAML::Load(text);
   } catch (const YAML::ParserException& e) {
-    throw FileError(file + ":" + std::to_string(e.mark.line + 1) + ":" +
-                        std::to_string(e.mark.column + 1),
-                    "YAML syntax: " + e.msg);
+    throw FileError(
+        file + ":" + std::to_string(e.mark.line + 1) + ":" + std::to_string(e.mark.column + 1),
+        "YAML syntax: " + e.msg);
   }
 }
 
@@ -67,8 +74,7 @@ Params merge(const Params& base, const Params& over) {
   if (base.kind() != Params::Kind::map || over.kind() != Params::Kind::map) return over;
   auto out = base;
   for (const auto& [key, v] : over.entries()) {
-    if (base.has(key) && base.at(key).kind() == Params::Kind::map &&
-        v.kind() == Params::Kind::map)
+    if (base.has(key) && base.at(key).kind() == Params::Kind::map && v.kind() == Params::Kind::map)
       out.set(key, merge(base.at(key), v));
     else
       out.set(key, v);
@@ -135,7 +141,8 @@ Params replace(const Params& node, const std::vector<Step>& steps, std::size_t i
   if (i == steps.size()) return value;
   const auto& s = steps[i];
   if (s.index >= 0) {
-    if (node.kind() != Params::Kind::list || s.index > static_cast<std::int64_t>(node.items().size()))
+    if (node.kind() != Params::Kind::list ||
+        s.index > static_cast<std::int64_t>(node.items().size()))
       throw ParamError("command line: \"" + override_text + "\": " + path + " has no item " +
                        std::to_string(s.index));
     auto out = Params::list(node.path(), node.source());
@@ -193,7 +200,8 @@ std::vector<fs::path> expand(const Params& where, const std::string& entry,
     } else if (fs::is_directory(full.parent_path())) {
       std::vector<fs::path> files;
       for (const auto& e : fs::directory_iterator(full.parent_path()))
-        if (e.is_regular_file() && glob_match(full.filename().string(), e.path().filename().string()))
+        if (e.is_regular_file() &&
+            glob_match(full.filename().string(), e.path().filename().string()))
           files.push_back(e.path());
       std::sort(files.begin(), files.end());
       if (!files.empty()) return files;
@@ -297,13 +305,14 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
   r.file = file;
   r.params = p;
   const auto dir = file.parent_path();
-  p.check_keys({"seed", "model", "task", "methods", "train", "eval", "generate", "output",
-                "checkpoint"});
+  p.check_keys(
+      {"seed", "model", "task", "methods", "train", "eval", "generate", "output", "checkpoint"});
   r.seed = static_cast<std::uint64_t>(non_negative(p, "seed", 0));
 
   const auto& m = section(p, "model");
   m.check_keys({"path", "family", "dtype", "device"});
-  if (!m.has("path")) (p.has("model") ? m : p).fail("model.path is required: a model file, folder or name");
+  if (!m.has("path"))
+    (p.has("model") ? m : p).fail("model.path is required: a model file, folder or name");
   r.model.path = m.at("path").as_string();
   r.model.family = m.has("family") ? m.at("family").as_choice({"llama", "gpt2", "bert"}) : "";
   r.model.dtype = m.get_choice("dtype", {"float32", "bfloat16", "float16"}, "float32");
@@ -318,9 +327,10 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
   t.check_keys({"kind", "train", "eval", "eval_fraction", "format", "columns", "text_field",
                 "label_field", "prompt_field", "response_field", "label_rule", "num_labels",
                 "max_length", "packing", "max_documents"});
-  r.task.kind = t.get_choice("kind", {"causal_lm", "sequence_classification", "instruction"},
-                             "causal_lm");
-  if (!t.has("train")) (p.has("task") ? t : p).fail("task.train is required: the training data files");
+  r.task.kind =
+      t.get_choice("kind", {"causal_lm", "sequence_classification", "instruction"}, "causal_lm");
+  if (!t.has("train"))
+    (p.has("task") ? t : p).fail("task.train is required: the training data files");
   r.task.format = t.get_choice("format", {"text", "tsv", "csv", "jsonl", "json"},
                                r.task.kind == "instruction" ? "jsonl" : "text");
   if (r.task.kind != "causal_lm" && r.task.format == "text")
@@ -358,8 +368,8 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
 
   const auto& tr = section(p, "train");
   tr.check_keys({"steps", "epochs", "batch_size", "gradient_accumulation", "optimizer", "lr",
-                 "weight_decay", "momentum", "beta1", "beta2", "eps", "schedule",
-                 "warmup_steps", "max_grad_norm", "log_every"});
+                 "weight_decay", "momentum", "beta1", "beta2", "eps", "schedule", "warmup_steps",
+                 "max_grad_norm", "log_every"});
   r.train.steps = non_negative(tr, "steps", 0);
   r.train.epochs = tr.get_positive_int("epochs", 1);
   if (tr.has("steps") && tr.has("epochs"))
@@ -382,8 +392,9 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
   r.train.max_grad_norm = tr.get_double("max_grad_norm", 1.0);
   r.train.log_every = tr.get_positive_int("log_every", 10);
   if (r.train.steps && r.train.warmup_steps > r.train.steps)
-    tr.at("warmup_steps").fail("warmup_steps " + std::to_string(r.train.warmup_steps) +
-                               " is longer than the " + std::to_string(r.train.steps) + " steps");
+    tr.at("warmup_steps")
+        .fail("warmup_steps " + std::to_string(r.train.warmup_steps) + " is longer than the " +
+              std::to_string(r.train.steps) + " steps");
 
   const auto& ev = section(p, "eval");
   ev.check_keys({"every", "batches", "metrics"});
@@ -392,14 +403,14 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
   const std::vector<std::string> lm = {"loss", "perplexity", "accuracy"},
                                  cls = {"loss", "accuracy", "f1"};
   const auto& allowed = r.task.kind == "sequence_classification" ? cls : lm;
-  r.eval.metrics = ev.get_strings("metrics", r.task.kind == "sequence_classification"
-                                                 ? std::vector<std::string>{"loss", "accuracy", "f1"}
-                                                 : std::vector<std::string>{"loss", "perplexity"});
+  r.eval.metrics =
+      ev.get_strings("metrics", r.task.kind == "sequence_classification"
+                                    ? std::vector<std::string>{"loss", "accuracy", "f1"}
+                                    : std::vector<std::string>{"loss", "perplexity"});
   if (ev.has("metrics"))
     for (std::size_t i = 0; i < r.eval.metrics.size(); ++i) {
-      const auto& node = ev.at("metrics").kind() == Params::Kind::list
-                             ? ev.at("metrics").items()[i]
-                             : ev.at("metrics");
+      const auto& node = ev.at("metrics").kind() == Params::Kind::list ? ev.at("metrics").items()[i]
+                                                                       : ev.at("metrics");
       node.as_choice(allowed);
     }
 
@@ -410,8 +421,7 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
 
   const auto& o = section(p, "output");
   o.check_keys({"dir", "save_adapter"});
-  r.output.dir = o.has("dir") ? fs::path(o.at("dir").as_string())
-                              : fs::path("runs") / file.stem();
+  r.output.dir = o.has("dir") ? fs::path(o.at("dir").as_string()) : fs::path("runs") / file.stem();
   r.output.save_adapter = o.get_bool("save_adapter", true);
 
   const auto& c = section(p, "checkpoint");

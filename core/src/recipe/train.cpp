@@ -67,7 +67,8 @@ Session open_session(const Recipe& r) {
   Session s;
   s.device = torch::Device(r.model.device);
   if (s.device.is_cuda() && !torch::cuda::is_available())
-    r.params.at("model").at("device").fail("this machine has no CUDA device (or libtorch has no CUDA)");
+    r.params.at("model").at("device").fail(
+        "this machine has no CUDA device (or libtorch has no CUDA)");
   LoadOptions lo;
   lo.family = r.model.family;
   lo.dtype = dtype_of(r.model.dtype);
@@ -80,7 +81,8 @@ Session open_session(const Recipe& r) {
     r.params.at("model").at("path").fail(e.what());
   }
   if (!s.loaded.tokenizer)
-    r.params.at("model").at("path").fail("the model carries no tokenizer; graft needs one to read text data");
+    r.params.at("model").at("path").fail(
+        "the model carries no tokenizer; graft needs one to read text data");
   s.pad_id = s.loaded.tokenizer->pad_id() >= 0 ? s.loaded.tokenizer->pad_id() : 0;
   s.classification = r.task.kind == "sequence_classification";
   const auto& c = s.model().config();
@@ -167,7 +169,8 @@ json evaluate(Session& s, const std::vector<Example>& data, std::int64_t batch_s
     auto b = to_device(make_batch(data, which, s.pad_id, s.classification), s.device);
     auto logits = task_logits(s, b).to(torch::kFloat);
     if (s.classification) {
-      loss_sum += torch::cross_entropy_loss(logits, b.labels, {}, at::Reduction::Sum).item<double>();
+      loss_sum +=
+          torch::cross_entropy_loss(logits, b.labels, {}, at::Reduction::Sum).item<double>();
       auto pred = logits.argmax(-1).cpu();
       auto gold = b.labels.cpu();
       const auto k = logits.size(-1);
@@ -225,7 +228,8 @@ std::string sample(Session& s, const Recipe& r) {
   GenerationOptions g;
   g.max_new_tokens = r.generate.max_new_tokens;
   if (s.loaded.tokenizer->eos_id() >= 0) g.stop_ids = {s.loaded.tokenizer->eos_id()};
-  auto out = generate(s.model(), torch::tensor(ids, torch::kLong).view({1, -1}).to(s.device), {}, g);
+  auto out =
+      generate(s.model(), torch::tensor(ids, torch::kLong).view({1, -1}).to(s.device), {}, g);
   // Decoded together with the prompt, so that the first new token keeps its leading space.
   auto row = out[0].cpu();
   for (std::int64_t i = 0; i < row.size(0); ++i)
@@ -239,7 +243,8 @@ std::vector<std::pair<std::string, at::Tensor>> trainable(Session& s) {
     for (auto& [name, t] : s.methods[i]->trainable_parameters())
       out.emplace_back(std::to_string(i) + "." + name, t);
   if (s.head)
-    for (const auto& p : s.head->named_parameters(true)) out.emplace_back("head." + p.key(), p.value());
+    for (const auto& p : s.head->named_parameters(true))
+      out.emplace_back("head." + p.key(), p.value());
   return out;
 }
 
@@ -259,11 +264,10 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const TrainSpec& t,
   if (t.optimizer == "sgd")
     return std::make_unique<torch::optim::SGD>(
         params, torch::optim::SGDOptions(t.lr).momentum(t.momentum).weight_decay(t.weight_decay));
-  return std::make_unique<torch::optim::AdamW>(
-      params, torch::optim::AdamWOptions(t.lr)
-                  .betas({t.beta1, t.beta2})
-                  .eps(t.eps)
-                  .weight_decay(t.weight_decay));
+  return std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(t.lr)
+                                                           .betas({t.beta1, t.beta2})
+                                                           .eps(t.eps)
+                                                           .weight_decay(t.weight_decay));
 }
 
 void set_lr(torch::optim::Optimizer& opt, double lr) {
@@ -294,7 +298,8 @@ std::string cpu_model() {
 json manifest(const Recipe& r, const RunOptions& o) {
   json plugins = json::array();
   for (const auto& m : registered_methods())
-    plugins.push_back({{"name", m.info.name}, {"version", m.info.version}, {"file", m.file.string()}});
+    plugins.push_back(
+        {{"name", m.info.name}, {"version", m.info.version}, {"file", m.file.string()}});
   return {{"graft_version", GRAFT_VERSION},
           {"git_commit", git_commit()},
           {"libtorch_version", TORCH_VERSION},
@@ -310,12 +315,16 @@ json manifest(const Recipe& r, const RunOptions& o) {
 }
 
 void write_json(const fs::path& path, const json& j) {
-  io::write_atomically(path, [&](std::ostream& out) { out << j.dump(2) << "\n"; });
+  // Generated text may hold invalid UTF-8 (a model emitting raw bytes): replaced, not fatal.
+  io::write_atomically(path, [&](std::ostream& out) {
+    out << j.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
+  });
 }
 
 void write_metrics(const fs::path& path, const std::vector<json>& lines) {
   io::write_atomically(path, [&](std::ostream& out) {
-    for (const auto& l : lines) out << l.dump() << "\n";
+    for (const auto& l : lines)
+      out << l.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
   });
 }
 
@@ -384,7 +393,8 @@ void save_checkpoint(Session& s, torch::optim::Optimizer& opt, const Position& p
     for (const auto& [k, v] : s.methods[i]->checkpoint_state())
       t[std::to_string(i) + "." + k] = v.detach().cpu();
   if (s.head)
-    for (const auto& p : s.head->named_parameters(true)) t["head." + p.key()] = p.value().detach().cpu();
+    for (const auto& p : s.head->named_parameters(true))
+      t["head." + p.key()] = p.value().detach().cpu();
   t["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
   io::write_safetensors(tmp / "state.safetensors", t, {{"format", "graft-checkpoint"}});
   torch::save(opt, (tmp / "optimizer.pt").string());
@@ -406,7 +416,8 @@ fs::path latest_checkpoint(const fs::path& run) {
   std::vector<fs::path> all;
   if (fs::is_directory(run / "checkpoints"))
     for (const auto& e : fs::directory_iterator(run / "checkpoints"))
-      if (e.is_directory() && e.path().extension() != ".tmp" && fs::exists(e.path() / "trainer.json"))
+      if (e.is_directory() && e.path().extension() != ".tmp" &&
+          fs::exists(e.path() / "trainer.json"))
         all.push_back(e.path());
   std::sort(all.begin(), all.end());
   return all.empty() ? fs::path() : all.back();
@@ -454,14 +465,17 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
   const auto recipe_text = to_yaml(r.params);
   if (o.resume) {
     if (!fs::exists(run / "recipe.yaml"))
-      throw Error(run.string() + ": no run to resume here (no recipe.yaml); start it without --resume");
+      throw Error(run.string() +
+                  ": no run to resume here (no recipe.yaml); start it without --resume");
     if (io::read_text_file(run / "recipe.yaml") != recipe_text)
-      throw Error(run.string() + ": the recipe (with its overrides) differs from the one this run "
-                                 "started with (" + (run / "recipe.yaml").string() +
-                  "); resume with the same recipe and overrides");
+      throw Error(run.string() +
+                  ": the recipe (with its overrides) differs from the one this run "
+                  "started with (" +
+                  (run / "recipe.yaml").string() + "); resume with the same recipe and overrides");
   } else if (fs::exists(run / "recipe.yaml") || fs::exists(run / "metrics.jsonl")) {
-    throw Error(run.string() + ": already holds a run; add --resume to continue it, or choose "
-                               "another folder (output.dir=...)");
+    throw Error(run.string() +
+                ": already holds a run; add --resume to continue it, or choose "
+                "another folder (output.dir=...)");
   }
 
   torch::manual_seed(r.seed);
@@ -471,14 +485,16 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
   auto data = load_task_data(r.task, tok, r.seed);
   const auto B = r.train.batch_size, accum = r.train.gradient_accumulation;
   const auto per_epoch = static_cast<std::int64_t>((data.train.size() + B - 1) / B);
-  const auto total = r.train.steps > 0 ? r.train.steps
-                                       : std::max<std::int64_t>(1, r.train.epochs * per_epoch / accum);
+  const auto total = r.train.steps > 0
+                         ? r.train.steps
+                         : std::max<std::int64_t>(1, r.train.epochs * per_epoch / accum);
 
   auto micro_batch = [&](std::int64_t index) {
     const auto epoch = index / per_epoch, at = (index % per_epoch) * B;
     auto order = shuffled(data.train.size(), r.seed, static_cast<std::uint64_t>(epoch));
     std::vector<std::size_t> which;
-    for (auto i = at; i < std::min<std::int64_t>(at + B, order.size()); ++i) which.push_back(order[i]);
+    for (auto i = at; i < std::min<std::int64_t>(at + B, order.size()); ++i)
+      which.push_back(order[i]);
     return to_device(make_batch(data.train, which, s.pad_id, s.classification), s.device);
   };
 
@@ -495,7 +511,9 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
     params.push_back(t);
     n_trainable += t.numel();
   }
-  if (params.empty()) r.methods.fail("the methods leave nothing to train (quantize alone?); add a method with parameters");
+  if (params.empty())
+    r.methods.fail(
+        "the methods leave nothing to train (quantize alone?); add a method with parameters");
   auto opt = make_optimizer(r.train, params);
 
   std::ostream& log = std::cerr;
@@ -504,8 +522,15 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
   for (auto& m : s.methods) raw.push_back(m.get());
   log << "graft run " << r.file.string() << ": " << s.model().config().family << " model "
       << s.loaded.path.filename().string() << ", " << data.train.size() << " train / "
-      << data.eval.size() << " eval examples, " << total << " steps\n";
+      << data.eval.size() << " eval examples"
+      << (data.dropped ? " (" + std::to_string(data.dropped) +
+                             " records dropped: no label, or the label rule)"
+                       : "")
+      << ", " << total << " steps\n";
   log << trainable_summary(s.model(), raw) << "\n";
+  if (s.head)
+    log << "classification head (trained with the methods): "
+        << s.head->linear->weight.numel() + s.head->linear->bias.numel() << " params\n";
   for (auto& m : s.methods)
     if (!m->report().empty()) log << m->report() << "\n";
 
@@ -579,8 +604,9 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
                    {"lr", lr_at(r.train, pos.step - 1, total)}};
       metrics.push_back(line);
       if (!bar)
-        log << "step " << pos.step << "/" << total << "  loss " << fixed(window_loss / window_steps, 4)
-            << "  " << static_cast<std::int64_t>(tok_s) << " tok/s  eta " << duration(eta) << "\n";
+        log << "step " << pos.step << "/" << total << "  loss "
+            << fixed(window_loss / window_steps, 4) << "  " << static_cast<std::int64_t>(tok_s)
+            << " tok/s  eta " << duration(eta) << "\n";
       window_loss = 0;
       window_steps = 0;
     }
@@ -591,7 +617,8 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
           << static_cast<std::int64_t>(tok_s) << " tok/s  eta " << duration(eta) << "   "
           << std::flush;
     }
-    if (r.eval.every > 0 && pos.step % r.eval.every == 0 && pos.step < total && !data.eval.empty()) {
+    if (r.eval.every > 0 && pos.step % r.eval.every == 0 && pos.step < total &&
+        !data.eval.empty()) {
       auto m = evaluate(s, data.eval, B, r.eval.batches, r.eval.metrics);
       json line = {{"step", pos.step}, {"split", "eval"}};
       line.update(m);
@@ -662,7 +689,8 @@ json evaluate_recipe(const Recipe& r, const std::vector<std::string>& adapters) 
       load_head(s, dir);
     }
     if (!found)
-      std::cerr << "note: no " << kHeadFile << " among the adapters: the classification head is "
+      std::cerr << "note: no " << kHeadFile
+                << " among the adapters: the classification head is "
                    "untrained (random)\n";
   }
   auto data = load_task_data(r.task, *s.loaded.tokenizer, r.seed);

@@ -1,0 +1,327 @@
+// Recipes end to end on a tiny llama saved with a byte-level tokenizer: validation errors with
+// file:line:column, includes and overrides, deterministic runs, exact resume, a non-finite loss,
+// classification with a task head, instruction masking, and evaluation of a saved adapter.
+#include <graft/data.h>
+#include <graft/io/file.h>
+#include <graft/load.h>
+#include <graft/plugin.h>
+#include <graft/recipe.h>
+#include <graft/train.h>
+#include <torch/torch.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "support.h"
+#include "tiny_models.h"
+
+using namespace graft;
+using graft::test::TempDir;
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+void write(const fs::path& path, const std::string& text) {
+  fs::create_directories(path.parent_path());
+  std::ofstream(path) << text;
+}
+
+std::string read(const fs::path& path) { return io::read_text_file(path); }
+
+// A tiny llama (vocabulary: 256 bytes + end of text) as a Hugging Face folder with its
+// byte-level tokenizer.json.
+fs::path tiny_model_folder(const fs::path& dir) {
+  auto config = graft::test::tiny_config("llama");
+  config.vocab_size = 257;
+  config.architecture = "LlamaForCausalLM";
+  config.eos_token_id = 256;
+  auto model = make_model(config);
+  init_random(*model, 3, 0.1);
+  save_hf_model(*model, dir);
+  json vocab = json::object();
+  for (int b = 0; b < 256; ++b) {
+    // GPT-2's byte-to-character map: printable bytes stand for themselves, others shift to 256+.
+    std::string ch;
+    int cp = b;
+    if (!((b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255))) {
+      static int next = 0;
+      static std::map<int, int> shifted;
+      if (!shifted.count(b)) shifted[b] = 256 + next++;
+      cp = shifted[b];
+    }
+    if (cp < 0x80) {
+      ch = std::string(1, static_cast<char>(cp));
+    } else {
+      ch += static_cast<char>(0xC0 | (cp >> 6));
+      ch += static_cast<char>(0x80 | (cp & 0x3F));
+    }
+    vocab[ch] = b;
+  }
+  json tok = {
+      {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", json::array()}}},
+      {"added_tokens", {{{"id", 256}, {"content", "<|endoftext|>"}, {"special", true}}}},
+      {"normalizer", nullptr},
+      {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
+      {"post_processor", {{"type", "ByteLevel"}}},
+      {"decoder", {{"type", "ByteLevel"}}}};
+  write(dir / "tokenizer.json", tok.dump());
+  return dir;
+}
+
+// A work folder with the tiny model, a text corpus, labelled data and a base recipe.
+struct Workspace {
+  TempDir tmp;
+  fs::path dir = tmp.path();
+  Workspace() {
+    load_plugins();
+    tiny_model_folder(dir / "model");
+    std::string corpus;
+    for (int i = 0; i < 40; ++i)
+      corpus += "the cat sat on the mat. the dog sat on the log. " + std::to_string(i % 7) + "\n";
+    write(dir / "data/train.txt", corpus);
+    write(dir / "data/eval.txt", corpus.substr(0, 600));
+    std::string labelled = "[";
+    for (int i = 0; i < 48; ++i)
+      labelled += std::string(i ? "," : "") + R"({"text": ")" + (i % 2 ? "good fun" : "bad, dull") +
+                  " " + std::to_string(i) + R"(", "class": )" + std::to_string(i % 2) + "}";
+    write(dir / "data/labelled.json", labelled + "]");
+    write(dir / "lm.yaml", R"(seed: 7
+model:
+  path: model
+task:
+  kind: causal_lm
+  train: data/train.txt
+  eval: data/eval.txt
+  max_length: 32
+methods:
+  - name: lora
+    r: 4
+    dropout: 0.1
+    targets: [all-linear]
+train:
+  steps: 6
+  batch_size: 4
+  lr: 1.0e-2
+  schedule: cosine
+  warmup_steps: 2
+  log_every: 1
+eval:
+  every: 3
+  batches: 2
+generate:
+  prompt: "the cat"
+  max_new_tokens: 8
+output:
+  dir: runs/lm
+)");
+  }
+  Recipe recipe(const std::string& file, const std::vector<std::string>& overrides = {}) const {
+    return Recipe::from_params(load_recipe(dir / file, overrides), dir / file);
+  }
+  RunOptions quiet() const {
+    RunOptions o;
+    o.progress = false;
+    return o;
+  }
+};
+
+// Relative output folders are relative to the working directory: run inside the workspace.
+struct InDir {
+  fs::path old = fs::current_path();
+  explicit InDir(const fs::path& d) { fs::current_path(d); }
+  ~InDir() { fs::current_path(old); }
+};
+
+}  // namespace
+
+TEST_CASE("recipe errors are one line with file:line:column, before any work starts") {
+  Workspace w;
+  InDir in(w.dir);
+  write(w.dir / "typo.yaml", "include: lm.yaml\ntrain:\n  stpes: 5\n");
+  const auto typo =
+      (w.dir / "typo.yaml").string() + ":3:3: train.stpes: unknown key (did you mean \"steps\"?)";
+  CHECK_THROWS_WITH_AS(w.recipe("typo.yaml"), typo.c_str(), ParamError);
+  write(w.dir / "type.yaml", "include: lm.yaml\ntrain:\n  batch_size: many\n");
+  CHECK_THROWS_WITH_AS(
+      w.recipe("type.yaml"),
+      doctest::Contains(
+          "type.yaml:3:3: train.batch_size: expected a positive integer, got \"many\""),
+      ParamError);
+  write(w.dir / "nofile.yaml", "include: lm.yaml\ntask:\n  train: data/missing.txt\n");
+  CHECK_THROWS_WITH_AS(w.recipe("nofile.yaml"),
+                       doctest::Contains("task.train: no data file matches \"data/missing.txt\""),
+                       ParamError);
+  write(w.dir / "method.yaml", "include: lm.yaml\nmethods:\n  - name: lorra\n");
+  CHECK_THROWS_WITH_AS(w.recipe("method.yaml"), doctest::Contains("did you mean \"lora\"?"), Error);
+  write(w.dir / "mkey.yaml", "include: lm.yaml\nmethods:\n  - name: lora\n    rank: 4\n");
+  CHECK_THROWS_WITH_AS(w.recipe("mkey.yaml"),
+                       doctest::Contains("mkey.yaml:4:5: methods[0].rank: unknown key"),
+                       ParamError);
+  CHECK_THROWS_WITH_AS(w.recipe("lm.yaml", {"train.lr=-1"}),
+                       doctest::Contains("command line: train.lr: expected a positive number"),
+                       ParamError);
+  CHECK_THROWS_WITH_AS(w.recipe("lm.yaml", {"train..lr=1"}),
+                       doctest::Contains("expected key.path=value"), ParamError);
+  write(w.dir / "bad.yaml", "model: [unclosed\n");
+  CHECK_THROWS_WITH_AS(w.recipe("bad.yaml"), doctest::Contains("bad.yaml:2:1"), FileError);
+  write(w.dir / "self.yaml", "include: self.yaml\n");
+  CHECK_THROWS_WITH_AS(w.recipe("self.yaml"), doctest::Contains("includes itself"), FileError);
+  // A method whose placement conflicts with one before it is an error at that method.
+  auto conflict = w.recipe("lm.yaml", {"methods=[{name: lora, dora: true}, {name: quantize}]"});
+  CHECK_THROWS_WITH_AS(run_recipe(conflict, w.quiet()),
+                       doctest::Contains("methods[1]: quantize: site 'layers.0.attn.q' already has "
+                                         "a weight transform"),
+                       ParamError);
+}
+
+TEST_CASE("includes merge maps and overrides replace values, lists and items") {
+  Workspace w;
+  write(w.dir / "child.yaml", "include: lm.yaml\ntrain:\n  lr: 0.5\n");
+  auto r = w.recipe("child.yaml", {"methods[0].r=2", "eval.metrics=[loss, accuracy]", "seed=3"});
+  CHECK(r.train.lr == 0.5);
+  CHECK(r.train.steps == 6);  // kept from the included file
+  CHECK(r.methods.items()[0].at("r").text() == "2");
+  CHECK(r.methods.items()[0].at("dropout").text() == "0.1");
+  CHECK(r.eval.metrics == std::vector<std::string>{"loss", "accuracy"});
+  CHECK(r.seed == 3);
+  CHECK(r.task.train.size() == 1);
+  CHECK(to_yaml(r.params).find("lr: 0.5") != std::string::npos);
+}
+
+TEST_CASE("the same recipe and seed give bit-identical metrics and adapter; resume is exact") {
+  Workspace w;
+  InDir in(w.dir);
+  auto a = w.recipe("lm.yaml", {"output.dir=runs/a"});
+  auto b = w.recipe("lm.yaml", {"output.dir=runs/b"});
+  auto c = w.recipe("lm.yaml", {"output.dir=runs/c", "checkpoint.every=2"});
+  auto summary = run_recipe(a, w.quiet());
+  run_recipe(b, w.quiet());
+  CHECK(read("runs/a/metrics.jsonl") == read("runs/b/metrics.jsonl"));
+  CHECK(read("runs/a/adapter/adapter.safetensors") == read("runs/b/adapter/adapter.safetensors"));
+  CHECK(summary["eval_after"]["loss"].get<double>() < summary["eval_before"]["loss"].get<double>());
+  for (const auto* f :
+       {"recipe.yaml", "manifest.json", "summary.json", "adapter/adapter_config.json"})
+    CHECK_MESSAGE(fs::exists(fs::path("runs/a") / f), f);
+  const auto manifest = json::parse(read("runs/a/manifest.json"));
+  CHECK(manifest.at("seed") == 7);
+  CHECK(manifest.at("libtorch_version").get<std::string>() == TORCH_VERSION);
+  CHECK(!manifest.at("plugins").empty());
+
+  // Interrupted after step 3 (dropout and the data position in flight), then resumed.
+  auto stop = w.quiet();
+  stop.stop_at = 3;
+  CHECK(run_recipe(c, stop).at("stopped_at") == 3);
+  CHECK(fs::exists("runs/c/checkpoints/step-000003/optimizer.pt"));
+  CHECK_FALSE(fs::exists("runs/c/adapter"));
+  auto resume = w.quiet();
+  resume.resume = true;
+  run_recipe(c, resume);
+  CHECK(read("runs/a/metrics.jsonl") == read("runs/c/metrics.jsonl"));
+  CHECK(read("runs/a/adapter/adapter.safetensors") == read("runs/c/adapter/adapter.safetensors"));
+  CHECK(fs::exists("runs/c/checkpoints/step-000006"));
+  CHECK_FALSE(fs::exists("runs/c/checkpoints/step-000002"));  // keep: 2
+
+  // A finished run is not overwritten; resuming with another recipe is refused.
+  CHECK_THROWS_WITH_AS(run_recipe(a, w.quiet()), doctest::Contains("already holds a run"), Error);
+  auto other = w.recipe("lm.yaml", {"output.dir=runs/c", "checkpoint.every=2", "train.lr=0.5"});
+  CHECK_THROWS_WITH_AS(run_recipe(other, resume), doctest::Contains("differs from the one"), Error);
+}
+
+TEST_CASE("a non-finite loss stops the run and names the last good checkpoint") {
+  Workspace w;
+  InDir in(w.dir);
+  auto r = w.recipe("lm.yaml", {"output.dir=runs/nan", "train.optimizer=sgd", "train.lr=1e38",
+                                "train.max_grad_norm=0", "train.warmup_steps=0",
+                                "train.schedule=constant", "checkpoint.every=1", "train.steps=50"});
+  CHECK_THROWS_WITH_AS(run_recipe(r, w.quiet()),
+                       doctest::Contains("training stopped. The last good checkpoint is"), Error);
+  CHECK(fs::exists("runs/nan/metrics.jsonl"));
+  CHECK_FALSE(fs::exists("runs/nan/adapter"));
+}
+
+TEST_CASE("classification trains a task head with a method and evaluates it again") {
+  Workspace w;
+  InDir in(w.dir);
+  write(w.dir / "cls.yaml", R"(include: lm.yaml
+task:
+  kind: sequence_classification
+  train: data/labelled.json
+  eval: []
+  eval_fraction: 0.25
+  format: json
+  label_field: class
+  num_labels: 2
+methods:
+  - name: ia3
+train:
+  steps: 12
+  lr: 5.0e-2
+generate: {prompt: ""}
+output:
+  dir: runs/cls
+)");
+  auto r = w.recipe("cls.yaml");
+  auto summary = run_recipe(r, w.quiet());
+  CHECK(summary["eval_examples"] == 12);
+  CHECK(summary["eval_after"].contains("accuracy"));
+  CHECK(summary["eval_after"].contains("f1"));
+  CHECK(fs::exists("runs/cls/adapter/task_head.safetensors"));
+  // ia3 (1 vector per k, v, down and layer) + the head (16 x 2 + 2).
+  CHECK(summary["trainable_parameters"] == 2 * (8 + 8 + 24) + 34);
+  auto again = evaluate_recipe(r, {"runs/cls/adapter"});
+  CHECK(again["metrics"]["accuracy"].get<double>() ==
+        doctest::Approx(summary["eval_after"]["accuracy"].get<double>()));
+  CHECK(again["metrics"]["loss"].get<double>() ==
+        doctest::Approx(summary["eval_after"]["loss"].get<double>()).epsilon(1e-6));
+}
+
+TEST_CASE("task data: TSV with a sign rule, CSV quoting, instruction prompts masked") {
+  Workspace w;
+  auto tok = load_model((w.dir / "model").string()).tokenizer;
+  write(w.dir / "r.tsv", "1\t2.5\tfine film\n2\t-1.0\tdull\n3\t0\tmeh\n");
+  TaskSpec t;
+  t.kind = "sequence_classification";
+  t.format = "tsv";
+  t.columns = {"id", "rating", "text"};
+  t.label_field = "rating";
+  t.label_rule = "sign";
+  t.train = {w.dir / "r.tsv"};
+  t.eval_fraction = 0;
+  auto d = load_task_data(t, *tok, 0);
+  REQUIRE(d.train.size() == 2);
+  CHECK(d.dropped == 1);
+  CHECK(d.train[0].label == 1);
+  CHECK(d.train[1].label == 0);
+
+  write(w.dir / "c.csv", "text,label\n\"a, \"\"quoted\"\" text\",1\nplain,0\n");
+  t.format = "csv";
+  t.columns = {};
+  t.label_field = "label";
+  t.label_rule = "none";
+  t.train = {w.dir / "c.csv"};
+  d = load_task_data(t, *tok, 0);
+  REQUIRE(d.train.size() == 2);
+  CHECK(tok->decode(d.train[0].ids) == "a, \"quoted\" text");
+
+  write(w.dir / "bad.csv", "text,label\nx,7\n");
+  t.train = {w.dir / "bad.csv"};
+  CHECK_THROWS_WITH_AS(load_task_data(t, *tok, 0),
+                       doctest::Contains("bad.csv:2: label \"7\" is not an integer in [0, 2)"),
+                       FileError);
+
+  write(w.dir / "i.jsonl", R"({"prompt": "Q: hi", "response": " A: yo"})"
+                           "\n");
+  TaskSpec ins;
+  ins.kind = "instruction";
+  ins.format = "jsonl";
+  ins.train = {w.dir / "i.jsonl"};
+  ins.eval_fraction = 0;
+  d = load_task_data(ins, *tok, 0);
+  REQUIRE(d.train.size() == 1);
+  const auto& e = d.train[0];
+  const auto prompt_len = tok->encode("Q: hi", true).size();
+  for (std::size_t i = 0; i < prompt_len; ++i) CHECK(e.labels[i] == -100);
+  CHECK(e.labels[prompt_len] == e.ids[prompt_len]);
+  CHECK(e.labels.back() == 256);  // the end-of-text token closes the response
+}
