@@ -86,7 +86,20 @@ if [[ -d $root/data/sotu ]]; then
     eval.batches=2 --adapter "$run/adapter"
   check "generate with the adapter" 0 "^The Congress" -- "$graft" generate --model "$model" \
     --adapter "$run/adapter" --prompt "The Congress" --max-new-tokens 8
+  check "forward with the adapter" 0 "logits \[1, 3, 512\]" -- "$graft" forward --model "$model" \
+    --adapter "$run/adapter" --tokens 1,5,9 --out "$work/fa.safetensors"
 else
   echo "skip the quickstart run: data/sotu is absent (scripts/fetch-data.sh)"
 fi
+if [[ -d $root/data/sentiment ]]; then
+  check "run sentiment-small (short)" 0 "eval after: +accuracy [0-9.]+, f1 [0-9.]+, loss" -- \
+    "$graft" run "$root/recipes/sentiment-small.yaml" train.steps=6 train.warmup_steps=1 \
+    train.log_every=3 eval.batches=3 "output.dir=$work/sentiment"
+  [[ -f $work/sentiment/adapter/task_head.safetensors ]] ||
+    { echo "FAIL: the sentiment run saved no task head"; fail=1; }
+else
+  echo "skip the sentiment run: data/sentiment is absent (scripts/fetch-data.sh)"
+fi
+check "model not found, in one line" 1 "model 'nowhere' not found: looked for" -- \
+  "$graft" run "$root/recipes/quickstart.yaml" model.path=nowhere "output.dir=$work/none"
 exit $fail

@@ -79,6 +79,7 @@ int run_generate(const Args& args) {
                                                  "nucleus sampling threshold")(
       "seed", po::value<std::uint64_t>()->default_value(0), "sampling seed")(
       "no-bos", "do not start with the BOS token");
+  add_adapter_option(desc);
   po::variables_map vm;
   if (!parse(args, desc, vm, "usage: graft generate --model PATH [--prompt TEXT] [options]"))
     return 0;
@@ -181,6 +182,7 @@ int run_forward(const Args& args) {
       "padding", po::value<std::string>()->default_value("right"),
       "pad shorter sequences on the left or right")("out,o", po::value<std::string>()->required(),
                                                     "output .safetensors file");
+  add_adapter_option(desc);
   po::variables_map vm;
   if (!parse(
           args, desc, vm,

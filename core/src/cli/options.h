@@ -39,6 +39,12 @@ inline bool parse(const Args& args, po::options_description& desc, po::variables
 /// Loads the plugins on the search path plus --plugin-dir folders.
 void load_cli_plugins(const po::variables_map& vm);
 
+/// Declares --adapter (repeatable), read by apply_adapters().
+inline void add_adapter_option(po::options_description& desc) {
+  desc.add_options()("adapter", po::value<std::vector<std::string>>(),
+                     "adapter folder to load onto the model (repeatable; graft or peft format)");
+}
+
 /// Loads the adapters named by --adapter (if any) onto the model.
 std::vector<std::unique_ptr<Method>> apply_adapters(const po::variables_map& vm, Model& model);
 
