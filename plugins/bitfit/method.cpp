@@ -112,8 +112,9 @@ void register_bitfit(Registry& registry) {
   info.version = "1.0.0";
   info.description = "trains only bias terms (add_missing: zero biases where a model has none)";
   info.mergeable = true;
-  info.points = {"attn.q",   "attn.k", "attn.v",    "attn.o",   "ffn.gate",   "ffn.up",
-                 "ffn.down", "head",   "norm.attn", "norm.ffn", "norm.embed", "norm.final"};
+  info.points = Model::linear_points();
+  for (const char* norm : {"norm.attn", "norm.ffn", "norm.embed", "norm.final"})
+    info.points.emplace_back(norm);
   registry.add(
       info, [](const Params& p) -> std::unique_ptr<Method> { return std::make_unique<BitFit>(p); });
 }

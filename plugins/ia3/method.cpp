@@ -47,7 +47,7 @@ void register_ia3(Registry& registry) {
   info.version = "1.0.0";
   info.description = "learned vectors scaling keys, values and the feed-forward activation";
   info.mergeable = true;
-  info.points = {"attn.q", "attn.k", "attn.v", "attn.o", "ffn.gate", "ffn.up", "ffn.down", "head"};
+  info.points = Model::linear_points();
   registry.add(info, [](const Params& p) -> std::unique_ptr<Method> {
     return std::make_unique<Ia3>(Ia3Config::from_params(p));
   });

@@ -23,23 +23,14 @@ std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
   const json cfg = peft::read_config(dir);
   const auto tensors = peft::read_tensors(dir);
   const auto& c = model.config();
-  std::map<std::string, std::vector<std::pair<Site, peft::Module>>> by_module;
-  for (const auto& s : model.sites())
-    if (Model::is_linear_point(s.point)) {
-      auto m = peft::module_of(c, s);
-      by_module[m.path].emplace_back(s, m);
-    }
+  const auto by_module = peft::index_modules(model);
   auto source = Source{cfg_path, 0, 0};
   auto targets = Params::list("target_modules", source);
   auto feedforward = Params::list("feedforward_modules", source);
   io::TensorMap state;
-  const std::string suffix = ".ia3_l";
   for (const auto& [key, t] : tensors) {
-    if (key.size() <= suffix.size() ||
-        key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0)
-      continue;
-    std::string module = key.substr(0, key.size() - suffix.size());
-    if (module.rfind(peft::kPrefix, 0) == 0) module = module.substr(peft::kPrefix.size());
+    const auto module = peft::module_of_tensor(key, ".ia3_l");
+    if (module.empty()) continue;
     auto it = by_module.find(module);
     if (it == by_module.end())
       throw FileError(where, "IA3 on module '" + module + "', which this " + c.family +

@@ -195,7 +195,7 @@ void register_said(Registry& registry) {
   info.version = "1.0.0";
   info.description = "fine-tuning in a random subspace (Fastfood projection, per-matrix scales)";
   info.mergeable = true;
-  info.points = {"attn.q", "attn.k", "attn.v", "attn.o", "ffn.gate", "ffn.up", "ffn.down", "head"};
+  info.points = Model::linear_points();
   registry.add(
       info, [](const Params& p) -> std::unique_ptr<Method> { return std::make_unique<Said>(p); });
 }

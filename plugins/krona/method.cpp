@@ -90,7 +90,7 @@ void register_krona(Registry& registry) {
   info.version = "1.0.0";
   info.description = "Kronecker-product updates s (A (x) B) on linear projections";
   info.mergeable = true;
-  info.points = {"attn.q", "attn.k", "attn.v", "attn.o", "ffn.gate", "ffn.up", "ffn.down", "head"};
+  info.points = Model::linear_points();
   registry.add(
       info, [](const Params& p) -> std::unique_ptr<Method> { return std::make_unique<Krona>(p); });
 }

@@ -102,7 +102,7 @@ void register_lora(Registry& registry) {
   info.version = "1.0.0";
   info.description = "low-rank updates B A on linear projections (rsLoRA, DoRA, rank patterns)";
   info.mergeable = true;
-  info.points = {"attn.q", "attn.k", "attn.v", "attn.o", "ffn.gate", "ffn.up", "ffn.down", "head"};
+  info.points = Model::linear_points();
   registry.add(info, [](const Params& p) -> std::unique_ptr<Method> {
     return std::make_unique<Lora>(LoraConfig::from_params(p));
   });

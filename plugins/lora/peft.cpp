@@ -64,13 +64,7 @@ std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
   const auto tensors = peft::read_tensors(dir);
   const auto& c = model.config();
 
-  // Every linear site by its peft module.
-  std::map<std::string, std::vector<std::pair<Site, peft::Module>>> by_module;
-  for (const auto& s : model.sites())
-    if (Model::is_linear_point(s.point)) {
-      auto m = peft::module_of(c, s);
-      by_module[m.path].emplace_back(s, m);
-    }
+  const auto by_module = peft::index_modules(model);
 
   const bool rslora = cfg.value("use_rslora", false);
   const bool dora = cfg.value("use_dora", false);
@@ -90,11 +84,8 @@ std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
   io::TensorMap state;
   const std::string suffix_a = ".lora_A.weight";
   for (const auto& [key, a] : tensors) {
-    if (key.size() <= suffix_a.size() ||
-        key.compare(key.size() - suffix_a.size(), suffix_a.size(), suffix_a) != 0)
-      continue;
-    std::string module = key.substr(0, key.size() - suffix_a.size());
-    if (module.rfind(kPrefix, 0) == 0) module = module.substr(kPrefix.size());
+    const auto module = peft::module_of_tensor(key, suffix_a);
+    if (module.empty()) continue;
     auto it = by_module.find(module);
     if (it == by_module.end())
       throw FileError(tensors_path, "LoRA on module '" + module + "', which this " + c.family +

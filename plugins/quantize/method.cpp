@@ -150,7 +150,7 @@ void register_quantize(Registry& registry) {
   info.version = "1.0.0";
   info.description = "NF4 (4-bit NormalFloat) frozen base weights, for QLoRA";
   info.mergeable = true;
-  info.points = {"attn.q", "attn.k", "attn.v", "attn.o", "ffn.gate", "ffn.up", "ffn.down", "head"};
+  info.points = Model::linear_points();
   registry.add(info, [](const Params& p) -> std::unique_ptr<Method> {
     return std::make_unique<Quantize>(p);
   });

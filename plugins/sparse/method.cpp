@@ -130,7 +130,7 @@ void register_sparse(Registry& registry) {
   info.version = "1.0.0";
   info.description = "trains a fixed sparse subset of weights (magnitude, random or gradient)";
   info.mergeable = true;
-  info.points = {"attn.q", "attn.k", "attn.v", "attn.o", "ffn.gate", "ffn.up", "ffn.down", "head"};
+  info.points = Model::linear_points();
   registry.add(
       info, [](const Params& p) -> std::unique_ptr<Method> { return std::make_unique<Sparse>(p); });
 }

@@ -162,6 +162,8 @@ class Model : public torch::nn::Module {
 
   /// Whether a point is a linear projection (attn.q ... ffn.down, head).
   static bool is_linear_point(const std::string& point);
+  /// The linear projection points, in layer order, the head last.
+  static const std::vector<std::string>& linear_points();
 
   /// The tokenizer the checkpoint carried (set by load_model), or nullptr: for methods that
   /// initialise from text (prompt tuning).

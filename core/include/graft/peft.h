@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -26,6 +27,14 @@ struct Module {
   std::int64_t row0 = 0, rows = 0;  ///< rows == 0: the whole output
 };
 Module module_of(const ModelConfig& config, const Site& site);
+
+/// Every linear site of `model` by its peft module path (several for GPT-2's fused c_attn).
+using ModuleIndex = std::map<std::string, std::vector<std::pair<Site, Module>>>;
+ModuleIndex index_modules(const Model& model);
+
+/// For a tensor name "base_model.model.<module><suffix>", the module path; "" when the name does
+/// not end with `suffix`.
+std::string module_of_tensor(const std::string& name, const std::string& suffix);
 
 /// The module's last name component ("q_proj"), as peft's target_modules lists it.
 std::string short_name(const std::string& module);

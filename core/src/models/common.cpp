@@ -64,9 +64,14 @@ void LinearImpl::add_bias() {
 
 // --- Model: sites and hooks ----------------------------------------------------------------
 
-bool Model::is_linear_point(const std::string& point) {
+const std::vector<std::string>& Model::linear_points() {
   static const std::vector<std::string> linear = {"attn.q",   "attn.k", "attn.v",   "attn.o",
                                                   "ffn.gate", "ffn.up", "ffn.down", "head"};
+  return linear;
+}
+
+bool Model::is_linear_point(const std::string& point) {
+  const auto& linear = linear_points();
   return std::find(linear.begin(), linear.end(), point) != linear.end();
 }
 

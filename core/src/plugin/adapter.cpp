@@ -192,6 +192,25 @@ Module module_of(const ModelConfig& c, const Site& site) {
 
 std::string short_name(const std::string& module) { return module.substr(module.rfind('.') + 1); }
 
+ModuleIndex index_modules(const Model& model) {
+  ModuleIndex out;
+  for (const auto& s : model.sites())
+    if (Model::is_linear_point(s.point)) {
+      auto m = module_of(model.config(), s);
+      out[m.path].emplace_back(s, m);
+    }
+  return out;
+}
+
+std::string module_of_tensor(const std::string& name, const std::string& suffix) {
+  if (name.size() <= suffix.size() ||
+      name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0)
+    return {};
+  auto module = name.substr(0, name.size() - suffix.size());
+  if (module.rfind(kPrefix, 0) == 0) module = module.substr(kPrefix.size());
+  return module;
+}
+
 std::string task_type(const ModelConfig& c) { return c.num_labels > 0 ? "SEQ_CLS" : "CAUSAL_LM"; }
 
 nlohmann::json read_config(const fs::path& dir) {
