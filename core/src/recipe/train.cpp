@@ -561,6 +561,7 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
   }
 
   const auto start = Clock::now();
+  const auto first_step = pos.step;  // a resumed run times only its own steps
   std::int64_t tokens = 0;
   double window_loss = 0;
   std::int64_t window_steps = 0;
@@ -595,7 +596,7 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
 
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     const double tok_s = elapsed > 0 ? tokens / elapsed : 0;
-    const auto done_here = pos.step - (o.resume ? 0 : 0);
+    const auto done_here = pos.step - first_step;
     const double eta = done_here > 0 ? elapsed / done_here * (total - pos.step) : 0;
     if (pos.step % r.train.log_every == 0 || pos.step == total) {
       json line = {{"step", pos.step},
