@@ -325,3 +325,26 @@ TEST_CASE("task data: TSV with a sign rule, CSV quoting, instruction prompts mas
   CHECK(e.labels[prompt_len] == e.ids[prompt_len]);
   CHECK(e.labels.back() == 256);  // the end-of-text token closes the response
 }
+
+TEST_CASE("resume is exact for methods with training-only state: prefix MLP, calibrated sparse") {
+  Workspace w;
+  InDir in(w.dir);
+  for (const std::string methods :
+       {"methods=[{name: prefix_tuning, num_virtual_tokens: 2, bottleneck: 8, dropout: 0.1}]",
+        "methods=[{name: sparse, selection: gradient, density: 0.05, calibration_batches: 2}]"}) {
+    CAPTURE(methods);
+    const auto tag = methods.find("prefix") != std::string::npos ? "prefix" : "sparse";
+    auto whole = w.recipe("lm.yaml", {methods, std::string("output.dir=runs/whole-") + tag});
+    auto parts = w.recipe("lm.yaml", {methods, std::string("output.dir=runs/parts-") + tag});
+    run_recipe(whole, w.quiet());
+    auto stop = w.quiet();
+    stop.stop_at = 4;
+    run_recipe(parts, stop);
+    auto resume = w.quiet();
+    resume.resume = true;
+    run_recipe(parts, resume);
+    const fs::path a = std::string("runs/whole-") + tag, b = std::string("runs/parts-") + tag;
+    CHECK(read(a / "metrics.jsonl") == read(b / "metrics.jsonl"));
+    CHECK(read(a / "adapter/adapter.safetensors") == read(b / "adapter/adapter.safetensors"));
+  }
+}

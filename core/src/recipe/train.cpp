@@ -423,8 +423,9 @@ fs::path latest_checkpoint(const fs::path& run) {
   return all.empty() ? fs::path() : all.back();
 }
 
-json load_checkpoint(Session& s, torch::optim::Optimizer& opt, const fs::path& dir, Position& pos,
-                     std::vector<json>& metrics) {
+// The methods' and the head's state, before the optimizer is built over their tensors (a
+// calibrated method knows what it trains only from its state).
+void load_checkpoint_methods(Session& s, const fs::path& dir) {
   const auto where = (dir / "state.safetensors").string();
   auto t = io::read_safetensors(where).tensors;
   for (std::size_t i = 0; i < s.methods.size(); ++i) {
@@ -438,6 +439,12 @@ json load_checkpoint(Session& s, torch::optim::Optimizer& opt, const fs::path& d
     torch::NoGradGuard no_grad;
     for (auto& p : s.head->named_parameters(true)) p.value().copy_(t.at("head." + p.key()));
   }
+}
+
+// The optimizer, the random state, the data position and the metrics so far.
+json load_checkpoint_trainer(torch::optim::Optimizer& opt, const fs::path& dir, Position& pos,
+                             std::vector<json>& metrics) {
+  const auto t = io::read_safetensors((dir / "state.safetensors").string()).tensors;
   {
     auto gen = at::detail::getDefaultCPUGenerator();  // a handle to the process's generator
     gen.set_state(t.at("rng.cpu"));
@@ -498,6 +505,12 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
     return to_device(make_batch(data.train, which, s.pad_id, s.classification), s.device);
   };
 
+  fs::path resume_from;
+  if (o.resume) {
+    resume_from = latest_checkpoint(run);
+    if (resume_from.empty()) throw Error(run.string() + ": no checkpoint to resume from");
+    load_checkpoint_methods(s, resume_from);
+  }
   // Methods that choose what to train from data see the first batches of epoch 0.
   for (auto& m : s.methods)
     if (m->needs_calibration() && !o.resume) {
@@ -539,10 +552,8 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
   json before = json::object(), extra = json::object();
   fs::create_directories(run);
   if (o.resume) {
-    const auto ck = latest_checkpoint(run);
-    if (ck.empty()) throw Error(run.string() + ": no checkpoint to resume from");
-    extra = load_checkpoint(s, *opt, ck, pos, metrics);
-    log << "resumed from " << ck.string() << " (step " << pos.step << ")\n";
+    extra = load_checkpoint_trainer(*opt, resume_from, pos, metrics);
+    log << "resumed from " << resume_from.string() << " (step " << pos.step << ")\n";
   } else {
     io::write_atomically(run / "recipe.yaml", [&](std::ostream& out) { out << recipe_text; });
     write_json(run / "manifest.json", manifest(r, o));
