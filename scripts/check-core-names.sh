@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The core knows no method by name: no code in core/ (comments aside) may hold a method's name as
-# a string. Method names are the plugin folders under plugins/ and the extra names they register.
+# The core knows no method by name (ARCHITECTURE.md): no code in core/ may hold a method's name as
+# a string (the plugin folders under plugins/ and the extra names they register), and no line of
+# core/, comments included, may mention a method by its distinctive name (LoRA, IA3, ...).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 names=$(cd "$root/plugins" && for d in */; do [ -f "$d/CMakeLists.txt" ] && echo "${d%/}"; done)
@@ -16,5 +17,13 @@ for name in $(echo "$names" | sort -u); do
     status=1
   fi
 done
+# Distinctive names, as words in any case, comments included (generic words such as "sparse" or
+# "parallel" are checked as strings only, above).
+words='lora|dora|qlora|ia3|bitfit|compacter|pfeiffer|houlsby|krona|nf4|intrinsic_said|layer_select|prefix[_ ]tuning|prompt[_ ]tuning'
+if hits=$(grep -rniwE "$words" "$root/core"); then
+  echo "core mentions a method by name:"
+  echo "$hits"
+  status=1
+fi
 [ $status -eq 0 ] && echo "core names no method ($(echo "$names" | sort -u | wc -l) names checked)"
 exit $status

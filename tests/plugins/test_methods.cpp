@@ -327,7 +327,7 @@ TEST_CASE("methods refuse what they cannot do, in one line naming the site and t
   q->attach(*llama);
   auto lora = make_method("lora", params({}));
   lora->attach(*llama);
-  CHECK_THROWS_WITH_AS(lora->merge(*llama), doctest::Contains("merge that first"), Error);
+  CHECK_THROWS_WITH_AS(lora->merge(*llama), doctest::Contains("merge that method first"), Error);
 }
 
 TEST_CASE("bitfit trains norm biases in place where the family has them") {

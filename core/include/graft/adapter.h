@@ -3,7 +3,7 @@
 //
 //   DIR/adapter_config.json   {"format": "graft-adapter", "format_version": 1, "graft_version",
 //                              "base_model": {family, architecture, widths...},
-//                              "methods": [{"name": "lora", "config": {...}}, ...]}
+//                              "methods": [{"name": <method>, "config": {...}}, ...]}
 //   DIR/adapter.safetensors   "<method index>.<tensor name>" for each method's state
 #pragma once
 

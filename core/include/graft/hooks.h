@@ -30,16 +30,18 @@ class Hook : public torch::nn::Module {
   ~Hook() override = default;
 };
 
-/// Replaces how a linear site's weight is obtained (NF4 dequantisation, DoRA's magnitude).
+/// Replaces how a linear site's weight is obtained (dequantising a compressed base, rescaling
+/// its rows).
 /// Receives the weight so far ([out, in]) and returns the weight to use.
 class WeightTransform : public Hook {
  public:
   virtual at::Tensor transform(const at::Tensor& weight, const LinearImpl& site) = 0;
-  /// Whether transform() may be folded into the stored weight (DoRA yes, quantisation no).
+  /// Whether transform() may be folded into the stored weight.
   virtual bool mergeable() const { return false; }
 };
 
-/// Adds to a linear site's output: y += delta(x). x: [..., in] -> [..., out] (LoRA, KronA).
+/// Adds to a linear site's output: y += delta(x). x: [..., in] -> [..., out] (low-rank or
+/// Kronecker updates).
 class LinearDelta : public Hook {
  public:
   virtual at::Tensor delta(const at::Tensor& x, const LinearImpl& site) = 0;
@@ -49,7 +51,7 @@ class LinearDelta : public Hook {
   virtual at::Tensor delta_bias(const LinearImpl& /*site*/) { return {}; }
 };
 
-/// Scales a linear site's input or output elementwise (IA3).
+/// Scales a linear site's input or output elementwise (learned rescaling vectors).
 class LinearScale : public Hook {
  public:
   enum class Side { input, output };
@@ -58,14 +60,15 @@ class LinearScale : public Hook {
   virtual at::Tensor scale() = 0;
 };
 
-/// Maps a sublayer's output, optionally reading the sublayer's input (sequential and parallel
-/// adapters). out: [batch, seq, width]; in: the sublayer's (normalised) input, [batch, seq, d].
+/// Maps a sublayer's output, optionally reading the sublayer's input (modules placed after a
+/// sublayer or beside it). out: [batch, seq, width]; in: the sublayer's (normalised) input, [batch,
+/// seq, d].
 class SublayerTransform : public Hook {
  public:
   virtual at::Tensor transform(const at::Tensor& out, const at::Tensor& in) = 0;
 };
 
-/// Prepends learned keys and values to a layer's attention (prefix tuning). Receives the
+/// Prepends learned keys and values to a layer's attention (soft prefixes). Receives the
 /// attention's (normalised) input [batch, seq, d] of the first pass (a gate may read it) and
 /// returns [batch, kv_heads, prefix, head_dim] each; every query may attend to them. With a
 /// cache, they are computed once and cached. As in transformers with a filled cache, the
@@ -77,7 +80,7 @@ class KvExtension : public Hook {
   virtual std::int64_t length() const = 0;
 };
 
-/// Prepends learned vectors to the token embeddings (prompt tuning). Returns [batch, prompt, d].
+/// Prepends learned vectors to the token embeddings (soft prompts). Returns [batch, prompt, d].
 /// The mask is extended with ones and the outputs at these positions are dropped.
 class EmbeddingExtension : public Hook {
  public:

@@ -19,7 +19,7 @@ namespace graft {
 
 /// What `graft methods` shows about a method.
 struct MethodInfo {
-  std::string name;                 ///< the name recipes use: "lora"
+  std::string name;                 ///< the name recipes use ("my_method")
   std::string version;              ///< the plugin's version
   std::string description;          ///< one line
   bool mergeable = false;           ///< can fold into the base weights
@@ -30,14 +30,14 @@ struct MethodInfo {
 class Method {
  public:
   virtual ~Method() = default;
-  /// The method's name as registered ("lora").
+  /// The method's name as registered.
   virtual std::string name() const = 0;
-  /// Selects sites and attaches hooks; may also unfreeze base parameters (full, bitfit).
-  /// Throws graft::Error (a selection matching nothing, a site the method cannot use).
+  /// Selects sites and attaches hooks; may also unfreeze base parameters (methods that train them
+  /// in place). Throws graft::Error (a selection matching nothing, a site the method cannot use).
   virtual void attach(Model& model) = 0;
   /// Removes everything attach() did.
   virtual void detach(Model& model) = 0;
-  /// The tensors the optimizer trains, by stable name ("layers.3.attn.q.lora_A").
+  /// The tensors the optimizer trains, by stable name ("layers.3.attn.q.<parameter>").
   virtual std::vector<std::pair<std::string, at::Tensor>> trainable_parameters() = 0;
   /// What is saved in an adapter file, by the same names.
   virtual io::TensorMap state() = 0;
@@ -48,7 +48,7 @@ class Method {
   /// Switches dropout and similar between training and evaluation.
   virtual void set_training(bool /*on*/) {}
   /// Whether the method must see a few training batches after attach() and before training
-  /// (sparse fine-tuning choosing its entries by gradient magnitude).
+  /// (a method choosing what it trains from gradient magnitudes).
   virtual bool needs_calibration() const { return false; }
   /// Runs the calibration: `loss` computes the loss of the next training batch (a scalar with
   /// a graph); the method calls it as often as it needs.
@@ -127,10 +127,10 @@ void check_method_keys(const Params& params, const std::vector<std::string>& own
 std::string trainable_summary(const Model& model, const std::vector<Method*>& methods);
 
 /// A foreign adapter format a plugin reads and writes for its method (Hugging Face peft's
-/// adapter_config.json + adapter_model.safetensors, llama.cpp's GGUF LoRA).
+/// adapter_config.json + adapter_model.safetensors, llama.cpp's GGUF adapters).
 struct AdapterFormat {
   std::string name;    ///< "peft", "gguf"
-  std::string method;  ///< the method whose adapters it holds ("lora")
+  std::string method;  ///< the method whose adapters it holds
   /// Whether `path` (a folder or file) holds an adapter of this format for this method.
   std::function<bool(const std::filesystem::path&)> detect;
   /// Builds the method from the files, attaches it to `model` and loads its state; empty when

@@ -63,7 +63,7 @@ struct Site {
   std::int64_t out_features = 0;  ///< linear sites: output width; other sites: the width seen
 };
 
-/// Reorders the rows of a q or k projection ([heads * head_dim, ...] weight, bias or LoRA B)
+/// Reorders the rows of a q or k projection ([heads * head_dim, ...] weight, bias or update)
 /// between the half-split and the interleaved RoPE pairing, as llama.cpp's converter does.
 at::Tensor permute_rope_rows(const at::Tensor& w, std::int64_t heads, RopeStyle from, RopeStyle to);
 
@@ -166,7 +166,7 @@ class Model : public torch::nn::Module {
   static const std::vector<std::string>& linear_points();
 
   /// The tokenizer the checkpoint carried (set by load_model), or nullptr: for methods that
-  /// initialise from text (prompt tuning).
+  /// initialise from text (soft prompts).
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }
   void set_tokenizer(std::shared_ptr<Tokenizer> tokenizer) { tokenizer_ = std::move(tokenizer); }
 

@@ -42,7 +42,7 @@ std::string short_name(const std::string& module);
 /// peft's task type for a model: "SEQ_CLS" for classifiers, "CAUSAL_LM" otherwise.
 std::string task_type(const ModelConfig& config);
 
-/// Whether `dir` holds a peft adapter of `peft_type` ("LORA", "IA3", "PREFIX_TUNING", ...).
+/// Whether `dir` holds a peft adapter whose adapter_config.json has this "peft_type".
 bool is_adapter(const std::filesystem::path& dir, const std::string& peft_type);
 
 /// adapter_config.json of `dir`; malformed JSON is a FileError naming the file.

@@ -1,7 +1,7 @@
 // The plugin ABI: each plugin library exports one versioned descriptor, and graft's loader finds
 // and checks it before anything else. Write a plugin with one line:
 //
-//   GRAFT_PLUGIN("lora", "1.0.0", register_lora)   // void register_lora(graft::Registry&)
+//   GRAFT_PLUGIN("my_method", "1.0.0", register_my_method)   // void (graft::Registry&)
 #pragma once
 
 #include <graft/method.h>

@@ -54,7 +54,8 @@ int run_export_adapter(const Args& args) {
   desc.add_options()("model,m", po::value<std::string>()->required(),
                      "the base model the adapter belongs to")(
       "adapter", po::value<std::vector<std::string>>()->required(), "adapter folder")(
-      "format", po::value<std::string>()->required(), "peft, gguf (llama.cpp --lora) or graft")(
+      "format", po::value<std::string>()->required(),
+      "graft or a format a plugin registers (peft, gguf, ...)")(
       "out,o", po::value<std::string>()->required(), "output folder (peft, graft) or .gguf file");
   po::variables_map vm;
   if (!parse(

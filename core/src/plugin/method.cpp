@@ -99,8 +99,10 @@ void HookMethod::merge(Model& model) {
       throw Error(name() + ": cannot merge: the hook at site '" + site +
                   "' does not fold into weights");
     if (lin->weight.numel() != lin->in_features * lin->out_features)
-      throw Error(name() + ": cannot merge into site '" + site +
-                  "': its base weight is held by another method (quantize); merge that first");
+      throw Error(
+          name() + ": cannot merge into site '" + site +
+          "': its base weight is held by a weight transform of another method; merge that method "
+          "first");
   }
   // Weight transforms and scales are undone by restoring the weights saved here; deltas by
   // subtracting them again.

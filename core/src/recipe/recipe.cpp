@@ -356,13 +356,14 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
   r.task.packing = t.get_bool("packing", true);
   r.task.max_documents = non_negative(t, "max_documents", 0);
 
-  if (!p.has("methods")) p.fail("methods is required: a list such as [{name: lora, r: 8}]");
+  if (!p.has("methods"))
+    p.fail("methods is required: a list of maps, each with the method's name and its settings");
   r.methods = p.at("methods");
   if (r.methods.kind() != Params::Kind::list || r.methods.items().empty())
     r.methods.fail("expected a list of methods, each a map with a name");
   for (const auto& method : r.methods.items()) {
     if (method.kind() != Params::Kind::map || !method.has("name"))
-      method.fail("expected a map with a name, e.g. {name: lora, r: 8}");
+      method.fail("expected a map with the method's name and its settings ({name: ..., ...})");
     make_method(method.at("name").as_string(), method);  // validates the method's own keys
   }
 

@@ -526,7 +526,7 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
   }
   if (params.empty())
     r.methods.fail(
-        "the methods leave nothing to train (quantize alone?); add a method with parameters");
+        "the methods leave nothing to train (none of them has parameters); add one that has");
   auto opt = make_optimizer(r.train, params);
 
   std::ostream& log = std::cerr;
