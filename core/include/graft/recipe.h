@@ -20,6 +20,10 @@ Params read_yaml(const std::filesystem::path& path);
 /// Writes settings back as YAML (block style, keys in their order).
 std::string to_yaml(const Params& params);
 
+/// Writes settings as one line of flow-style YAML ("{name: lora, r: 8}"), the form a
+/// command-line override takes.
+std::string to_flow_yaml(const Params& params);
+
 /// Reads a recipe with its includes (`include: base.yaml` or a list, relative to the including
 /// file; the including file's keys win, maps merge, lists and scalars replace) and applies
 /// overrides "key.path=value" in order (a value is read as YAML: "[attn.q, attn.v]" is a list).

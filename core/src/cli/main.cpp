@@ -17,6 +17,8 @@ commands:
   run        train, evaluate and save as a YAML recipe says (key.path=value overrides)
   validate   check a recipe (keys, values, files, model, methods) without running it
   eval       evaluate a model, with adapters, on a recipe's eval data
+  sweep      run a recipe over settings and seeds, in parallel, resumably (or on Slurm)
+  report     tabulate and plot a sweep's results (CSV, Markdown, SVG)
   generate   continue a prompt with a model (greedy or sampled)
   inspect    show a model file's family, configuration, tensors and sites
   forward    run one forward pass and write logits and hidden states to safetensors
@@ -53,6 +55,8 @@ int main(int argc, char** argv) {
     if (command == "run") return cli::run_run(args);
     if (command == "validate") return cli::run_validate(args);
     if (command == "eval") return cli::run_eval(args);
+    if (command == "sweep") return cli::run_sweep(args);
+    if (command == "report") return cli::run_report(args);
     if (command == "generate") return cli::run_generate(args);
     if (command == "inspect") return cli::run_inspect(args);
     if (command == "forward") return cli::run_forward(args);

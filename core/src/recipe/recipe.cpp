@@ -254,19 +254,21 @@ Params read_yaml(const fs::path& path) {
 }
 
 namespace {
-void emit(YAML::Emitter& out, const Params& p) {
+void emit(YAML::Emitter& out, const Params& p, bool flow) {
   switch (p.kind()) {
     case Params::Kind::map:
+      if (flow) out << YAML::Flow;
       out << YAML::BeginMap;
       for (const auto& [k, v] : p.entries()) {
         out << YAML::Key << k << YAML::Value;
-        emit(out, v);
+        emit(out, v, flow);
       }
       out << YAML::EndMap;
       break;
     case Params::Kind::list:
+      if (flow) out << YAML::Flow;
       out << YAML::BeginSeq;
-      for (const auto& v : p.items()) emit(out, v);
+      for (const auto& v : p.items()) emit(out, v, flow);
       out << YAML::EndSeq;
       break;
     case Params::Kind::scalar:
@@ -280,8 +282,14 @@ void emit(YAML::Emitter& out, const Params& p) {
 
 std::string to_yaml(const Params& params) {
   YAML::Emitter out;
-  emit(out, params);
+  emit(out, params, false);
   return std::string(out.c_str()) + "\n";
+}
+
+std::string to_flow_yaml(const Params& params) {
+  YAML::Emitter out;
+  emit(out, params, true);
+  return out.c_str();
 }
 
 Params load_recipe(const fs::path& path, const std::vector<std::string>& overrides) {

@@ -20,6 +20,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -372,6 +373,8 @@ void load_head(Session& s, const fs::path& dir) {
 struct Position {
   std::int64_t step = 0;           // optimizer steps done
   std::int64_t micro_batches = 0;  // micro-batches consumed
+  double window_loss = 0;          // summed step losses since the last logged line
+  std::int64_t window_steps = 0;   // (kept, so a resumed run logs the same means)
 };
 
 fs::path checkpoint_dir(const fs::path& run, std::int64_t step) {
@@ -400,6 +403,8 @@ void save_checkpoint(Session& s, torch::optim::Optimizer& opt, const Position& p
   torch::save(opt, (tmp / "optimizer.pt").string());
   write_json(tmp / "trainer.json", {{"step", pos.step},
                                     {"micro_batches", pos.micro_batches},
+                                    {"window_loss", pos.window_loss},
+                                    {"window_steps", pos.window_steps},
                                     {"metrics", metrics},
                                     {"extra", extra}});
   fs::remove_all(dir);
@@ -453,6 +458,8 @@ json load_checkpoint_trainer(torch::optim::Optimizer& opt, const fs::path& dir, 
   const auto j = json::parse(io::read_text_file(dir / "trainer.json"));
   pos.step = j.at("step").get<std::int64_t>();
   pos.micro_batches = j.at("micro_batches").get<std::int64_t>();
+  pos.window_loss = j.value("window_loss", 0.0);
+  pos.window_steps = j.value("window_steps", std::int64_t{0});
   metrics = j.at("metrics").get<std::vector<json>>();
   return j.value("extra", json::object());
 }
@@ -574,8 +581,6 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
   const auto start = Clock::now();
   const auto first_step = pos.step;  // a resumed run times only its own steps
   std::int64_t tokens = 0;
-  double window_loss = 0;
-  std::int64_t window_steps = 0;
   const bool bar = o.progress && on_terminal();
   set_training(s, true);
   while (pos.step < total) {
@@ -602,8 +607,8 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
     if (r.train.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(params, r.train.max_grad_norm);
     opt->step();
     ++pos.step;
-    window_loss += step_loss;
-    ++window_steps;
+    pos.window_loss += step_loss;
+    ++pos.window_steps;
 
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     const double tok_s = elapsed > 0 ? tokens / elapsed : 0;
@@ -612,15 +617,15 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
     if (pos.step % r.train.log_every == 0 || pos.step == total) {
       json line = {{"step", pos.step},
                    {"split", "train"},
-                   {"loss", window_loss / window_steps},
+                   {"loss", pos.window_loss / pos.window_steps},
                    {"lr", lr_at(r.train, pos.step - 1, total)}};
       metrics.push_back(line);
       if (!bar)
         log << "step " << pos.step << "/" << total << "  loss "
-            << fixed(window_loss / window_steps, 4) << "  " << static_cast<std::int64_t>(tok_s)
-            << " tok/s  eta " << duration(eta) << "\n";
-      window_loss = 0;
-      window_steps = 0;
+            << fixed(pos.window_loss / pos.window_steps, 4) << "  "
+            << static_cast<std::int64_t>(tok_s) << " tok/s  eta " << duration(eta) << "\n";
+      pos.window_loss = 0;
+      pos.window_steps = 0;
     }
     if (bar) {
       const int width = 30, filled = static_cast<int>(width * pos.step / total);
@@ -671,10 +676,15 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
     save_adapter(run / "adapter", s.model(), raw);
     save_head(s, run / "adapter");
   }
+  std::set<const void*> seen;  // tied embeddings count once
+  std::int64_t n_model = 0;
+  for (const auto& t : s.model().parameters())
+    if (seen.insert(t.unsafeGetTensorImpl()).second) n_model += t.numel();
   json summary = {{"steps", pos.step},
                   {"train_examples", data.train.size()},
                   {"eval_examples", data.eval.size()},
                   {"trainable_parameters", n_trainable},
+                  {"model_parameters", n_model},
                   {"eval_before", extra.value("eval_before", json::object())},
                   {"eval_after", after},
                   {"sample_before", extra.value("sample_before", std::string())},
