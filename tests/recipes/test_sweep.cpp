@@ -204,6 +204,15 @@ TEST_CASE("the trial store: atomic claims, dead owners, rebuilt from the run fol
   fs::remove(s.trials[3].dir / "summary.json");
   c.sync(s);
   CHECK(c.rows()[3].status == "pending");
+
+  // An edited sweep: rows of trials it no longer has leave the store.
+  std::string fewer_text = kSmallSweep;
+  fewer_text.replace(fewer_text.find("seeds: [1, 2]"), 13, "seeds: [1]");
+  write(w.dir / "fewer.yaml", fewer_text);
+  const auto fewer = load_sweep("fewer.yaml");
+  REQUIRE(fewer.trials.size() == 2);
+  c.sync(fewer);
+  CHECK(c.rows().size() == 2);
   CHECK_THROWS_WITH_AS(TrialStore("/proc/nope/x.db"), doctest::Contains("/proc/nope/x.db"),
                        FileError);
 }
@@ -261,6 +270,35 @@ TEST_CASE("graft sweep runs trials in parallel processes, reruns are bit-identic
   CHECK(graft_cli("sweep bad.yaml", w.dir / "bad.log") == 1);
   CHECK(read(w.dir / "bad.log").find("unknown key (did you mean \"steps\"?)") != std::string::npos);
   CHECK_FALSE(fs::exists("sweeps/bad"));  // nothing written for a bad sweep
+}
+
+TEST_CASE("a failing trial is reported with its error, and the others still run") {
+  Workspace w;
+  InDir in(w.dir);
+  write(w.dir / "f.yaml", R"(recipe: lm.yaml
+output: sweeps/f
+set:
+  train.steps: 3
+  eval.every: 0
+cases:
+  - {label: good, set: {"methods[0].targets": [all-linear]}}
+  - {label: bad, set: {"methods[0].targets": [ffn.nope]}}
+)");
+  CHECK(graft_cli("sweep f.yaml", w.dir / "f.log") == 1);
+  const auto out = read(w.dir / "f.log");
+  CHECK(out.find("FAILED bad-") != std::string::npos);
+  CHECK(out.find("1 trial failed") != std::string::npos);
+  const auto md = read("sweeps/f/report/results.md");
+  CHECK(md.find("| good | ") != std::string::npos);
+  CHECK(md.find("| bad | - | - | - ± - | 0 (1 failed) |") != std::string::npos);
+  CHECK(md.find("## Failed trials") != std::string::npos);
+  CHECK(md.find("ffn.nope") != std::string::npos);
+  // Failed trials are left alone unless asked (and still make the exit status 1).
+  CHECK(graft_cli("sweep f.yaml", w.dir / "f2.log") == 1);
+  CHECK(read(w.dir / "f2.log").find("start") == std::string::npos);
+  CHECK(read(w.dir / "f2.log").find("1 trial failed") != std::string::npos);
+  CHECK(graft_cli("sweep f.yaml --retry-failed", w.dir / "f3.log") == 1);
+  CHECK(read(w.dir / "f3.log").find("start  bad-") != std::string::npos);
 }
 
 TEST_CASE("a sweep killed mid-trial resumes that trial from its checkpoint, exactly") {

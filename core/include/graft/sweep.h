@@ -21,6 +21,7 @@
 #include <iosfwd>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -75,15 +76,18 @@ class TrialStore {
 
   /// Adds the trials it does not hold, then brings every row in line with the trial's run
   /// folder (summary.json there: done with its numbers; a row marked done whose folder lost its
-  /// summary: pending again). This is also how a lost or deleted store is rebuilt.
+  /// summary: pending again) and drops the rows of trials the sweep no longer has. This is also
+  /// how a lost or deleted store is rebuilt.
   void sync(const Sweep& sweep);
 
   /// Claims the next trial to run for `owner` (host:pid) and returns its id: a pending trial (or
   /// a failed one, with `retry_failed`), or one marked running by a process of this host that no
   /// longer exists. With `only`, claims that trial alone unless it is done or running in a live
   /// process of this host. Atomic across processes (BEGIN IMMEDIATE).
+  /// Trials in `skip` (those this process has tried already) are never claimed.
   std::optional<std::string> claim(const std::string& owner, bool retry_failed,
-                                   const std::optional<std::string>& only = std::nullopt);
+                                   const std::optional<std::string>& only = std::nullopt,
+                                   const std::set<std::string>& skip = {});
 
   /// Records a finished attempt: done (with the summary) or failed (with the error line).
   void finish(const std::string& id, bool ok, const nlohmann::json& summary,

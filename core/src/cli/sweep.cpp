@@ -135,12 +135,14 @@ int run_sweep(const Args& args) {
             << (sweep.trial_threads == 1 ? "" : "s") << " each; folder " << sweep.dir.string()
             << "\n";
   const auto outcome = graft::run_sweep(sweep, o);
-  if (!o.only) {
-    std::cout << report_sweep(sweep.dir);
-    std::cout << "report: " << (sweep.dir / "report" / "results.md").string() << "\n";
-  }
-  if (outcome.failed) {
-    std::cerr << "graft sweep: " << outcome.failed << " trial" << (outcome.failed == 1 ? "" : "s")
+  if (o.only) return outcome.failed ? 1 : 0;
+  std::cout << report_sweep(sweep.dir);
+  std::cout << "report: " << (sweep.dir / "report" / "results.md").string() << "\n";
+  std::size_t failed = 0;
+  for (const auto& row : TrialStore(store.empty() ? sweep.dir / "sweep.db" : store).rows())
+    failed += row.status == "failed";
+  if (failed) {
+    std::cerr << "graft sweep: " << failed << " trial" << (failed == 1 ? "" : "s")
               << " failed (logs in " << (sweep.dir / "logs").string() << "); 'graft sweep "
               << sweep.file.string() << " --retry-failed' runs them again\n";
     return 1;

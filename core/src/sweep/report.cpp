@@ -163,8 +163,11 @@ std::string report_sweep(const fs::path& dir) {
   const auto sweep = Sweep::from_json(spec, dir);
   TrialStore store(dir / "sweep.db");
   store.sync(sweep);  // the run folders are the truth: the store follows them
-  std::map<std::string, std::string> status;
-  for (const auto& row : store.rows()) status[row.id] = row.status;
+  std::map<std::string, std::string> status, error;
+  for (const auto& row : store.rows()) {
+    status[row.id] = row.status;
+    if (row.status == "failed") error[row.id] = row.error;
+  }
 
   std::vector<TrialResult> results(sweep.trials.size());
   for (std::size_t i = 0; i < sweep.trials.size(); ++i) {
@@ -355,6 +358,12 @@ std::string report_sweep(const fs::path& dir) {
       << table << "\nReproduce: `graft sweep " << sweep.file.string() << "` then `graft report "
       << dir.string() << "`.\n\n";
   for (const auto& c : charts) doc << "![" << c << "](plots/" << c << ")\n\n";
+  if (!error.empty()) {
+    doc << "## Failed trials\n\n";
+    for (const auto& [id, what] : error) doc << "- `" << id << "`: " << what << "\n";
+    doc << "\nTheir logs are in " << (dir / "logs").string()
+        << "; `graft sweep ... --retry-failed` runs them again.\n";
+  }
   write_file(out / "results.md", doc.str());
   return table;
 }

@@ -105,16 +105,18 @@ SweepOutcome run_sweep(const Sweep& sweep, const SweepOptions& o) {
   const auto owner = this_owner();
   SweepOutcome outcome;
   std::int64_t claimed = 0;
+  std::set<std::string> tried;  // each trial at most once per sweep process
   bool exhausted = false;
   const auto workers = static_cast<std::size_t>(std::max(1, o.workers));
   for (;;) {
     while (!exhausted && running.size() < workers && (!o.max_trials || claimed < o.max_trials)) {
-      const auto id = store.claim(owner, o.retry_failed, only);
+      const auto id = store.claim(owner, o.retry_failed, only, tried);
       if (!id) {
         exhausted = true;
         break;
       }
       ++claimed;
+      tried.insert(*id);
       if (only) exhausted = true;
       const Trial& t = *by_id.at(*id);
       if (const auto summary = sweep_detail::read_summary(t.dir)) {  // finished elsewhere

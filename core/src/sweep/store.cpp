@@ -163,6 +163,13 @@ TrialStore::~TrialStore() {
 
 void TrialStore::sync(const Sweep& sweep) {
   Db::Transaction tx(*db_);
+  // Trials the sweep no longer has (an edited sweep file) leave the store; their run folders
+  // stay, and come back as done if the setting returns.
+  db_->exec("CREATE TEMP TABLE IF NOT EXISTS current(id TEXT PRIMARY KEY)");
+  db_->exec("DELETE FROM current");
+  for (const auto& t : sweep.trials)
+    Db::Stmt(*db_, "INSERT OR IGNORE INTO current(id) VALUES(?)").text(1, t.id).step();
+  db_->exec("DELETE FROM trials WHERE id NOT IN (SELECT id FROM current)");
   for (const auto& t : sweep.trials) {
     Db::Stmt(*db_,
              "INSERT OR IGNORE INTO trials(id, idx, setting, label, seed, overrides) "
@@ -204,14 +211,15 @@ void TrialStore::sync(const Sweep& sweep) {
 }
 
 std::optional<std::string> TrialStore::claim(const std::string& owner, bool retry_failed,
-                                             const std::optional<std::string>& only) {
+                                             const std::optional<std::string>& only,
+                                             const std::set<std::string>& skip) {
   Db::Transaction tx(*db_);
   std::optional<std::string> chosen;
   {
     Db::Stmt q(*db_, "SELECT id, status, owner FROM trials ORDER BY idx");
     while (!chosen && q.step()) {
       const auto id = q.column_text(0), status = q.column_text(1), by = q.column_text(2);
-      if (only && id != *only) continue;
+      if ((only && id != *only) || skip.count(id)) continue;
       const bool free = status == "pending" || (status == "failed" && (retry_failed || only)) ||
                         (status == "running" && !owner_alive(by));
       if (free) chosen = id;
