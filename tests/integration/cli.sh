@@ -66,6 +66,17 @@ for recipe in "$root"/recipes/*.yaml "$root"/recipes/hybrids/*.yaml; do
     check "validate $(basename "$recipe")" 0 ": valid \(" -- "$graft" validate "$recipe"
   fi
 done
+# The shipped sweeps: every trial's recipe validates (where the data is present).
+for sweep in "$root"/recipes/sweeps/*.yaml; do
+  out=$("$graft" sweep "$sweep" --list --output "$work/sweep" 2>&1)
+  if grep -q "no data file matches" <<<"$out"; then
+    echo "skip sweep $(basename "$sweep"): its data is absent (scripts/fetch-data.sh)"
+  else
+    check "sweep $(basename "$sweep") --list" 0 "^56  qlora-[0-9a-f]{8}-seed2" -- \
+      "$graft" sweep "$sweep" --list --output "$work/sweep"
+  fi
+done
+[[ -e $work/sweep ]] && { echo "FAIL: sweep --list wrote the sweep folder"; fail=1; }
 printf 'model: {path: stories260K}\ntask:\n  train: x.txt\n  kind: causal_lm\nmethods: [{name: lora, rr: 4}]\n' >"$work/bad.yaml"
 printf 'once upon a time there was a cat.\n' >"$work/x.txt"
 check "recipe error" 1 "bad.yaml:5:[0-9]+: methods\[0\].rr: unknown key \(did you mean \"r\"\?\)" -- \

@@ -192,6 +192,12 @@ TEST_CASE("the trial store: atomic claims, dead owners, rebuilt from the run fol
   REQUIRE(c.claim(host + ":" + std::to_string(dead), false) == s.trials[0].id);
   CHECK(c.claim(this_owner(), false) == s.trials[0].id);
   CHECK(c.rows()[0].attempts == 2);
+  // One running on another host is left alone, unless named (a requeued Slurm array task).
+  REQUIRE(c.claim("elsewhere.example:1", false) == s.trials[1].id);
+  CHECK(c.claim(this_owner(), false) == s.trials[2].id);
+  CHECK(c.claim(this_owner(), false) == s.trials[3].id);
+  CHECK_FALSE(c.claim(this_owner(), false));
+  CHECK(c.claim(this_owner(), false, s.trials[1].id) == s.trials[1].id);
 
   // The folders are the truth: a summary makes a trial done, losing it makes it pending.
   write(s.trials[3].dir / "summary.json", R"({"eval_after": {"loss": 1.5}, "wall_seconds": 2})");

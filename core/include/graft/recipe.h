@@ -20,7 +20,7 @@ Params read_yaml(const std::filesystem::path& path);
 /// Writes settings back as YAML (block style, keys in their order).
 std::string to_yaml(const Params& params);
 
-/// Writes settings as one line of flow-style YAML ("{name: lora, r: 8}"), the form a
+/// Writes settings as one line of flow-style YAML ("{name: m, rank: 8}"), the form a
 /// command-line override takes.
 std::string to_flow_yaml(const Params& params);
 

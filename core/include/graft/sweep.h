@@ -33,7 +33,7 @@ struct Trial {
   std::size_t index = 0;  ///< position in the expansion (settings in order, seeds innermost)
   std::string id;         ///< folder name: "<label slug>-<setting hash>-seed<S>"
   std::string setting;    ///< the setting's hash (8 hex digits), shared by its seeds
-  std::string label;      ///< "lora" (a case), "train.lr=0.001, methods[0].r=8" (swept values)
+  std::string label;      ///< "baseline" (a case), "train.lr=0.001, methods[0].r=8" (swept values)
   std::uint64_t seed = 0;
   std::vector<std::string> overrides;  ///< key=value applied to the base recipe, in order
   std::vector<std::pair<std::string, std::string>> values;  ///< swept axis -> value text
@@ -83,7 +83,8 @@ class TrialStore {
   /// Claims the next trial to run for `owner` (host:pid) and returns its id: a pending trial (or
   /// a failed one, with `retry_failed`), or one marked running by a process of this host that no
   /// longer exists. With `only`, claims that trial alone unless it is done or running in a live
-  /// process of this host. Atomic across processes (BEGIN IMMEDIATE).
+  /// process of this host (one marked running on another host is taken over: Slurm runs one
+  /// instance of an array task at a time). Atomic across processes (BEGIN IMMEDIATE).
   /// Trials in `skip` (those this process has tried already) are never claimed.
   std::optional<std::string> claim(const std::string& owner, bool retry_failed,
                                    const std::optional<std::string>& only = std::nullopt,

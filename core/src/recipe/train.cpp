@@ -494,6 +494,10 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
 
   torch::manual_seed(r.seed);
   Session s = open_session(r);
+  std::set<const void*> seen;  // the base model's parameters, before methods change them
+  std::int64_t n_model = 0;    // (tied embeddings count once)
+  for (const auto& t : s.model().parameters())
+    if (seen.insert(t.unsafeGetTensorImpl()).second) n_model += t.numel();
   attach_methods(s, r);
   const auto& tok = *s.loaded.tokenizer;
   auto data = load_task_data(r.task, tok, r.seed);
@@ -676,10 +680,6 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
     save_adapter(run / "adapter", s.model(), raw);
     save_head(s, run / "adapter");
   }
-  std::set<const void*> seen;  // tied embeddings count once
-  std::int64_t n_model = 0;
-  for (const auto& t : s.model().parameters())
-    if (seen.insert(t.unsafeGetTensorImpl()).second) n_model += t.numel();
   json summary = {{"steps", pos.step},
                   {"train_examples", data.train.size()},
                   {"eval_examples", data.eval.size()},

@@ -112,6 +112,7 @@ SweepOutcome run_sweep(const Sweep& sweep, const SweepOptions& o) {
     while (!exhausted && running.size() < workers && (!o.max_trials || claimed < o.max_trials)) {
       const auto id = store.claim(owner, o.retry_failed, only, tried);
       if (!id) {
+        if (only && claimed == 0) say("trial " + *only + " is done or running already");
         exhausted = true;
         break;
       }

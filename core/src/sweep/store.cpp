@@ -48,13 +48,17 @@ double now_seconds() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
-// Whether `owner` ("host:pid") is a live process of this host. An owner on another host is
-// taken to be alive: only that host can tell.
+bool same_host(const std::string& owner) {
+  const auto mine = this_owner();
+  return owner.substr(0, owner.rfind(':')) == mine.substr(0, mine.rfind(':'));
+}
+
+// Whether `owner` ("host:pid") is a live process. An owner on another host is taken to be alive:
+// only that host can tell.
 bool owner_alive(const std::string& owner) {
   const auto colon = owner.rfind(':');
   if (colon == std::string::npos) return false;
-  const auto mine = this_owner();
-  if (owner.substr(0, colon) != mine.substr(0, mine.rfind(':'))) return true;
+  if (!same_host(owner)) return true;
   const auto pid = static_cast<pid_t>(std::stol(owner.substr(colon + 1)));
   return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM);
 }
@@ -220,8 +224,12 @@ std::optional<std::string> TrialStore::claim(const std::string& owner, bool retr
     while (!chosen && q.step()) {
       const auto id = q.column_text(0), status = q.column_text(1), by = q.column_text(2);
       if ((only && id != *only) || skip.count(id)) continue;
-      const bool free = status == "pending" || (status == "failed" && (retry_failed || only)) ||
-                        (status == "running" && !owner_alive(by));
+      // A named trial (a Slurm array task: the scheduler runs one instance of it at a time) is
+      // taken unless done or alive on this host; a requeued task on another node takes it over.
+      const bool free =
+          only ? status != "done" && !(status == "running" && same_host(by) && owner_alive(by))
+               : status == "pending" || (status == "failed" && retry_failed) ||
+                     (status == "running" && !owner_alive(by));
       if (free) chosen = id;
     }
   }
