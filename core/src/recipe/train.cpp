@@ -507,12 +507,18 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
                          ? r.train.steps
                          : std::max<std::int64_t>(1, r.train.epochs * per_epoch / accum);
 
+  std::int64_t order_epoch = -1;  // the epoch whose permutation `order` holds
+  std::vector<std::size_t> order;
   auto micro_batch = [&](std::int64_t index) {
     const auto epoch = index / per_epoch, at = (index % per_epoch) * B;
-    auto order = shuffled(data.train.size(), r.seed, static_cast<std::uint64_t>(epoch));
+    if (epoch != order_epoch) {
+      order = shuffled(data.train.size(), r.seed, static_cast<std::uint64_t>(epoch));
+      order_epoch = epoch;
+    }
     std::vector<std::size_t> which;
-    for (auto i = at; i < std::min<std::int64_t>(at + B, order.size()); ++i)
-      which.push_back(order[i]);
+    for (auto i = at; i < std::min<std::int64_t>(at + B, static_cast<std::int64_t>(order.size()));
+         ++i)
+      which.push_back(order[static_cast<std::size_t>(i)]);
     return to_device(make_batch(data.train, which, s.pad_id, s.classification), s.device);
   };
 
