@@ -48,9 +48,18 @@ double now_seconds() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
+// This machine's name, asked once (claims compare it with every row's owner).
+const std::string& this_host() {
+  static const std::string host = [] {
+    char name[256] = {0};
+    gethostname(name, sizeof name - 1);
+    return std::string(name);
+  }();
+  return host;
+}
+
 bool same_host(const std::string& owner) {
-  const auto mine = this_owner();
-  return owner.substr(0, owner.rfind(':')) == mine.substr(0, mine.rfind(':'));
+  return owner.substr(0, owner.rfind(':')) == this_host();
 }
 
 // Whether `owner` ("host:pid") is a live process. An owner on another host is taken to be alive:
@@ -65,11 +74,7 @@ bool owner_alive(const std::string& owner) {
 
 }  // namespace
 
-std::string this_owner() {
-  char host[256] = {0};
-  gethostname(host, sizeof host - 1);
-  return std::string(host) + ":" + std::to_string(getpid());
-}
+std::string this_owner() { return this_host() + ":" + std::to_string(getpid()); }
 
 struct TrialStore::Db {
   sqlite3* db = nullptr;
