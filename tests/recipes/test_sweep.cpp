@@ -324,12 +324,7 @@ seeds: [5]
   const auto& t = s.trials.at(0);
   const pid_t sweep = start_graft({"sweep", "k.yaml"}, w.dir / "k1.log");
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-  auto has_checkpoint = [&] {
-    std::error_code ec;
-    for (const auto& e : fs::directory_iterator(t.dir / "checkpoints", ec))
-      if (fs::exists(e.path() / "trainer.json")) return true;
-    return false;
-  };
+  auto has_checkpoint = [&] { return !latest_checkpoint(t.dir).empty(); };
   while (!has_checkpoint() && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   kill(sweep, SIGKILL);

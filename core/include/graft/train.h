@@ -15,6 +15,7 @@
 #include <graft/recipe.h>
 
 #include <cstdint>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -32,6 +33,10 @@ struct RunOptions {
 /// ParamError/FileError for a bad recipe, model or data (before any work starts); an Error when
 /// the loss stops being finite (the last good checkpoint is kept and named).
 nlohmann::json run_recipe(const Recipe& recipe, const RunOptions& options);
+
+/// The run folder's newest complete checkpoint (checkpoints/step-N holding trainer.json), or an
+/// empty path when it has none.
+std::filesystem::path latest_checkpoint(const std::filesystem::path& run);
 
 /// Evaluates the recipe's model, with the given adapter folders loaded (none: the base model),
 /// on the recipe's eval split. Returns {"metrics": {...}, "examples": n}.

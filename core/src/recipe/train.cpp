@@ -417,6 +417,8 @@ void save_checkpoint(Session& s, torch::optim::Optimizer& opt, const Position& p
   for (std::size_t i = 0; i + keep < all.size(); ++i) fs::remove_all(all[i]);
 }
 
+}  // namespace
+
 fs::path latest_checkpoint(const fs::path& run) {
   std::vector<fs::path> all;
   if (fs::is_directory(run / "checkpoints"))
@@ -427,6 +429,8 @@ fs::path latest_checkpoint(const fs::path& run) {
   std::sort(all.begin(), all.end());
   return all.empty() ? fs::path() : all.back();
 }
+
+namespace {
 
 // The methods' and the head's state, before the optimizer is built over their tensors (a
 // calibrated method knows what it trains only from its state).

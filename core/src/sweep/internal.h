@@ -14,7 +14,4 @@ std::optional<nlohmann::json> read_summary(const std::filesystem::path& trial_di
 /// The metric after training (summary.json's eval_after), or nothing when it was not evaluated.
 std::optional<double> metric_of(const nlohmann::json& summary, const std::string& metric);
 
-/// Whether the run folder holds a checkpoint to resume from.
-bool has_checkpoint(const std::filesystem::path& trial_dir);
-
 }  // namespace graft::sweep_detail

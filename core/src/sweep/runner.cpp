@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <graft/io/file.h>
 #include <graft/sweep.h>
+#include <graft/train.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -126,7 +127,7 @@ SweepOutcome run_sweep(const Sweep& sweep, const SweepOptions& o) {
         ++finished;
         continue;
       }
-      const bool resume = fs::exists(t.dir / "recipe.yaml") && sweep_detail::has_checkpoint(t.dir);
+      const bool resume = fs::exists(t.dir / "recipe.yaml") && !latest_checkpoint(t.dir).empty();
       if (!resume && fs::exists(t.dir)) fs::remove_all(t.dir);  // a start that left no checkpoint
       std::vector<std::string> argv{o.graft.string(), "run", sweep.recipe.string()};
       for (const auto& a : t.run_overrides()) argv.push_back(a);

@@ -33,13 +33,6 @@ std::optional<double> metric_of(const json& summary, const std::string& metric) 
   return (*after)[metric].get<double>();
 }
 
-bool has_checkpoint(const fs::path& dir) {
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(dir / "checkpoints", ec))
-    if (fs::exists(e.path() / "trainer.json")) return true;
-  return false;
-}
-
 }  // namespace sweep_detail
 
 namespace {
