@@ -11,6 +11,7 @@
 #include <fstream>
 
 #include "method_params.h"
+#include "numeric.h"
 #include "support.h"
 #include "tiny_models.h"
 
@@ -53,8 +54,10 @@ TEST_CASE("soft prompts work with padding on either side and with the key/value 
       auto left_mask = torch::tensor({0, 0, 1, 1, 1, 1}, torch::kLong).view({1, 6});
       auto right = torch::tensor({5, 9, 2, 7, 0, 0}, torch::kLong).view({1, 6});
       auto right_mask = torch::tensor({1, 1, 1, 1, 0, 0}, torch::kLong).view({1, 6});
-      CHECK(logits(*model, left, left_mask).slice(1, 2).allclose(alone, 1e-5, 1e-6));
-      CHECK(logits(*model, right, right_mask).slice(1, 0, 4).allclose(alone, 1e-5, 1e-6));
+      // Padding adds masked keys, whose zero weights change how the attention sums associate.
+      const auto tolerance = graft::test::forward_tolerance(*model, alone, 6 + 8);
+      GRAFT_CHECK_CLOSE(logits(*model, left, left_mask).slice(1, 2), alone, tolerance);
+      GRAFT_CHECK_CLOSE(logits(*model, right, right_mask).slice(1, 0, 4), alone, tolerance);
       // Generation: the cache holds the prefix (or the prompt's keys); same tokens as recomputing.
       auto batch = torch::tensor({0, 0, 5, 9, 3, 8, 1, 4}, torch::kLong).view({2, 4});
       auto mask = torch::tensor({0, 0, 1, 1, 1, 1, 1, 1}, torch::kLong).view({2, 4});
@@ -92,7 +95,7 @@ TEST_CASE("prefix tuning equals transformers' past_key_values: tokens numbered a
     m->detach(*model);
     torch::NoGradGuard ng;
     const auto as_cache = model->forward({ids, {}, {}, {}}, &cache).logits;
-    CHECK(with_prefix.allclose(as_cache, 1e-5, 1e-6));
+    GRAFT_CHECK_CLOSE(with_prefix, as_cache, graft::test::forward_tolerance(*model, as_cache, 8));
   }
 }
 
@@ -116,8 +119,8 @@ TEST_CASE("prompt tuning initialised from text acts as that text") {
   std::vector<std::int64_t> all = prompt_ids;
   for (auto t : loaded.tokenizer->encode(" there was", false)) all.push_back(t);
   auto plain = logits(model, torch::tensor(all, torch::kLong).view({1, -1}));
-  CHECK(with_prompt.allclose(plain.slice(1, static_cast<std::int64_t>(prompt_ids.size())), 1e-4,
-                             1e-5));
+  GRAFT_CHECK_CLOSE(with_prompt, plain.slice(1, P),
+                    graft::test::forward_tolerance(model, plain, plain.size(1)));
 }
 
 TEST_CASE("ia3, prefix_tuning and prompt_tuning round-trip through peft's format") {
@@ -146,7 +149,8 @@ TEST_CASE("ia3, prefix_tuning and prompt_tuning round-trip through peft's format
       auto back = load_adapter(dir.path(), *fresh);
       REQUIRE(back.size() == 1);
       CHECK(back[0]->name() == name);
-      CHECK(logits(*fresh, ids).allclose(trained, 1e-5, 1e-6));
+      // peft's layouts hold the same numbers (GPT-2's fused c_attn split again): bit for bit.
+      CHECK(torch::equal(logits(*fresh, ids), trained));
     }
   }
 }
@@ -259,13 +263,13 @@ TEST_CASE("the Fastfood projection is regenerated from its seed, never stored") 
   auto same = make_method("intrinsic_said", params({{"dim", "32"}, {"seed", "7"}}));
   same->attach(*model);
   same->load_state(state, "state");
-  CHECK(logits(*model, torch::tensor({{1, 2, 3}}, torch::kLong)).allclose(trained, 1e-6, 1e-7));
+  CHECK(torch::equal(logits(*model, torch::tensor({{1, 2, 3}}, torch::kLong)), trained));
   same->detach(*model);
   auto other = make_method("intrinsic_said", params({{"dim", "32"}, {"seed", "8"}}));
   other->attach(*model);
   other->load_state(state, "state");
-  CHECK_FALSE(
-      logits(*model, torch::tensor({{1, 2, 3}}, torch::kLong)).allclose(trained, 1e-4, 1e-5));
+  CHECK(graft::test::max_diff(logits(*model, torch::tensor({{1, 2, 3}}, torch::kLong)), trained) >
+        100 * graft::test::forward_tolerance(*model, trained, 3));
 }
 
 TEST_CASE("sparse gradient selection picks the entries with the largest gradients") {
