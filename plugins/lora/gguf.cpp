@@ -24,8 +24,8 @@ void write_gguf_lora(Method& method, const Model& model, const fs::path& file) {
     throw Error(
         "gguf format: llama.cpp LoRA adapters are written for llama-family models; this is " +
         c.family);
-  const bool qwen2 = c.architecture == "Qwen2ForCausalLM";
-  const RopeStyle order = qwen2 ? RopeStyle::half_split : RopeStyle::interleaved;
+  const bool qwen2 = c.architecture.rfind("Qwen2", 0) == 0;
+  const RopeStyle order = gguf_rope_order(c);
   static const std::map<std::string, std::string> names = {
       {"attn.q", "attn_q"},      {"attn.k", "attn_k"},     {"attn.v", "attn_v"},
       {"attn.o", "attn_output"}, {"ffn.gate", "ffn_gate"}, {"ffn.up", "ffn_up"},

@@ -634,7 +634,11 @@ TEST_CASE("a llama GGUF file loads with identical outputs, and bad configs are c
   io::write_gguf(dir / "m.gguf", meta, t);
   auto loaded = load_model((dir / "m.gguf").string());
   CHECK(loaded.format == "gguf");
-  CHECK(loaded.model->config().rope_style == RopeStyle::interleaved);
+  // The file holds llama.cpp's interleaved q/k rows; graft runs them in transformers' order.
+  CHECK(loaded.model->config().rope_style == RopeStyle::half_split);
+  CHECK(torch::equal(loaded.model->named_parameters()["layers.0.attn.q.weight"],
+                     permute_rope_rows(t.at("blk.0.attn_q.weight"), c.num_heads,
+                                       RopeStyle::interleaved, RopeStyle::half_split)));
   CHECK(loaded.model->config().tie_embeddings);
   check_same_outputs(*src, *loaded.model);
   CHECK_THROWS_WITH_AS(load_model((dir / "m.gguf").string(), {"bert"}),

@@ -43,8 +43,10 @@ struct ModelConfig {
   std::string hidden_act;           ///< "silu", "gelu" (erf), "gelu_new" (tanh approximation)
   std::int64_t type_vocab_size = 0;  ///< bert token types
   std::int64_t num_labels = 0;       ///< classifier width; 0 means no classification head
-  std::string classifier;            ///< "" none, "pooler" (BERT), "roberta" (dense + out_proj)
-  bool roberta_positions = false;    ///< positions start at pad_token_id + 1 and skip padding
+  /// "" none; "pooler" (BERT: the pooled first token), "roberta" (dense + out_proj on the first
+  /// token), "score" (decoders: a linear head on the last token, found as transformers does)
+  std::string classifier;
+  bool roberta_positions = false;  ///< positions start at pad_token_id + 1 and skip padding
   std::int64_t pad_token_id = -1;
   std::int64_t bos_token_id = -1;
   std::int64_t eos_token_id = -1;
@@ -66,6 +68,11 @@ struct Site {
 /// Reorders the rows of a q or k projection ([heads * head_dim, ...] weight, bias or update)
 /// between the half-split and the interleaved RoPE pairing, as llama.cpp's converter does.
 at::Tensor permute_rope_rows(const at::Tensor& w, std::int64_t heads, RopeStyle from, RopeStyle to);
+
+/// The q/k row order of GGUF files for a model's architecture, as llama.cpp's converter writes
+/// them: interleaved for llama and mistral, half-split for qwen2. graft itself runs every model
+/// it loads in the half-split order of Hugging Face checkpoints.
+RopeStyle gguf_rope_order(const ModelConfig& config);
 
 /// The closed vocabulary of site points, in the order a layer meets them.
 const std::vector<std::string>& site_points();
@@ -108,7 +115,14 @@ struct ForwardInput {
   at::Tensor input_ids;       ///< [batch, seq] int64
   at::Tensor attention_mask;  ///< [batch, seq], 1 for tokens and 0 for padding; undefined = all 1
   at::Tensor token_type_ids;  ///< [batch, seq] (bert); undefined = zeros
-  at::Tensor position_ids;    ///< [batch, seq]; undefined = derived from the mask (see below)
+  /// [batch, seq]: the tokens' positions as if nothing learned stood in front of them; the model
+  /// adds the length of any key/value prefix and prompt (which take the positions before them),
+  /// as transformers numbers tokens after a cached prefix. Undefined: the family's default (see
+  /// Model). transformers' plain forward numbers every row's columns 0..seq-1, padding included.
+  at::Tensor position_ids;
+  /// Also return the hidden states and logits at the prompt positions an embed site prepends (in
+  /// front of the tokens' own), as peft's forward does; by default they are dropped.
+  bool prompt_outputs = false;
 };
 
 /// The outputs of one forward pass.
@@ -116,7 +130,7 @@ struct ForwardOutput {
   at::Tensor
       logits;  ///< [batch, seq, vocab] (LM) or [batch, num_labels] (classifier); may be undefined
   at::Tensor hidden;  ///< [batch, seq, d]: the last hidden states (after the final norm)
-  at::Tensor pooled;  ///< [batch, d]: bert's pooler output, when the model has one
+  at::Tensor pooled;  ///< [batch, d]: bert's pooler output; a decoder classifier's input
 };
 
 /// Keys and values of the tokens seen so far, per layer, for incremental decoding.
@@ -124,6 +138,7 @@ struct KVCache {
   std::vector<at::Tensor> keys;      ///< per layer: [batch, kv_heads, cached, head_dim]
   std::vector<at::Tensor> values;    ///< per layer: [batch, kv_heads, cached, head_dim]
   std::vector<std::int64_t> prefix;  ///< per layer: leading entries that are learned prefixes
+  std::int64_t prompt = 0;           ///< prompt positions the first pass prepended
   at::Tensor mask;                   ///< [batch, cached]: the attention mask of the cached tokens
   std::int64_t length() const { return mask.defined() ? mask.size(1) : 0; }
 };

@@ -75,10 +75,12 @@ class Bert : public Model {
     auto key_mask = token_mask(in.input_ids, in.attention_mask);
     const auto prompt = add_prompts(embed_site_, words, key_mask, nullptr);
     const auto batch = words.size(0), seq = words.size(1);
-    at::Tensor positions = prompt == 0 ? in.position_ids : at::Tensor();
-    if (!positions.defined()) {
-      // Tokens are numbered after a key/value prefix, as transformers does with a cache.
-      const auto prefix = prefix_length();
+    // Tokens are numbered after a key/value prefix, as transformers does with a cache.
+    const auto prefix = prefix_length();
+    at::Tensor positions;
+    if (in.position_ids.defined()) {
+      positions = given_positions(in.position_ids, in.input_ids, prefix, 0, prompt);
+    } else {
       if (config_.roberta_positions) {
         // RoBERTa numbers tokens from padding_idx + 1 and gives padding the padding index.
         positions = (key_mask.cumsum(1) + prefix) * key_mask + config_.pad_token_id;
@@ -95,7 +97,7 @@ class Bert : public Model {
     // prompt positions are dropped from the hidden states returned.
     auto first = x.select(1, 0);
     ForwardOutput out;
-    out.hidden = x.slice(1, prompt);
+    out.hidden = in.prompt_outputs ? x : x.slice(1, prompt);
     if (pooler) out.pooled = torch::tanh(pooler(first));
     if (config_.classifier == "pooler") out.logits = head(out.pooled);
     if (config_.classifier == "roberta") out.logits = head(torch::tanh(head_dense(first)));
@@ -154,10 +156,7 @@ ModelConfig bert_config_from_hf(const nlohmann::json& j, const std::string& sour
   ModelConfig m;
   m.family = "bert";
   const auto type = c.string("model_type", "bert");
-  m.architecture =
-      j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty()
-          ? j["architectures"][0].get<std::string>()
-          : (type == "roberta" ? "RobertaModel" : "BertModel");
+  m.architecture = architecture_of(j, type == "roberta" ? "RobertaModel" : "BertModel");
   m.vocab_size = c.integer("vocab_size");
   m.hidden_size = c.integer("hidden_size");
   m.num_layers = c.integer("num_hidden_layers");
@@ -176,9 +175,7 @@ ModelConfig bert_config_from_hf(const nlohmann::json& j, const std::string& sour
                                 "\" is not supported (graft reads \"absolute\")");
   if (m.architecture.find("ForSequenceClassification") != std::string::npos) {
     m.classifier = type == "roberta" ? "roberta" : "pooler";
-    m.num_labels = j.contains("id2label") && j["id2label"].is_object()
-                       ? static_cast<std::int64_t>(j["id2label"].size())
-                       : c.integer("num_labels", 2);
+    m.num_labels = num_labels_of(j, source);
   }
   return m;
 }
@@ -197,7 +194,9 @@ io::TensorMap bert_from_hf(const ModelConfig&, const io::TensorMap& checkpoint) 
         n = n.substr(0, n.size() - from.size()) + to;
     stripped.emplace(n, t);
   }
-  return rename_to_graft(stripped, kHfRules);
+  // Pre-training checkpoints carry the masked-LM and next-sentence heads, which graft does not
+  // run (it gives the encoder's states and the pooled output); older ones a position-id buffer.
+  return rename_to_graft(stripped, kHfRules, {"cls.*", "lm_head.*", "embeddings.position_ids"});
 }
 
 io::TensorMap bert_to_hf(const ModelConfig& c, const io::TensorMap& t) {
@@ -233,11 +232,7 @@ nlohmann::json bert_hf_config(const ModelConfig& c) {
                       {"pad_token_id", c.pad_token_id},
                       {"position_embedding_type", "absolute"},
                       {"torch_dtype", "float32"}};
-  if (c.num_labels > 0) {
-    j["id2label"] = nlohmann::json::object();
-    for (std::int64_t i = 0; i < c.num_labels; ++i)
-      j["id2label"][std::to_string(i)] = "LABEL_" + std::to_string(i);
-  }
+  write_labels(j, c);
   return j;
 }
 

@@ -397,17 +397,56 @@ LayerKeys layer_keys(SiteHooks* kv, const at::Tensor& input, at::Tensor k, at::T
   return {keys, values, mask};
 }
 
+at::Tensor given_positions(const at::Tensor& position_ids, const at::Tensor& input_ids,
+                           std::int64_t prefix, std::int64_t prompt, std::int64_t added) {
+  TORCH_CHECK(position_ids.sizes() == input_ids.sizes(), "position_ids shape ",
+              position_ids.sizes(), " does not match input_ids shape ", input_ids.sizes());
+  auto pos = position_ids.to(torch::kLong) + (prefix + prompt + added);
+  if (added == 0) return pos;
+  auto front = torch::arange(prefix + prompt, prefix + prompt + added, pos.options())
+                   .expand({pos.size(0), added});
+  return torch::cat({front, pos}, 1);
+}
+
 DecoderInputs decoder_inputs(at::Tensor embeddings, const ForwardInput& in, SiteHooks* embed_site,
-                             const KVCache* cache, std::int64_t prefix) {
+                             KVCache* cache, std::int64_t prefix) {
   DecoderInputs d;
   d.x = std::move(embeddings);
   auto mask = token_mask(in.input_ids, in.attention_mask);
   d.prompt = add_prompts(embed_site, d.x, mask, cache);
   d.key_mask = full_key_mask(mask, cache);
-  d.positions = in.position_ids.defined() && d.prompt == 0
-                    ? in.position_ids
-                    : positions_from_mask(d.key_mask, d.x.size(1)) + prefix;
+  const std::int64_t earlier_prompt = cache && cache->length() > 0 ? cache->prompt : 0;
+  d.positions = in.position_ids.defined() ? given_positions(in.position_ids, in.input_ids, prefix,
+                                                            earlier_prompt, d.prompt)
+                                          : positions_from_mask(d.key_mask, d.x.size(1)) + prefix;
+  if (cache && cache->length() == 0) cache->prompt = d.prompt;
   return d;
+}
+
+at::Tensor last_token_index(const at::Tensor& input_ids, const at::Tensor& mask,
+                            std::int64_t pad_id) {
+  const auto seq = input_ids.size(1);
+  if (pad_id >= 0) {
+    auto first_pad = input_ids.eq(pad_id).to(torch::kInt).argmax(-1);
+    return (first_pad - 1).remainder(seq).to(torch::kLong);
+  }
+  auto m = token_mask(input_ids, mask);
+  auto cols = torch::arange(seq, m.options()).expand_as(m);
+  return (cols * m).amax(-1);
+}
+
+ForwardOutput decoder_outputs(const at::Tensor& x, const ForwardInput& in, std::int64_t prompt,
+                              const ModelConfig& config, LinearImpl& head) {
+  ForwardOutput out;
+  out.hidden = in.prompt_outputs ? x : x.slice(1, prompt);
+  if (config.classifier == "score") {
+    auto last = last_token_index(in.input_ids, in.attention_mask, config.pad_token_id) + prompt;
+    out.pooled = x.index({torch::arange(x.size(0), last.options()), last});
+    out.logits = head.forward(out.pooled);
+  } else {
+    out.logits = head.forward(out.hidden);
+  }
+  return out;
 }
 
 std::int64_t add_prompts(SiteHooks* embed, at::Tensor& x, at::Tensor& mask, const KVCache* cache) {
@@ -488,24 +527,45 @@ std::string fill_rule(const std::string& pattern, const std::string& layer) {
   return at == std::string::npos ? pattern : pattern.substr(0, at) + layer + pattern.substr(at + 3);
 }
 
-io::TensorMap rename(const io::TensorMap& in, const std::vector<NameRule>& rules, bool to_graft) {
+io::TensorMap rename(const io::TensorMap& in, const std::vector<NameRule>& rules, bool to_graft,
+                     std::vector<std::string>* unplaced = nullptr) {
   io::TensorMap out;
   for (const auto& [name, t] : in) {
+    bool placed = false;
     for (const auto& [graft, ckpt] : rules) {
       std::string layer;
       if (match_rule(to_graft ? ckpt : graft, name, &layer)) {
         out.emplace(fill_rule(to_graft ? graft : ckpt, layer), t);
+        placed = true;
         break;
       }
     }
+    if (!placed && unplaced) unplaced->push_back(name);
   }
   return out;
 }
 
 }  // namespace
 
-io::TensorMap rename_to_graft(const io::TensorMap& checkpoint, const std::vector<NameRule>& rules) {
-  return rename(checkpoint, rules, true);
+io::TensorMap rename_to_graft(const io::TensorMap& checkpoint, const std::vector<NameRule>& rules,
+                              const std::vector<std::string>& ignored) {
+  std::vector<std::string> unplaced;
+  auto out = rename(checkpoint, rules, true, &unplaced);
+  for (const auto& name : unplaced) {
+    bool benign = false;
+    for (const auto& pattern : ignored) {
+      std::string layer;
+      if (!pattern.empty() && pattern.back() == '*')
+        benign |= name.compare(0, pattern.size() - 1, pattern, 0, pattern.size() - 1) == 0;
+      else
+        benign |= match_rule(pattern, name, &layer);
+    }
+    if (!benign)
+      throw Error("holds tensor '" + name +
+                  "', which graft does not implement for this model; refusing to load it "
+                  "without it rather than compute something else");
+  }
+  return out;
 }
 
 io::TensorMap rename_from_graft(const io::TensorMap& tensors, const std::vector<NameRule>& rules) {
@@ -529,6 +589,21 @@ io::TensorMap rename_from_graft(const io::TensorMap& tensors, const std::vector<
 void load_parameters(torch::nn::Module& model, const io::TensorMap& tensors,
                      const std::string& source) {
   torch::NoGradGuard no_grad;
+  const auto params = model.named_parameters(true);
+  for (const auto& [name, t] : tensors) {
+    if (params.contains(name)) continue;
+    // A checkpoint may store a tied head as a copy of the embedding it shares.
+    if (name == "head.weight" && params.contains("embed.weight") && tensors.count("embed.weight") &&
+        t.sizes() == params["embed.weight"].sizes() &&
+        torch::equal(t.to(torch::kFloat), tensors.at("embed.weight").to(torch::kFloat)))
+      continue;
+    throw FileError(source,
+                    "tensor '" + name + "' has no place in this " +
+                        (name == "head.weight" ? std::string("model (its head is tied to "
+                                                             "the embedding, but the file's "
+                                                             "head differs from it)")
+                                               : std::string("model")));
+  }
   for (auto& p : model.named_parameters(true)) {
     auto it = tensors.find(p.key());
     if (it == tensors.end())

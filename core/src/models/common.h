@@ -72,16 +72,34 @@ LayerKeys layer_keys(SiteHooks* kv, const at::Tensor& input, at::Tensor k, at::T
 /// on the first pass (no cache, or an empty one). Returns how many positions were prepended.
 std::int64_t add_prompts(SiteHooks* embed, at::Tensor& x, at::Tensor& mask, const KVCache* cache);
 
+/// Positions given by the caller (ForwardInput::position_ids, [batch, seq]) moved past `prefix`
+/// learned key/value positions and `prompt` prompt positions, with the positions of the `added`
+/// prompt vectors prepended in this pass in front: [batch, added + seq] int64.
+at::Tensor given_positions(const at::Tensor& position_ids, const at::Tensor& input_ids,
+                           std::int64_t prefix, std::int64_t prompt, std::int64_t added);
+
 /// The start of a causal decoder's forward: the token embeddings with the embed site's prompt
-/// vectors in front (first pass only), the key mask over cached and new positions, and each new
-/// position's index (from the mask, or in.position_ids when given and no prompt was added),
-/// counted after `prefix` learned key/value positions as transformers does.
+/// vectors in front (first pass only; their count is kept in the cache), the key mask over cached
+/// and new positions, and each new position's index (from the mask, or from in.position_ids
+/// when given), counted after `prefix` learned key/value positions as transformers does.
 struct DecoderInputs {
   at::Tensor x, key_mask, positions;
-  std::int64_t prompt = 0;  ///< prompt positions prepended; drop them from the outputs
+  std::int64_t prompt = 0;  ///< prompt positions prepended in this pass
 };
 DecoderInputs decoder_inputs(at::Tensor embeddings, const ForwardInput& in, SiteHooks* embed_site,
-                             const KVCache* cache, std::int64_t prefix);
+                             KVCache* cache, std::int64_t prefix);
+
+/// The rows' last tokens, found as transformers' *ForSequenceClassification decoders find them:
+/// the position before the first `pad_id` in input_ids, modulo seq (so an unpadded or left-padded
+/// row gives its last position); without a pad id, the last position whose mask is 1. [batch].
+at::Tensor last_token_index(const at::Tensor& input_ids, const at::Tensor& mask,
+                            std::int64_t pad_id);
+
+/// The outputs of a causal decoder from its final hidden states x [batch, prompt + seq, d]:
+/// hidden (without the prompt positions unless the caller asked for them) and the head's logits,
+/// per position for a language model or on each row's last token for a "score" classifier.
+ForwardOutput decoder_outputs(const at::Tensor& x, const ForwardInput& in, std::int64_t prompt,
+                              const ModelConfig& config, LinearImpl& head);
 
 /// Runs a sublayer site's transforms on `out`, reading the sublayer input `in`.
 inline at::Tensor tap(SiteHooks* site, at::Tensor out, const at::Tensor& in) {
@@ -127,14 +145,19 @@ std::vector<Site> layer_sites(const ModelConfig& c, std::int64_t layer, bool gat
 /// A checkpoint naming rule: graft name <-> checkpoint name, "{L}" standing for a layer index.
 using NameRule = std::pair<std::string, std::string>;
 
-/// Renames checkpoint tensors to graft names by `rules`; tensors no rule matches are dropped
-/// (rotary buffers, attention-mask buffers and heads a family does not use).
-io::TensorMap rename_to_graft(const io::TensorMap& checkpoint, const std::vector<NameRule>& rules);
+/// Renames checkpoint tensors to graft names by `rules`. A tensor no rule matches is an error
+/// naming it, unless it matches one of `ignored` (patterns with "{L}" for a layer index, or a
+/// prefix ending in "*": buffers
+/// a checkpoint may carry that hold nothing graft computes with, such as rotary frequency caches
+/// recomputed from the config); a file never holds something graft silently leaves out.
+io::TensorMap rename_to_graft(const io::TensorMap& checkpoint, const std::vector<NameRule>& rules,
+                              const std::vector<std::string>& ignored = {});
 /// The inverse: graft names to checkpoint names.
 io::TensorMap rename_from_graft(const io::TensorMap& tensors, const std::vector<NameRule>& rules);
 
 /// Copies `tensors` (graft names) into the model's parameters, converting dtype and device.
-/// Every parameter must be present with its exact shape; `source` names the file in errors.
+/// Every parameter must be present with its exact shape, and every tensor must be a parameter
+/// (a tied head may come as a copy of the embedding); `source` names the file in errors.
 void load_parameters(torch::nn::Module& model, const io::TensorMap& tensors,
                      const std::string& source);
 

@@ -33,6 +33,32 @@ std::string JsonConfig::string(const std::string& key, const std::string& fallba
   return j_[key].get<std::string>();
 }
 
+std::string architecture_of(const nlohmann::json& j, const std::string& fallback) {
+  if (j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty() &&
+      j["architectures"][0].is_string())
+    return j["architectures"][0].get<std::string>();
+  return fallback;
+}
+
+std::int64_t num_labels_of(const nlohmann::json& j, const std::string& source) {
+  if (j.contains("id2label") && j["id2label"].is_object() && !j["id2label"].empty())
+    return static_cast<std::int64_t>(j["id2label"].size());
+  const auto n = JsonConfig(j, source).integer("num_labels", 2);
+  if (n < 1)
+    throw FileError(source, "num_labels: expected a positive integer, got " + std::to_string(n));
+  return n;
+}
+
+void write_labels(nlohmann::json& j, const ModelConfig& c) {
+  if (c.num_labels <= 0) return;
+  j["id2label"] = nlohmann::json::object();
+  j["label2id"] = nlohmann::json::object();
+  for (std::int64_t i = 0; i < c.num_labels; ++i) {
+    j["id2label"][std::to_string(i)] = "LABEL_" + std::to_string(i);
+    j["label2id"]["LABEL_" + std::to_string(i)] = i;
+  }
+}
+
 std::shared_ptr<Model> make_model(const ModelConfig& config) {
   if (config.family == "llama") return make_llama(config);
   if (config.family == "gpt2") return make_gpt2(config);

@@ -50,6 +50,14 @@ nlohmann::json llama_hf_config(const ModelConfig& c);
 nlohmann::json gpt2_hf_config(const ModelConfig& c);
 nlohmann::json bert_hf_config(const ModelConfig& c);
 
+/// The architecture config.json names (its first "architectures" entry), or `fallback`.
+std::string architecture_of(const nlohmann::json& j, const std::string& fallback);
+/// The number of labels of a *ForSequenceClassification config: the size of id2label, else
+/// num_labels, else 2 (transformers' default).
+std::int64_t num_labels_of(const nlohmann::json& j, const std::string& source);
+/// Writes id2label and label2id for `config.num_labels` labels (nothing when it has none).
+void write_labels(nlohmann::json& j, const ModelConfig& config);
+
 /// Reads config.json fields with clear errors ("config.json: num_attention_heads: expected an
 /// integer").
 class JsonConfig {

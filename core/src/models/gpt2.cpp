@@ -47,14 +47,16 @@ class Gpt2 : public Model {
     layers = register_module("layers", torch::nn::ModuleList());
     for (std::int64_t i = 0; i < cfg.num_layers; ++i) layers->push_back(Gpt2Layer(cfg));
     norm = register_module("norm", Norm(cfg.hidden_size, cfg.norm_eps, true));
-    head = register_module("head", Linear(cfg.hidden_size, cfg.vocab_size, false));
-    head->tie_weight(embed->weight);
+    const bool classifier = cfg.classifier == "score";
+    const auto head_width = classifier ? cfg.num_labels : cfg.vocab_size;
+    head = register_module("head", Linear(cfg.hidden_size, head_width, false));
+    if (cfg.tie_embeddings && !classifier) head->tie_weight(embed->weight);
 
     embed_site_ = add_site({"embed", "embed", -1, cfg.vocab_size, cfg.hidden_size});
     for (std::int64_t i = 0; i < cfg.num_layers; ++i)
       for (auto& s : layer_sites(cfg, i, false, true)) add_site(std::move(s));
     add_site({"norm", "norm.final", -1, cfg.hidden_size, cfg.hidden_size});
-    add_site({"head", "head", -1, cfg.hidden_size, cfg.vocab_size});
+    add_site({"head", "head", -1, cfg.hidden_size, head_width});
     for (std::int64_t i = 0; i < cfg.num_layers; ++i)
       layers->ptr<Gpt2LayerImpl>(i)->taps =
           layer_taps([this](const std::string& n) { return site_hooks(n); }, i);
@@ -73,10 +75,7 @@ class Gpt2 : public Model {
     for (std::size_t i = 0; i < layers->size(); ++i)
       x = layers->ptr<Gpt2LayerImpl>(i)->forward(x, key_mask, cache, i);
     if (cache) cache->mask = key_mask;
-    ForwardOutput out;
-    out.hidden = norm(x.slice(1, prompt));
-    out.logits = head(out.hidden);
-    return out;
+    return decoder_outputs(norm(x), in, prompt, config_, *head);
   }
 
   torch::nn::Embedding embed{nullptr}, pos_embed{nullptr};
@@ -105,6 +104,8 @@ const std::vector<NameRule> kHfRules = {
     {"layers.{L}.ffn.up.bias", "h.{L}.mlp.c_fc.bias"},
     {"layers.{L}.ffn.down.weight", "h.{L}.mlp.c_proj.weight"},
     {"layers.{L}.ffn.down.bias", "h.{L}.mlp.c_proj.bias"},
+    {"head.weight", "lm_head.weight"},
+    {"head.weight", "score.weight"},
 };
 
 bool ends_with(const std::string& s, const std::string& suffix) {
@@ -122,7 +123,15 @@ ModelConfig gpt2_config_from_hf(const nlohmann::json& j, const std::string& sour
   JsonConfig c(j, source);
   ModelConfig m;
   m.family = "gpt2";
-  m.architecture = "GPT2LMHeadModel";
+  m.architecture = architecture_of(j, "GPT2LMHeadModel");
+  if (m.architecture == "GPT2ForSequenceClassification") {
+    m.classifier = "score";
+    m.num_labels = num_labels_of(j, source);
+  } else if (m.architecture != "GPT2LMHeadModel" && m.architecture != "GPT2Model") {
+    throw FileError(source, "architecture \"" + m.architecture +
+                                "\" is not supported (graft runs GPT2LMHeadModel and "
+                                "GPT2ForSequenceClassification)");
+  }
   m.vocab_size = c.integer("vocab_size");
   m.hidden_size = c.integer("n_embd");
   m.num_layers = c.integer("n_layer");
@@ -132,10 +141,11 @@ ModelConfig gpt2_config_from_hf(const nlohmann::json& j, const std::string& sour
   m.max_positions = c.integer("n_positions", 1024);
   m.norm_eps = c.number("layer_norm_epsilon", 1e-5);
   m.hidden_act = c.string("activation_function", "gelu_new");
-  m.tie_embeddings = true;
+  m.tie_embeddings = c.boolean("tie_word_embeddings", true);
   m.attention_bias = true;
   m.bos_token_id = c.integer("bos_token_id", -1);
   m.eos_token_id = c.integer("eos_token_id", -1);
+  m.pad_token_id = c.integer("pad_token_id", -1);
   if (c.boolean("scale_attn_by_inverse_layer_idx", false) || !c.boolean("scale_attn_weights", true))
     throw FileError(source,
                     "gpt2 attention scaling variants (scale_attn_by_inverse_layer_idx, "
@@ -153,9 +163,12 @@ io::TensorMap gpt2_from_hf(const ModelConfig& c, const io::TensorMap& checkpoint
   for (const auto& [name, t] : checkpoint)
     stripped.emplace(name.rfind(prefix, 0) == 0 ? name.substr(prefix.size()) : name, t);
   io::TensorMap out;
-  for (auto& [name, t] : rename_to_graft(stripped, kHfRules)) {
-    // Conv1D stores [in, out]; graft::Linear wants [out, in].
-    const bool matrix = t.dim() == 2 && name != "embed.weight" && name != "pos_embed.weight";
+  // Older checkpoints store the causal-mask buffers, which graft builds from the shapes.
+  for (auto& [name, t] :
+       rename_to_graft(stripped, kHfRules, {"h.{L}.attn.bias", "h.{L}.attn.masked_bias"})) {
+    // Conv1D stores [in, out]; graft::Linear wants [out, in]. The heads are nn.Linear.
+    const bool matrix = t.dim() == 2 && name != "embed.weight" && name != "pos_embed.weight" &&
+                        name != "head.weight";
     auto w = matrix ? t.t().contiguous() : t;
     if (ends_with(name, ".attn.qkv.weight") || ends_with(name, ".attn.qkv.bias")) {
       const auto base = name.substr(
@@ -175,7 +188,7 @@ io::TensorMap gpt2_from_hf(const ModelConfig& c, const io::TensorMap& checkpoint
   return out;
 }
 
-io::TensorMap gpt2_to_hf(const ModelConfig&, const io::TensorMap& t) {
+io::TensorMap gpt2_to_hf(const ModelConfig& c, const io::TensorMap& t) {
   io::TensorMap fused;
   for (const auto& [name, w] : t) {
     for (const std::string part : {".attn.q.", ".attn.k.", ".attn.v."}) {
@@ -193,6 +206,10 @@ io::TensorMap gpt2_to_hf(const ModelConfig&, const io::TensorMap& t) {
   }
   io::TensorMap out;
   for (auto& [name, w] : rename_from_graft(fused, kHfRules)) {
+    if (name == "lm_head.weight") {  // nn.Linear: [out, in] as graft keeps it, outside transformer.
+      if (!c.tie_embeddings) out[c.classifier == "score" ? "score.weight" : name] = w;
+      continue;
+    }
     // graft::Linear's [out, in] back to Conv1D's [in, out].
     const bool matrix = w.dim() == 2 && name != "wte.weight" && name != "wpe.weight";
     out["transformer." + name] = matrix ? w.t().contiguous() : w;
@@ -201,19 +218,20 @@ io::TensorMap gpt2_to_hf(const ModelConfig&, const io::TensorMap& t) {
 }
 
 nlohmann::json gpt2_hf_config(const ModelConfig& c) {
-  nlohmann::json j = {{"architectures", {"GPT2LMHeadModel"}},
-                      {"model_type", "gpt2"},
-                      {"vocab_size", c.vocab_size},
-                      {"n_embd", c.hidden_size},
-                      {"n_layer", c.num_layers},
-                      {"n_head", c.num_heads},
-                      {"n_positions", c.max_positions},
-                      {"n_inner", c.intermediate_size},
-                      {"layer_norm_epsilon", c.norm_eps},
-                      {"activation_function", c.hidden_act},
+  const std::string architecture = !c.architecture.empty()   ? c.architecture
+                                   : c.classifier == "score" ? "GPT2ForSequenceClassification"
+                                                             : "GPT2LMHeadModel";
+  nlohmann::json j = {{"architectures", {architecture}},  {"model_type", "gpt2"},
+                      {"vocab_size", c.vocab_size},       {"n_embd", c.hidden_size},
+                      {"n_layer", c.num_layers},          {"n_head", c.num_heads},
+                      {"n_positions", c.max_positions},   {"n_inner", c.intermediate_size},
+                      {"layer_norm_epsilon", c.norm_eps}, {"activation_function", c.hidden_act},
                       {"torch_dtype", "float32"}};
   if (c.bos_token_id >= 0) j["bos_token_id"] = c.bos_token_id;
   if (c.eos_token_id >= 0) j["eos_token_id"] = c.eos_token_id;
+  if (c.pad_token_id >= 0) j["pad_token_id"] = c.pad_token_id;
+  if (!c.tie_embeddings) j["tie_word_embeddings"] = false;
+  write_labels(j, c);
   return j;
 }
 

@@ -53,14 +53,16 @@ class Llama : public Model {
     layers = register_module("layers", torch::nn::ModuleList());
     for (std::int64_t i = 0; i < cfg.num_layers; ++i) layers->push_back(LlamaLayer(cfg));
     norm = register_module("norm", Norm(cfg.hidden_size, cfg.norm_eps, false));
-    head = register_module("head", Linear(cfg.hidden_size, cfg.vocab_size, false));
-    if (cfg.tie_embeddings) head->tie_weight(embed->weight);
+    const bool classifier = cfg.classifier == "score";
+    const auto head_width = classifier ? cfg.num_labels : cfg.vocab_size;
+    head = register_module("head", Linear(cfg.hidden_size, head_width, false));
+    if (cfg.tie_embeddings && !classifier) head->tie_weight(embed->weight);
 
     embed_site_ = add_site({"embed", "embed", -1, cfg.vocab_size, cfg.hidden_size});
     for (std::int64_t i = 0; i < cfg.num_layers; ++i)
       for (auto& s : layer_sites(cfg, i, true, cfg.attention_bias)) add_site(std::move(s));
     add_site({"norm", "norm.final", -1, cfg.hidden_size, cfg.hidden_size});
-    add_site({"head", "head", -1, cfg.hidden_size, cfg.vocab_size});
+    add_site({"head", "head", -1, cfg.hidden_size, head_width});
     for (std::int64_t i = 0; i < cfg.num_layers; ++i)
       layers->ptr<LlamaLayerImpl>(i)->taps =
           layer_taps([this](const std::string& n) { return site_hooks(n); }, i);
@@ -76,10 +78,7 @@ class Llama : public Model {
     for (std::size_t i = 0; i < layers->size(); ++i)
       x = layers->ptr<LlamaLayerImpl>(i)->forward(x, cos, sin, key_mask, cache, i);
     if (cache) cache->mask = key_mask;
-    ForwardOutput out;
-    out.hidden = norm(x.slice(1, prompt));
-    out.logits = head(out.hidden);
-    return out;
+    return decoder_outputs(norm(x), in, prompt, config_, *head);
   }
 
   torch::nn::Embedding embed{nullptr};
@@ -95,6 +94,7 @@ const std::vector<NameRule> kHfRules = {
     {"embed.weight", "model.embed_tokens.weight"},
     {"norm.weight", "model.norm.weight"},
     {"head.weight", "lm_head.weight"},
+    {"head.weight", "score.weight"},
     {"layers.{L}.attn_norm.weight", "model.layers.{L}.input_layernorm.weight"},
     {"layers.{L}.attn.q.weight", "model.layers.{L}.self_attn.q_proj.weight"},
     {"layers.{L}.attn.k.weight", "model.layers.{L}.self_attn.k_proj.weight"},
@@ -137,11 +137,17 @@ ModelConfig llama_config_from_hf(const nlohmann::json& j, const std::string& sou
   JsonConfig c(j, source);
   ModelConfig m;
   m.family = "llama";
-  m.architecture =
-      j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty()
-          ? j["architectures"][0].get<std::string>()
-          : "LlamaForCausalLM";
   const auto model_type = c.string("model_type", "llama");
+  m.architecture = architecture_of(j, "LlamaForCausalLM");
+  if (m.architecture.find("ForSequenceClassification") != std::string::npos) {
+    m.classifier = "score";
+    m.num_labels = num_labels_of(j, source);
+  } else if (m.architecture.find("For") != std::string::npos &&
+             m.architecture.find("ForCausalLM") == std::string::npos) {
+    throw FileError(source, "architecture \"" + m.architecture +
+                                "\" is not supported (graft runs *ForCausalLM and "
+                                "*ForSequenceClassification models of this family)");
+  }
   m.vocab_size = c.integer("vocab_size");
   m.hidden_size = c.integer("hidden_size");
   m.num_layers = c.integer("num_hidden_layers");
@@ -171,7 +177,8 @@ ModelConfig llama_config_from_hf(const nlohmann::json& j, const std::string& sou
 }
 
 io::TensorMap llama_from_hf(const ModelConfig&, const io::TensorMap& t) {
-  return rename_to_graft(t, kHfRules);
+  // Older checkpoints store the rotary inverse frequencies, which graft computes from the config.
+  return rename_to_graft(t, kHfRules, {"model.layers.{L}.self_attn.rotary_emb.inv_freq"});
 }
 
 ModelConfig config_from_gguf(const io::GgufFile& f) {
@@ -199,9 +206,10 @@ ModelConfig config_from_gguf(const io::GgufFile& f) {
   m.norm_eps = f.at(key("attention.layer_norm_rms_epsilon"))
                    .as_double(key("attention.layer_norm_rms_epsilon"));
   if (auto* v = f.find(key("rope.freq_base"))) m.rope_theta = v->as_double(key("rope.freq_base"));
-  // llama.cpp's converter permutes llama q/k weights to the interleaved pairing; qwen2 keeps
-  // Hugging Face's half-split one.
-  m.rope_style = arch == "qwen2" ? RopeStyle::half_split : RopeStyle::interleaved;
+  // llama.cpp's converter permutes llama q/k weights to the interleaved pairing (qwen2 keeps
+  // Hugging Face's half-split one); graft runs every checkpoint in transformers' order, so that
+  // an adapter means the same on a GGUF file and on the Hugging Face folder it came from.
+  m.rope_style = RopeStyle::half_split;
   if (f.find(key("attention.sliding_window")))
     m.sliding_window = integer("attention.sliding_window");
   m.attention_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
@@ -226,45 +234,55 @@ ModelConfig config_from_gguf(const io::GgufFile& f) {
   return m;
 }
 
-io::TensorMap from_gguf(const ModelConfig&, const io::TensorMap& tensors) {
-  return rename_to_graft(tensors, kGgufRules);
-}
-
 namespace {
 
-// q and k rows reordered from the model's RoPE pairing to `to`.
-io::TensorMap with_rope_order(const ModelConfig& c, io::TensorMap t, RopeStyle to) {
+// q and k rows reordered from the pairing `from` to `to`.
+io::TensorMap with_rope_order(const ModelConfig& c, io::TensorMap t, RopeStyle from, RopeStyle to) {
   for (auto& [name, w] : t) {
     const bool q = name.find(".attn.q.") != std::string::npos;
     const bool k = name.find(".attn.k.") != std::string::npos;
-    if (q || k) w = permute_rope_rows(w, q ? c.num_heads : c.num_kv_heads, c.rope_style, to);
+    if (q || k) w = permute_rope_rows(w, q ? c.num_heads : c.num_kv_heads, from, to);
   }
   return t;
 }
 
+io::TensorMap with_rope_order(const ModelConfig& c, io::TensorMap t, RopeStyle to) {
+  return with_rope_order(c, std::move(t), c.rope_style, to);
+}
+
 }  // namespace
+
+io::TensorMap from_gguf(const ModelConfig& c, const io::TensorMap& tensors) {
+  return with_rope_order(c, rename_to_graft(tensors, kGgufRules), gguf_rope_order(c), c.rope_style);
+}
 
 io::TensorMap llama_to_hf(const ModelConfig& c, const io::TensorMap& t) {
   auto out = rename_from_graft(with_rope_order(c, t, RopeStyle::half_split), kHfRules);
+  if (c.classifier == "score") {
+    out["score.weight"] = out.at("lm_head.weight");
+    out.erase("lm_head.weight");
+  }
   if (c.tie_embeddings) out.erase("lm_head.weight");
   return out;
 }
 
 io::TensorMap to_gguf(const ModelConfig& c, const io::TensorMap& t) {
   if (c.family != "llama") throw Error("GGUF output is for the llama family; this is " + c.family);
-  // llama.cpp runs llama and mistral with the interleaved pairing, qwen2 with the half-split one.
-  const auto order =
-      c.architecture == "Qwen2ForCausalLM" ? RopeStyle::half_split : RopeStyle::interleaved;
-  auto out = rename_from_graft(with_rope_order(c, t, order), kGgufRules);
+  if (c.classifier == "score")
+    throw Error("GGUF output holds language models; this model is a sequence classifier");
+  auto out = rename_from_graft(with_rope_order(c, t, gguf_rope_order(c)), kGgufRules);
   if (c.tie_embeddings) out.erase("output.weight");
   return out;
 }
 
 nlohmann::json llama_hf_config(const ModelConfig& c) {
-  const std::string type = c.architecture == "Qwen2ForCausalLM"     ? "qwen2"
-                           : c.architecture == "MistralForCausalLM" ? "mistral"
-                                                                    : "llama";
-  nlohmann::json j = {{"architectures", {c.architecture}},
+  const std::string type = c.architecture.rfind("Qwen2", 0) == 0     ? "qwen2"
+                           : c.architecture.rfind("Mistral", 0) == 0 ? "mistral"
+                                                                     : "llama";
+  const std::string architecture = !c.architecture.empty()   ? c.architecture
+                                   : c.classifier == "score" ? "LlamaForSequenceClassification"
+                                                             : "LlamaForCausalLM";
+  nlohmann::json j = {{"architectures", {architecture}},
                       {"model_type", type},
                       {"vocab_size", c.vocab_size},
                       {"hidden_size", c.hidden_size},
@@ -285,7 +303,16 @@ nlohmann::json llama_hf_config(const ModelConfig& c) {
   if (c.pad_token_id >= 0) j["pad_token_id"] = c.pad_token_id;
   if (c.sliding_window > 0) j["sliding_window"] = c.sliding_window;
   if (type == "qwen2") j["use_sliding_window"] = c.sliding_window > 0;
+  write_labels(j, c);
   return j;
 }
 
 }  // namespace graft::models
+
+namespace graft {
+
+RopeStyle gguf_rope_order(const ModelConfig& c) {
+  return c.architecture.rfind("Qwen2", 0) == 0 ? RopeStyle::half_split : RopeStyle::interleaved;
+}
+
+}  // namespace graft

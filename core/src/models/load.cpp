@@ -78,14 +78,27 @@ LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
       throw FileError(config_path.string(), std::string("malformed JSON: ") + e.what());
     }
     config = models::config_from_hf(j, config_path.string());
-    tensors = models::from_hf(config, io::read_safetensors_model(out.path));
+    const auto checkpoint = io::read_safetensors_model(out.path);
+    try {
+      tensors = models::from_hf(config, checkpoint);
+    } catch (const FileError&) {
+      throw;
+    } catch (const Error& e) {
+      throw FileError(where, e.what());
+    }
     if (fs::exists(out.path / "tokenizer.json"))
       out.tokenizer = load_tokenizer_json(out.path / "tokenizer.json");
   } else {
     out.format = "gguf";
     io::GgufFile file(out.path);
     config = models::config_from_gguf(file);
-    tensors = models::from_gguf(config, file.load_all());
+    try {
+      tensors = models::from_gguf(config, file.load_all());
+    } catch (const FileError&) {
+      throw;
+    } catch (const Error& e) {
+      throw FileError(where, e.what());
+    }
     // llama2.c exports write the shared classifier out as a separate, identical output.weight;
     // tie it again so that the model has the parameters it was trained with.
     auto head = tensors.find("head.weight");

@@ -60,7 +60,7 @@ void save_gguf_model(const Model& model, const fs::path& file, const fs::path& s
   check_empty_target(file);
   const auto& c = model.config();
   auto tensors = models::to_gguf(c, parameters_of(model));
-  const std::string arch = c.architecture == "Qwen2ForCausalLM" ? "qwen2" : "llama";
+  const std::string arch = c.architecture.rfind("Qwen2", 0) == 0 ? "qwen2" : "llama";
   std::vector<std::pair<std::string, io::GgufValue>> meta = {
       {"general.architecture", io::gguf_string(arch)},
       {arch + ".context_length", io::gguf_int(c.max_positions)},

@@ -15,16 +15,27 @@ using nlohmann::json;
 
 namespace {
 
-json base_description(const ModelConfig& c) {
-  return {{"family", c.family},
-          {"architecture", c.architecture},
-          {"vocab_size", c.vocab_size},
-          {"hidden_size", c.hidden_size},
-          {"num_layers", c.num_layers},
-          {"num_heads", c.num_heads},
-          {"num_kv_heads", c.num_kv_heads},
-          {"intermediate_size", c.intermediate_size}};
+const char* rope_style_name(RopeStyle s) {
+  return s == RopeStyle::interleaved ? "interleaved" : "half_split";
 }
+
+// The base model as an adapter records it. q_k_row_order: how the rows of q and k (and of
+// anything a method keeps per output row of them) pair up for rotary embeddings; graft runs
+// every checkpoint it loads in transformers' half-split order, whatever the file's order.
+json base_description(const ModelConfig& c) {
+  json j = {{"family", c.family},
+            {"architecture", c.architecture},
+            {"vocab_size", c.vocab_size},
+            {"hidden_size", c.hidden_size},
+            {"num_layers", c.num_layers},
+            {"num_heads", c.num_heads},
+            {"num_kv_heads", c.num_kv_heads},
+            {"intermediate_size", c.intermediate_size}};
+  if (c.family == "llama") j["q_k_row_order"] = rope_style_name(c.rope_style);
+  return j;
+}
+
+constexpr int kFormatVersion = 2;
 
 bool is_graft_adapter(const fs::path& dir) {
   const auto cfg_path = dir / "adapter_config.json";
@@ -79,7 +90,7 @@ Params params_from_json(const json& j, const std::string& file, const std::strin
 void save_adapter(const fs::path& dir, const Model& model, const std::vector<Method*>& methods) {
   fs::create_directories(dir);
   json cfg = {{"format", "graft-adapter"},
-              {"format_version", 1},
+              {"format_version", kFormatVersion},
               {"graft_version", GRAFT_VERSION},
               {"base_model", base_description(model.config())},
               {"methods", json::array()}};
@@ -118,11 +129,19 @@ std::vector<std::unique_ptr<Method>> load_adapter(const fs::path& dir, Model& mo
     throw FileError(where,
                     "neither a graft adapter nor a format a loaded plugin reads (for a peft "
                     "adapter: is the plugin of its method on the plugin path?)");
-  if (cfg.value("format_version", 0) != 1)
+  const auto version = cfg.value("format_version", 0);
+  if (version != 1 && version != kFormatVersion)
     throw FileError(where, "adapter format_version " + cfg.value("format_version", json()).dump() +
-                               " is not supported (this graft reads version 1)");
+                               " is not supported (this graft reads versions 1 and 2)");
   const auto expected = base_description(model.config());
   const auto& base = cfg.value("base_model", json::object());
+  // Version 1 did not record the q/k row order, and graft then ran GGUF llamas in llama.cpp's
+  // interleaved order: such an adapter cannot be placed on a rotary model without guessing.
+  if (version == 1 && expected.contains("q_k_row_order"))
+    throw FileError(where, "adapter format 1 (graft " +
+                               cfg.value("graft_version", std::string("?")) +
+                               ") does not record the q/k row order of its base, which this graft "
+                               "needs for a rotary model; train the adapter again with this graft");
   for (const auto& [key, value] : expected.items()) {
     if (key == "architecture") continue;  // a classifier and an LM of one base share adapters
     if (base.contains(key) && base[key] != value)
