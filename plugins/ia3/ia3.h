@@ -45,7 +45,8 @@ class Ia3 : public HookMethod {
 };
 
 bool detect_peft(const std::filesystem::path& dir);
-std::unique_ptr<Method> read_peft(const std::filesystem::path& dir, Model& model);
-void write_peft(Method& method, const Model& model, const std::filesystem::path& dir);
+std::vector<std::unique_ptr<Method>> read_peft(const std::filesystem::path& dir, Model& model);
+void write_peft(const std::vector<Method*>& methods, const Model& model,
+                const std::filesystem::path& dir);
 
 }  // namespace graft::plugins::ia3

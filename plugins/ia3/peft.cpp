@@ -9,6 +9,7 @@
 #include <map>
 #include <set>
 
+#include "../common/peft_companions.h"
 #include "ia3.h"
 
 namespace graft::plugins::ia3 {
@@ -17,20 +18,24 @@ using nlohmann::json;
 
 bool detect_peft(const fs::path& dir) { return peft::is_adapter(dir, "IA3"); }
 
-std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
+std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model) {
   const auto cfg_path = (dir / "adapter_config.json").string();
   const auto where = peft::tensors_path(dir);
   const json cfg = peft::read_config(dir);
-  const auto tensors = peft::read_tensors(dir);
+  // Which modules scale their input is answered by each vector's shape.
+  peft::check_config(cfg, cfg_path, {"feedforward_modules"});
+  auto tensors = peft::read_tensors(dir);
   const auto& c = model.config();
   const auto by_module = peft::index_modules(model);
   auto source = Source{cfg_path, 0, 0};
   auto targets = Params::list("target_modules", source);
   auto feedforward = Params::list("feedforward_modules", source);
   io::TensorMap state;
+  std::vector<std::string> taken;
   for (const auto& [key, t] : tensors) {
     const auto module = peft::module_of_tensor(key, ".ia3_l");
     if (module.empty()) continue;
+    taken.push_back(key);
     auto it = by_module.find(module);
     if (it == by_module.end())
       throw FileError(where, "IA3 on module '" + module + "', which this " + c.family +
@@ -61,11 +66,15 @@ std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
   auto method = std::make_unique<Ia3>(Ia3Config::from_params(settings));
   method->attach(model);
   method->load_state(state, where);
-  return method;
+  for (const auto& key : taken) tensors.erase(key);
+  std::vector<std::unique_ptr<Method>> methods;
+  methods.push_back(std::move(method));
+  peft_companions::read(tensors, model, where, methods);
+  return methods;
 }
 
-void write_peft(Method& method, const Model& model, const fs::path& dir) {
-  auto* ia3 = dynamic_cast<Ia3*>(&method);
+void write_peft(const std::vector<Method*>& methods, const Model& model, const fs::path& dir) {
+  auto* ia3 = dynamic_cast<Ia3*>(methods.at(0));
   if (!ia3) throw Error("peft format: not an IA3 method");
   const auto& c = model.config();
   io::TensorMap out;
@@ -87,6 +96,12 @@ void write_peft(Method& method, const Model& model, const fs::path& dir) {
       out[key] = v.view({-1, 1}).contiguous();
     }
   }
+  const auto saved = peft_companions::write(
+      methods, model, std::vector<std::string>(targets.begin(), targets.end()), false);
+  if (saved.bias != "none")
+    throw Error(
+        "peft format: IA3 adapters save no trained biases (peft's IA3 has no bias setting)");
+  out.insert(saved.tensors.begin(), saved.tensors.end());
   json cfg = {
       {"peft_type", "IA3"},
       {"task_type", peft::task_type(c)},
@@ -95,7 +110,7 @@ void write_peft(Method& method, const Model& model, const fs::path& dir) {
       {"fan_in_fan_out", c.family == "gpt2"},
       {"init_ia3_weights", true},
       {"inference_mode", true},
-      {"modules_to_save", nullptr},
+      {"modules_to_save", saved.modules_to_save.empty() ? json() : json(saved.modules_to_save)},
       {"base_model_name_or_path", nullptr},
       {"revision", nullptr}};
   peft::write_adapter(dir, cfg, out);

@@ -16,9 +16,13 @@
 namespace graft::plugins::lora {
 namespace fs = std::filesystem;
 
-void write_gguf_lora(Method& method, const Model& model, const fs::path& file) {
-  auto* lora = dynamic_cast<Lora*>(&method);
+void write_gguf_lora(const std::vector<Method*>& methods, const Model& model,
+                     const fs::path& file) {
+  auto* lora = dynamic_cast<Lora*>(methods.at(0));
   if (!lora) throw Error("gguf format: not a LoRA method");
+  for (std::size_t i = 1; i < methods.size(); ++i)
+    throw Error("gguf format: llama.cpp's LoRA adapters hold LoRA alone, not " +
+                methods[i]->name());
   const auto& c = model.config();
   if (c.family != "llama")
     throw Error(

@@ -34,10 +34,12 @@ class Lora : public HookMethod {
 // Hugging Face peft's format: adapter_config.json (peft_type "LORA") and
 // adapter_model.safetensors with peft's module names for each family.
 bool detect_peft(const std::filesystem::path& dir);
-std::unique_ptr<Method> read_peft(const std::filesystem::path& dir, Model& model);
-void write_peft(Method& method, const Model& model, const std::filesystem::path& dir);
+std::vector<std::unique_ptr<Method>> read_peft(const std::filesystem::path& dir, Model& model);
+void write_peft(const std::vector<Method*>& methods, const Model& model,
+                const std::filesystem::path& dir);
 
 // llama.cpp's GGUF LoRA (write only).
-void write_gguf_lora(Method& method, const Model& model, const std::filesystem::path& file);
+void write_gguf_lora(const std::vector<Method*>& methods, const Model& model,
+                     const std::filesystem::path& file);
 
 }  // namespace graft::plugins::lora

@@ -19,6 +19,7 @@
 #include <set>
 #include <sstream>
 
+#include "../common/peft_companions.h"
 #include "layer.h"
 #include "lora.h"
 
@@ -57,11 +58,14 @@ std::string fmt(double v) {
 
 bool detect_peft(const fs::path& dir) { return peft::is_adapter(dir, "LORA"); }
 
-std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
+std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model) {
   const auto cfg_path = (dir / "adapter_config.json").string();
   const auto tensors_path = peft::tensors_path(dir);
   const json cfg = peft::read_config(dir);
-  const auto tensors = peft::read_tensors(dir);
+  peft::check_config(
+      cfg, cfg_path,
+      {"r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"});
+  auto tensors = peft::read_tensors(dir);
   const auto& c = model.config();
 
   const auto by_module = peft::index_modules(model);
@@ -82,10 +86,12 @@ std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
   auto ranks = Params::map("rank_pattern", Source{cfg_path, 0, 0});
   auto alphas = Params::map("alpha_pattern", Source{cfg_path, 0, 0});
   io::TensorMap state;
+  std::vector<std::string> taken;
   const std::string suffix_a = ".lora_A.weight";
   for (const auto& [key, a] : tensors) {
     const auto module = peft::module_of_tensor(key, suffix_a);
     if (module.empty()) continue;
+    taken.push_back(key);
     auto it = by_module.find(module);
     if (it == by_module.end())
       throw FileError(tensors_path, "LoRA on module '" + module + "', which this " + c.family +
@@ -95,10 +101,14 @@ std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
     if (b_it == tensors.end())
       throw FileError(tensors_path, "missing '" + prefix + ".lora_B.weight'");
     const auto& b = b_it->second;
+    taken.push_back(b_it->first);
     at::Tensor magnitude;
     for (const auto& name :
          {prefix + ".lora_magnitude_vector", prefix + ".lora_magnitude_vector.weight"})
-      if (tensors.count(name)) magnitude = tensors.at(name);
+      if (tensors.count(name)) {
+        magnitude = tensors.at(name);
+        taken.push_back(name);
+      }
     if (dora && !magnitude.defined())
       throw FileError(tensors_path,
                       "use_dora is set but '" + prefix + "' has no lora_magnitude_vector");
@@ -117,10 +127,17 @@ std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
       targets.add(scalar("target_modules", site.name));
       ranks.set(site.name, scalar("rank_pattern", std::to_string(r)));
       alphas.set(site.name, scalar("alpha_pattern", fmt(alpha)));
+      // peft's rows are in transformers' q/k order, which graft runs loaded models in too.
+      auto rows_of = [&](const at::Tensor& t) {
+        auto part = t.narrow(0, where.row0, rows);
+        if (site.point == "attn.q" || site.point == "attn.k")
+          part = permute_rope_rows(part, site.point == "attn.q" ? c.num_heads : c.num_kv_heads,
+                                   RopeStyle::half_split, c.rope_style);
+        return part.contiguous();
+      };
       state[site.name + ".lora_A"] = a;
-      state[site.name + ".lora_B"] = b.narrow(0, where.row0, rows).contiguous();
-      if (dora)
-        state[site.name + ".lora_magnitude"] = magnitude.narrow(0, where.row0, rows).contiguous();
+      state[site.name + ".lora_B"] = rows_of(b);
+      if (dora) state[site.name + ".lora_magnitude"] = rows_of(magnitude);
     }
   }
   if (targets.items().empty()) throw FileError(tensors_path, "holds no lora_A tensors");
@@ -130,11 +147,15 @@ std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
   auto method = std::make_unique<Lora>(LoraConfig::from_params(settings));
   method->attach(model);
   method->load_state(state, tensors_path);
-  return method;
+  for (const auto& key : taken) tensors.erase(key);
+  std::vector<std::unique_ptr<Method>> methods;
+  methods.push_back(std::move(method));
+  peft_companions::read(tensors, model, tensors_path, methods);
+  return methods;
 }
 
-void write_peft(Method& method, const Model& model, const fs::path& dir) {
-  auto* lora = dynamic_cast<Lora*>(&method);
+void write_peft(const std::vector<Method*>& methods, const Model& model, const fs::path& dir) {
+  auto* lora = dynamic_cast<Lora*>(methods.at(0));
   if (!lora) throw Error("peft format: not a LoRA method");
   const auto& s = lora->settings();
   if (s.gating) throw Error("peft format: LoRA with gating (UniPELT) has no peft equivalent");
@@ -142,6 +163,7 @@ void write_peft(Method& method, const Model& model, const fs::path& dir) {
   io::TensorMap out;
   json rank_pattern = json::object(), alpha_pattern = json::object();
   std::set<std::string> short_names;
+  std::vector<std::string> wrapped;  // the module paths the LoRA adapts
   // GPT-2's fused q/k/v, gathered per c_attn module: (row offset, A, scaled B).
   std::map<std::string, std::vector<std::tuple<std::int64_t, at::Tensor, at::Tensor>>> fused;
   for (const auto& [site_name, hook] : lora->hooks()) {
@@ -156,6 +178,14 @@ void write_peft(Method& method, const Model& model, const fs::path& dir) {
       a = t->A.detach(), b = t->B.detach(), scaling = t->scaling, magnitude = t->magnitude.detach();
     }
     short_names.insert(short_name(where.path));
+    wrapped.push_back(where.path);
+    // peft keeps q and k rows in transformers' order.
+    if (site->point == "attn.q" || site->point == "attn.k") {
+      const auto heads = site->point == "attn.q" ? c.num_heads : c.num_kv_heads;
+      b = permute_rope_rows(b, heads, c.rope_style, RopeStyle::half_split);
+      if (magnitude.defined())
+        magnitude = permute_rope_rows(magnitude, heads, c.rope_style, RopeStyle::half_split);
+    }
     if (where.rows) {
       if (magnitude.defined())
         throw Error(
@@ -190,23 +220,26 @@ void write_peft(Method& method, const Model& model, const fs::path& dir) {
     alpha_pattern[path] =
         s.rslora ? std::sqrt(static_cast<double>(rank)) : static_cast<double>(rank);
   }
-  json cfg = {{"peft_type", "LORA"},
-              {"task_type", peft::task_type(c)},
-              {"r", s.r},
-              {"lora_alpha", s.alpha},
-              {"lora_dropout", s.dropout},
-              {"use_rslora", s.rslora},
-              {"use_dora", s.dora},
-              {"target_modules", std::vector<std::string>(short_names.begin(), short_names.end())},
-              {"rank_pattern", rank_pattern},
-              {"alpha_pattern", alpha_pattern},
-              {"bias", "none"},
-              {"fan_in_fan_out", c.family == "gpt2"},
-              {"init_lora_weights", true},
-              {"inference_mode", true},
-              {"modules_to_save", nullptr},
-              {"base_model_name_or_path", nullptr},
-              {"revision", nullptr}};
+  const auto saved = peft_companions::write(methods, model, wrapped, false);
+  out.insert(saved.tensors.begin(), saved.tensors.end());
+  json cfg = {
+      {"peft_type", "LORA"},
+      {"task_type", peft::task_type(c)},
+      {"r", s.r},
+      {"lora_alpha", s.alpha},
+      {"lora_dropout", s.dropout},
+      {"use_rslora", s.rslora},
+      {"use_dora", s.dora},
+      {"target_modules", std::vector<std::string>(short_names.begin(), short_names.end())},
+      {"rank_pattern", rank_pattern},
+      {"alpha_pattern", alpha_pattern},
+      {"bias", saved.bias},
+      {"fan_in_fan_out", c.family == "gpt2"},
+      {"init_lora_weights", true},
+      {"inference_mode", true},
+      {"modules_to_save", saved.modules_to_save.empty() ? json() : json(saved.modules_to_save)},
+      {"base_model_name_or_path", nullptr},
+      {"revision", nullptr}};
   peft::write_adapter(dir, cfg, out);
 }
 

@@ -10,6 +10,8 @@
 #include <graft/plugin.h>
 #include <torch/torch.h>
 
+#include "../common/peft_companions.h"
+
 namespace graft::plugins::prefix_tuning {
 namespace {
 namespace fs = std::filesystem;
@@ -184,11 +186,16 @@ bool detect_peft(const fs::path& dir) { return peft::is_adapter(dir, "PREFIX_TUN
 
 // peft's config for a model with grouped-query attention counts key/value heads: token_dim is
 // kv_heads * head_dim and num_attention_heads is kv_heads.
-std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
+std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model) {
   const auto cfg_path = (dir / "adapter_config.json").string();
   const auto where = peft::tensors_path(dir);
   const auto cfg = peft::read_config(dir);
-  const auto tensors = peft::read_tensors(dir);
+  // The tensor's shape answers the sizes; the projection's output is what peft saves.
+  peft::check_config(
+      cfg, cfg_path,
+      {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+       "num_layers", "encoder_hidden_size", "prefix_projection"});
+  auto tensors = peft::read_tensors(dir);
   const auto& c = model.config();
   auto it = tensors.find("prompt_embeddings");
   if (it == tensors.end()) throw FileError(where, "has no 'prompt_embeddings' tensor");
@@ -209,16 +216,22 @@ std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
   auto method = std::make_unique<PrefixTuning>(settings);
   method->attach(model);
   method->load_state({{"prefix", t}}, where);
-  return method;
+  tensors.erase(it);
+  std::vector<std::unique_ptr<Method>> methods;
+  methods.push_back(std::move(method));
+  peft_companions::read(tensors, model, where, methods);
+  return methods;
 }
 
-void write_peft(Method& method, const Model& model, const fs::path& dir) {
-  auto* prefix = dynamic_cast<PrefixTuning*>(&method);
+void write_peft(const std::vector<Method*>& methods, const Model& model, const fs::path& dir) {
+  auto* prefix = dynamic_cast<PrefixTuning*>(methods.at(0));
   if (!prefix) throw Error("peft format: not a prefix_tuning method");
   if (prefix->settings().gating)
     throw Error("peft format: prefix_tuning with gating (UniPELT) has no peft equivalent");
   const auto& c = model.config();
   const auto flat = prefix->state().at("prefix").detach().to(torch::kFloat).contiguous();
+  auto saved = peft_companions::write(methods, model, {}, true);
+  saved.tensors["prompt_embeddings"] = flat;
   // Saved flat, the MLP is gone: prefix_projection false, as peft's own saved adapters read.
   nlohmann::json cfg = {
       {"peft_type", "PREFIX_TUNING"},       {"task_type", peft::task_type(c)},
@@ -227,7 +240,8 @@ void write_peft(Method& method, const Model& model, const fs::path& dir) {
       {"num_layers", c.num_layers},         {"encoder_hidden_size", prefix->settings().bottleneck},
       {"prefix_projection", false},         {"inference_mode", true},
       {"base_model_name_or_path", nullptr}, {"revision", nullptr}};
-  peft::write_adapter(dir, cfg, {{"prompt_embeddings", flat}});
+  if (!saved.modules_to_save.empty()) cfg["modules_to_save"] = saved.modules_to_save;
+  peft::write_adapter(dir, cfg, saved.tensors);
 }
 
 void register_prefix_tuning(Registry& registry) {

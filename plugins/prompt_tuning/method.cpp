@@ -8,6 +8,8 @@
 #include <graft/plugin.h>
 #include <torch/torch.h>
 
+#include "../common/peft_companions.h"
+
 namespace graft::plugins::prompt_tuning {
 namespace {
 namespace fs = std::filesystem;
@@ -91,11 +93,15 @@ class PromptTuning : public HookMethod {
 
 bool detect_peft(const fs::path& dir) { return peft::is_adapter(dir, "PROMPT_TUNING"); }
 
-std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
+std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model) {
   const auto cfg_path = (dir / "adapter_config.json").string();
   const auto where = peft::tensors_path(dir);
   const auto cfg = peft::read_config(dir);
-  const auto tensors = peft::read_tensors(dir);
+  // The tensor's shape answers the sizes; the initialisation is what the saved values replaced.
+  peft::check_config(cfg, cfg_path,
+                     {"num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                      "num_attention_heads", "num_layers"});
+  auto tensors = peft::read_tensors(dir);
   auto it = tensors.find("prompt_embeddings");
   if (it == tensors.end()) throw FileError(where, "has no 'prompt_embeddings' tensor");
   const auto& t = it->second;
@@ -111,11 +117,15 @@ std::unique_ptr<Method> read_peft(const fs::path& dir, Model& model) {
   auto method = std::make_unique<PromptTuning>(settings);
   method->attach(model);
   method->load_state({{"embed.prompt", t}}, where);
-  return method;
+  tensors.erase(it);
+  std::vector<std::unique_ptr<Method>> methods;
+  methods.push_back(std::move(method));
+  peft_companions::read(tensors, model, where, methods);
+  return methods;
 }
 
-void write_peft(Method& method, const Model& model, const fs::path& dir) {
-  auto state = method.state();
+void write_peft(const std::vector<Method*>& methods, const Model& model, const fs::path& dir) {
+  auto state = methods.at(0)->state();
   const auto& c = model.config();
   const auto prompt = state.at("embed.prompt").detach().to(torch::kFloat).contiguous();
   nlohmann::json cfg = {{"peft_type", "PROMPT_TUNING"},
@@ -129,7 +139,10 @@ void write_peft(Method& method, const Model& model, const fs::path& dir) {
                         {"inference_mode", true},
                         {"base_model_name_or_path", nullptr},
                         {"revision", nullptr}};
-  peft::write_adapter(dir, cfg, {{"prompt_embeddings", prompt}});
+  auto saved = peft_companions::write(methods, model, {}, true);
+  if (!saved.modules_to_save.empty()) cfg["modules_to_save"] = saved.modules_to_save;
+  saved.tensors["prompt_embeddings"] = prompt;
+  peft::write_adapter(dir, cfg, saved.tensors);
 }
 
 void register_prompt_tuning(Registry& registry) {

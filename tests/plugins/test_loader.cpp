@@ -18,8 +18,8 @@ TEST_CASE("the loader refuses broken plugins one by one and keeps the good ones"
   CHECK(errors.at("libgraft_lora.so").empty());
   CHECK(errors.at("libgraft_full.so").empty());
   CHECK(errors.at("libgraft_abi.so") ==
-        "plugin ABI version 999, but this graft " GRAFT_VERSION
-        " loads ABI version 1; rebuild the plugin against this graft");
+        "plugin ABI version 999, but this graft " GRAFT_VERSION " loads ABI version " +
+            std::to_string(GRAFT_PLUGIN_ABI_VERSION) + "; rebuild the plugin against this graft");
   CHECK_MESSAGE(errors.at("libgraft_torch_version.so").find("built against libtorch 0.4.0") !=
                     std::string::npos,
                 errors.at("libgraft_torch_version.so"));

@@ -38,7 +38,8 @@ struct Case {
   Count trainable;
   bool noop_at_init;
   bool mergeable;
-  bool exact_detach = true;  ///< detaching gives back the base exactly (not so after NF4)
+  bool exact_detach = true;     ///< detaching gives back the base exactly (not so after NF4)
+  bool keeps_training = false;  ///< trains base parameters in place and keeps them on detach
 };
 
 std::int64_t kv_width(const ModelConfig& c) { return c.num_kv_heads * c.head_dim; }
@@ -95,7 +96,9 @@ std::vector<Case> cases() {
          return n;
        },
        true,
-       false},
+       false,
+       true,
+       true},
       // bitfit: one bias per projection output (llama has none: add_missing adds them).
       {"bitfit",
        {{"bitfit", params({{"add_missing", "true"}})}},
@@ -203,7 +206,13 @@ std::vector<Case> cases() {
        {{"layer_select", params({{"targets", "[norm.attn, norm.ffn]"}, {"top", "1"}})}},
        [](const ModelConfig& c) { return 2 * c.hidden_size * (has_bias(c) ? 2 : 1); },
        true,
-       false},
+       true},
+      {"layer_select named parameters (peft's modules_to_save)",
+       {{"layer_select",
+         params({{"parameters", "[layers.1.attn.o.weight, layers.1.ffn_norm.weight]"}})}},
+       [](const ModelConfig& c) { return c.hidden_size * c.hidden_size + c.hidden_size; },
+       true,
+       true},
       // sparse: round(density * numel) entries per selected matrix.
       {"sparse magnitude",
        {{"sparse", params({{"density", "0.1"}, {"targets", "[attn.q, ffn.up]"}})}},
@@ -421,6 +430,11 @@ TEST_CASE("method matrix") {
         CHECK(changed);
         for (auto it = methods.rbegin(); it != methods.rend(); ++it) (*it)->unmerge(*model);
         for (const auto& p : model->named_parameters(true)) {
+          // A parameter trained in place already is the base: merging leaves it as it is.
+          if (trained.count(p.value().unsafeGetTensorImpl())) {
+            CHECK_MESSAGE(torch::equal(p.value(), merged.at(p.key())), p.key());
+            continue;
+          }
           // (W + D) - D rounds twice: within u*|W + D| + u*|W| of W, elementwise. A bias that
           // merging added (bitfit's add_missing) is D - D, zero within u*|D|.
           const auto before =
@@ -447,12 +461,16 @@ TEST_CASE("method matrix") {
         CHECK(refused);
       }
       for (auto it = methods.rbegin(); it != methods.rend(); ++it) (*it)->detach(*model);
-      // Detached, the model is the base again (to float tolerance after a merge round trip),
-      // unless the method trained base parameters in place.
+      // Detached, the model is the base again (to float tolerance after a merge round trip; bit
+      // for bit where the method put back base parameters it trained in place), unless the
+      // method keeps what it trained (full fine-tuning).
       bool in_place = false;
       for (const auto& p : model->named_parameters(true))
         in_place |= trained.count(p.value().unsafeGetTensorImpl()) > 0;
-      if (!in_place && c.exact_detach)
+      if (in_place && !c.keeps_training)
+        for (const auto& p : model->named_parameters(true))
+          CHECK_MESSAGE(torch::equal(p.value(), base.at(p.key())), "not restored: " << p.key());
+      if (!c.keeps_training && c.exact_detach)
         GRAFT_CHECK_CLOSE(outputs(*model), base_out, reorder_tolerance(base_out, terms));
     }
   }

@@ -121,7 +121,7 @@ TEST_CASE("LoRA written for llama.cpp holds W + alpha/r B A in llama.cpp's tenso
       for (const auto& q : model->named_parameters()) t[q.key()] = q.value().detach().clone();
       return t;
     }());
-    save_adapter_as("gguf", dir / "lora.gguf", *model, *lora);
+    save_adapter_as("gguf", dir / "lora.gguf", *model, {lora.get()});
     lora->merge(*model);
     io::TensorMap merged_params;
     for (const auto& q : model->named_parameters()) merged_params[q.key()] = q.value().detach();

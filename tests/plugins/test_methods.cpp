@@ -141,7 +141,7 @@ TEST_CASE("ia3, prefix_tuning and prompt_tuning round-trip through peft's format
       auto ids = torch::tensor({{3, 8, 1, 6}}, torch::kLong);
       const auto trained = logits(*model, ids);
       TempDir dir;
-      save_adapter_as("peft", dir.path(), *model, *m);
+      save_adapter_as("peft", dir.path(), *model, {m.get()});
       CHECK(peft::is_adapter(dir.path(), name == "ia3"             ? "IA3"
                                          : name == "prefix_tuning" ? "PREFIX_TUNING"
                                                                    : "PROMPT_TUNING"));

@@ -28,10 +28,11 @@ void save_adapter(const std::filesystem::path& dir, const Model& model,
 /// and the fix.
 std::vector<std::unique_ptr<Method>> load_adapter(const std::filesystem::path& dir, Model& model);
 
-/// Writes one attached method in a foreign format registered by its plugin ("peft", "gguf").
-/// An unknown format is an error listing the formats that method has.
+/// Writes an adapter's attached methods in a format: "graft", or a foreign one ("peft", "gguf")
+/// registered by the plugin of one of them, which writes the others where the format has a
+/// place for them. A format none of the methods has is an error listing the formats they have.
 void save_adapter_as(const std::string& format, const std::filesystem::path& path,
-                     const Model& model, Method& method);
+                     const Model& model, const std::vector<Method*>& methods);
 
 /// Converts JSON (a method's saved config) into Params whose errors name `file` and `path`.
 Params params_from_json(const nlohmann::json& j, const std::string& file, const std::string& path);

@@ -133,11 +133,15 @@ struct AdapterFormat {
   std::string method;  ///< the method whose adapters it holds
   /// Whether `path` (a folder or file) holds an adapter of this format for this method.
   std::function<bool(const std::filesystem::path&)> detect;
-  /// Builds the method from the files, attaches it to `model` and loads its state; empty when
-  /// the format is write-only.
-  std::function<std::unique_ptr<Method>(const std::filesystem::path&, Model&)> read;
-  /// Writes an attached method (made by this plugin) in this format; empty when read-only.
-  std::function<void(Method&, const Model&, const std::filesystem::path&)> write;
+  /// Builds the method from the files, attaches it to `model` and loads its state; the files may
+  /// hold more than the method (peft keeps whole modules and biases beside it), which come back
+  /// as further methods, attached and loaded. Empty when the format is write-only.
+  std::function<std::vector<std::unique_ptr<Method>>(const std::filesystem::path&, Model&)> read;
+  /// Writes methods[0] (an attached method made by this plugin) in this format, together with
+  /// the other methods of the adapter where the format has a place for them (peft's
+  /// modules_to_save); one it has no place for is an error. Empty when read-only.
+  std::function<void(const std::vector<Method*>&, const Model&, const std::filesystem::path&)>
+      write;
 };
 
 /// Plugins register their methods (and the foreign formats they read and write) here.

@@ -180,6 +180,10 @@ class Model : public torch::nn::Module {
   /// The linear projection points, in layer order, the head last.
   static const std::vector<std::string>& linear_points();
 
+  /// The longest key/value prefix any layer's attn.kv site adds: the real tokens' positions
+  /// start after it (transformers numbers tokens after the cached prefix).
+  std::int64_t prefix_length() const;
+
   /// The tokenizer the checkpoint carried (set by load_model), or nullptr: for methods that
   /// initialise from text (soft prompts).
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }
@@ -194,9 +198,6 @@ class Model : public torch::nn::Module {
   /// Connects every linear site to the graft::Linear module at the same path. Families call it
   /// at the end of their constructor.
   void connect_sites();
-  /// The longest key/value prefix any layer's attn.kv site adds: the real tokens' positions
-  /// start after it (transformers numbers tokens after the cached prefix).
-  std::int64_t prefix_length() const;
   ModelConfig config_;
 
  private:

@@ -14,6 +14,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 namespace graft::peft {
 
@@ -55,5 +56,35 @@ std::string tensors_path(const std::filesystem::path& dir);
 /// Writes both files into `dir` (created if needed), each atomically.
 void write_adapter(const std::filesystem::path& dir, const nlohmann::json& config,
                    const io::TensorMap& tensors);
+
+/// Checks adapter_config.json: every key is one the reader handles (`handled`), one that does not
+/// change what a loaded adapter computes (names and paths, initialisation, dropout, the target
+/// lists that the tensors themselves answer), or holds a neutral value (null, false, an empty
+/// list or object). Any other key changes the computation in a way graft does not implement: an
+/// error naming the key, its value and the file.
+void check_config(const nlohmann::json& config, const std::string& source,
+                  const std::vector<std::string>& handled);
+
+/// The tensors peft saves beside a method's own: copies of whole modules (modules_to_save, named
+/// "base_model.model.classifier.weight", or "base_model.classifier.weight" by the prompt-learning
+/// methods) and trained biases (bias "all" or "lora_only", "<module>.base_layer.bias" on the
+/// layers a method wraps). Given the tensors a method's reader did not take, returns them as the
+/// model's parameters (graft names, graft layouts); a tensor that is no parameter of this model
+/// is an error naming it and `source`.
+io::TensorMap base_parameters(const io::TensorMap& rest, const Model& model,
+                              const std::string& source);
+
+/// The other direction, for writers: whole base parameters a method trains in place (graft names)
+/// as peft stores them. Every parameter of a module (weight and bias) makes the module one of
+/// modules_to_save; biases alone are bias "all" when they are every bias of the model, or
+/// "lora_only" when they are exactly those of `wrapped` (the peft module paths the method
+/// adapts). Anything else has no place in peft's format: an error saying so.
+struct SavedModules {
+  io::TensorMap tensors;                     ///< peft tensor names
+  std::vector<std::string> modules_to_save;  ///< module paths, as peft matches them
+  std::string bias = "none";                 ///< "none", "all" or "lora_only"
+};
+SavedModules saved_modules(const io::TensorMap& parameters, const Model& model,
+                           const std::vector<std::string>& wrapped, bool prompt_learning);
 
 }  // namespace graft::peft

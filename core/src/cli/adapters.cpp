@@ -69,10 +69,9 @@ int run_export_adapter(const Args& args) {
   set_threads(vm["threads"].as<int>());
   auto loaded = load_model(vm["model"].as<std::string>());
   auto methods = apply_adapters(vm, *loaded.model);
-  if (methods.size() != 1)
-    throw UsageError("--adapter: export one method at a time (this adapter holds " +
-                     std::to_string(methods.size()) + ")");
-  save_adapter_as(vm["format"].as<std::string>(), out, *loaded.model, *methods[0]);
+  std::vector<Method*> all;
+  for (auto& m : methods) all.push_back(m.get());
+  save_adapter_as(vm["format"].as<std::string>(), out, *loaded.model, all);
   std::cout << "wrote " << out << " (" << vm["format"].as<std::string>() << ")\n";
   return 0;
 }

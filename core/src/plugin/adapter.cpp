@@ -6,7 +6,9 @@
 #include <graft/version.h>
 
 #include <nlohmann/json.hpp>
+#include <set>
 
+#include "models/families.h"
 #include "util/file.h"
 
 namespace graft {
@@ -50,22 +52,32 @@ bool is_graft_adapter(const fs::path& dir) {
 }  // namespace
 
 void save_adapter_as(const std::string& format, const fs::path& path, const Model& model,
-                     Method& method) {
+                     const std::vector<Method*>& methods) {
   if (format == "graft") {
-    save_adapter(path, model, {&method});
+    save_adapter(path, model, methods);
     return;
   }
-  std::string known = "graft";
-  for (const auto& f : adapter_formats()) {
-    if (f.method != method.name() || !f.write) continue;
-    if (f.name == format) {
-      f.write(method, model, path);
-      return;
+  std::set<std::string> known = {"graft"};
+  std::string names;
+  for (auto* method : methods) {
+    names += (names.empty() ? "" : " + ") + method->name();
+    for (const auto& f : adapter_formats()) {
+      if (f.method != method->name() || !f.write) continue;
+      if (f.name == format) {
+        // The format's own method first, the others in their order.
+        std::vector<Method*> ordered = {method};
+        for (auto* other : methods)
+          if (other != method) ordered.push_back(other);
+        f.write(ordered, model, path);
+        return;
+      }
+      known.insert(f.name);
     }
-    known += ", " + f.name;
   }
-  throw Error(method.name() + ": cannot write the \"" + format +
-              "\" adapter format (it writes: " + known + ")");
+  std::string list;
+  for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
+  throw Error(names + ": cannot write the \"" + format + "\" adapter format (formats: " + list +
+              ")");
 }
 
 Params params_from_json(const json& j, const std::string& file, const std::string& path) {
@@ -110,11 +122,7 @@ std::vector<std::unique_ptr<Method>> load_adapter(const fs::path& dir, Model& mo
   const std::string where = cfg_path.string();
   if (!is_graft_adapter(dir)) {
     for (const auto& f : adapter_formats())
-      if (f.read && f.detect && f.detect(dir)) {
-        std::vector<std::unique_ptr<Method>> out;
-        out.push_back(f.read(dir, model));
-        return out;
-      }
+      if (f.read && f.detect && f.detect(dir)) return f.read(dir, model);
   }
   if (!fs::exists(cfg_path))
     throw FileError(dir.string(),
@@ -257,6 +265,174 @@ bool is_adapter(const fs::path& dir, const std::string& peft_type) {
   } catch (const Error&) {
     return false;
   }
+}
+
+void check_config(const nlohmann::json& cfg, const std::string& source,
+                  const std::vector<std::string>& handled) {
+  // Keys that say where an adapter came from or how it was initialised and trained, and target
+  // lists that the saved tensors answer by themselves.
+  static const std::set<std::string> descriptive = {"peft_type",
+                                                    "task_type",
+                                                    "base_model_name_or_path",
+                                                    "revision",
+                                                    "inference_mode",
+                                                    "auto_mapping",
+                                                    "target_modules",
+                                                    "exclude_modules",
+                                                    "layers_to_transform",
+                                                    "layers_pattern",
+                                                    "modules_to_save",
+                                                    "bias",
+                                                    "init_lora_weights",
+                                                    "init_ia3_weights",
+                                                    "init_weights",
+                                                    "lora_dropout",
+                                                    "module_dropout",
+                                                    "rank_dropout",
+                                                    "rank_dropout_scale",
+                                                    "megatron_core",
+                                                    "eva_config",
+                                                    "fan_in_fan_out",
+                                                    "tokenizer_name_or_path",
+                                                    "tokenizer_kwargs",
+                                                    "prompt_tuning_init",
+                                                    "prompt_tuning_init_text",
+                                                    "runtime_config"};
+  if (!cfg.is_object()) throw FileError(source, "expected a JSON object");
+  for (const auto& [key, value] : cfg.items()) {
+    if (descriptive.count(key) || std::find(handled.begin(), handled.end(), key) != handled.end())
+      continue;
+    const bool neutral = value.is_null() || (value.is_boolean() && !value.get<bool>()) ||
+                         ((value.is_array() || value.is_object()) && value.empty());
+    if (!neutral)
+      throw FileError(source, "\"" + key + "\": " + value.dump() +
+                                  " changes what the adapter computes, and graft does not "
+                                  "implement it");
+  }
+}
+
+io::TensorMap base_parameters(const io::TensorMap& rest, const Model& model,
+                              const std::string& source) {
+  if (rest.empty()) return {};
+  // peft's names, back to the checkpoint's: without its prefixes and without the ".base_layer"
+  // of the layers a method wraps.
+  io::TensorMap checkpoint;
+  for (const auto& [key, t] : rest) {
+    // bias "all" also sweeps up the inner copies of a modules_to_save wrapper
+    // ("classifier.modules_to_save.bias", "classifier.original_module.bias"); peft ignores them
+    // on load, and the plain "classifier.bias" beside them is the one in use.
+    bool inner_copy = false;
+    for (const std::string inner : {".modules_to_save.", ".original_module."})
+      if (auto at = key.find(inner); at != std::string::npos) {
+        if (!rest.count(key.substr(0, at) + "." + key.substr(at + inner.size())))
+          throw FileError(source, "holds '" + key + "' without the module's own '" +
+                                      key.substr(0, at) + "." + key.substr(at + inner.size()) +
+                                      "'");
+        inner_copy = true;
+      }
+    if (inner_copy) continue;
+    std::string name = key;
+    for (const std::string& prefix : {kPrefix, std::string("base_model.")})
+      if (name.rfind(prefix, 0) == 0) {
+        name = name.substr(prefix.size());
+        break;
+      }
+    const std::string wrapped = ".base_layer.";
+    if (auto at = name.find(wrapped); at != std::string::npos)
+      name.replace(at, wrapped.size(), ".");
+    if (!checkpoint.emplace(name, t).second)
+      throw FileError(source, "holds the parameter '" + name + "' twice");
+  }
+  const auto& c = model.config();
+  io::TensorMap out;
+  try {
+    out = models::from_hf(c, checkpoint);
+  } catch (const FileError&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw FileError(source, e.what());
+  }
+  const auto params = model.named_parameters(true);
+  for (auto& [name, t] : out) {
+    if (!params.contains(name))
+      throw FileError(
+          source, "replaces '" + name + "', which is no parameter of this " + c.family + " model" +
+                      (name == "head.weight" ? " (its head is tied to the embedding)" : ""));
+    if (t.sizes() != params[name].sizes())
+      throw FileError(source, "'" + name + "' has shape " + c10::str(t.sizes()) +
+                                  ", but this model's is " + c10::str(params[name].sizes()));
+    const bool q = name.find(".attn.q.") != std::string::npos;
+    if (q || name.find(".attn.k.") != std::string::npos)
+      t = permute_rope_rows(t, q ? c.num_heads : c.num_kv_heads, RopeStyle::half_split,
+                            c.rope_style);
+  }
+  return out;
+}
+
+SavedModules saved_modules(const io::TensorMap& parameters, const Model& model,
+                           const std::vector<std::string>& wrapped, bool prompt_learning) {
+  SavedModules out;
+  if (parameters.empty()) return out;
+  const auto& c = model.config();
+  io::TensorMap base;
+  for (const auto& p : model.named_parameters(true)) base[p.key()] = p.value();
+  // Both sides in the checkpoint's names: the model's own, and what is to be saved.
+  io::TensorMap all, saved;
+  try {
+    all = models::to_hf(c, base);
+    saved = models::to_hf(c, parameters);
+  } catch (const std::out_of_range&) {
+    throw Error(
+        "peft format: gpt2 keeps q, k and v in one module (c_attn); train all three or "
+        "none of them in place");
+  }
+  auto ends_with = [](const std::string& s, const std::string& suffix) {
+    return s.size() > suffix.size() &&
+           s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  const std::string prefix = prompt_learning ? "base_model." : kPrefix;
+  std::set<std::string> alone;  // biases saved without their module's weight
+  for (const auto& [name, t] : saved) {
+    if (ends_with(name, ".bias") && !saved.count(name.substr(0, name.size() - 5) + ".weight")) {
+      alone.insert(name.substr(0, name.size() - 5));
+      continue;
+    }
+    const auto module = ends_with(name, ".weight") ? name.substr(0, name.size() - 7) : name;
+    if (ends_with(name, ".weight") && all.count(module + ".bias") && !saved.count(module + ".bias"))
+      throw Error("peft format: modules_to_save keeps whole modules, but only the weight of '" +
+                  module + "' is trained (train its bias too)");
+    if (!ends_with(name, ".weight") && !ends_with(name, ".bias"))
+      throw Error("peft format: '" + name + "' is not a module's weight or bias");
+    out.tensors[prefix + name] = t.detach().contiguous();
+    if (std::find(out.modules_to_save.begin(), out.modules_to_save.end(), module) ==
+            out.modules_to_save.end() &&
+        ends_with(name, ".weight"))
+      out.modules_to_save.push_back(module);
+  }
+  if (alone.empty()) return out;
+  if (prompt_learning)
+    throw Error("peft format: the prompt-learning methods save no trained biases");
+  std::set<std::string> every_bias, wrapped_biases;
+  for (const auto& [name, t] : all)
+    if (ends_with(name, ".bias")) every_bias.insert(name.substr(0, name.size() - 5));
+  for (const auto& w : wrapped)
+    if (every_bias.count(w)) wrapped_biases.insert(w);
+  std::set<std::string> trained = alone;
+  for (const auto& m : out.modules_to_save)
+    if (every_bias.count(m)) trained.insert(m);
+  if (trained == every_bias)
+    out.bias = "all";
+  else if (alone == wrapped_biases)
+    out.bias = "lora_only";
+  else
+    throw Error(
+        "peft format: its bias setting trains every bias of the model (\"all\") or "
+        "those of the adapted layers (\"lora_only\"); these trained biases are neither");
+  const std::set<std::string> wrapped_set(wrapped.begin(), wrapped.end());
+  for (const auto& module : alone)
+    out.tensors[prefix + module + (wrapped_set.count(module) ? ".base_layer.bias" : ".bias")] =
+        saved.at(module + ".bias").detach().contiguous();
+  return out;
 }
 
 void write_adapter(const fs::path& dir, const nlohmann::json& config,

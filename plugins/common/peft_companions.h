@@ -1,0 +1,58 @@
+// What the peft readers and writers of every plugin share: the whole modules and biases that
+// peft saves beside a method (modules_to_save, bias "all" / "lora_only") become, in graft, a
+// layer_select method holding those parameters, and go back into peft's files from one.
+#pragma once
+
+#include <graft/peft.h>
+#include <graft/plugin.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace graft::plugins::peft_companions {
+
+/// The method graft holds peft's module copies and trained biases with.
+inline const std::string kMethod = "layer_select";
+
+/// Adds to `methods` a layer_select holding `tensors` (the tensors of a peft adapter that its
+/// method's reader did not take), attached to `model` with their values loaded; nothing when
+/// there are none. Errors name `source`.
+inline void read(const io::TensorMap& tensors, Model& model, const std::string& source,
+                 std::vector<std::unique_ptr<Method>>& methods) {
+  const auto parameters = peft::base_parameters(tensors, model, source);
+  if (parameters.empty()) return;
+  const Source where{source, 0, 0};
+  auto settings = Params::map("", where);
+  auto names = Params::list("parameters", where);
+  for (const auto& [name, t] : parameters) names.add(Params::scalar(name, "parameters", where));
+  settings.set("parameters", names);
+  std::unique_ptr<Method> method;
+  try {
+    method = make_method(kMethod, settings);
+  } catch (const Error& e) {
+    throw FileError(source, std::string("holds whole modules or biases (modules_to_save, bias), "
+                                        "which graft loads with the ") +
+                                kMethod + " plugin: " + e.what());
+  }
+  method->attach(model);
+  method->load_state(parameters, source);
+  methods.push_back(std::move(method));
+}
+
+/// The companions of a method being written in peft's format (methods[1..]) as peft saves them.
+/// Only whole base parameters trained in place have a place there; `wrapped` are the peft module
+/// paths the method adapts (for bias "lora_only").
+inline peft::SavedModules write(const std::vector<Method*>& methods, const Model& model,
+                                const std::vector<std::string>& wrapped, bool prompt_learning) {
+  io::TensorMap parameters;
+  for (std::size_t i = 1; i < methods.size(); ++i) {
+    if (methods[i]->name() != kMethod)
+      throw Error("peft format: an adapter of " + methods[0]->name() + " has no place for " +
+                  methods[i]->name() + " (peft keeps one method, with whole modules and biases)");
+    for (const auto& [name, t] : methods[i]->state()) parameters[name] = t;
+  }
+  return peft::saved_modules(parameters, model, wrapped, prompt_learning);
+}
+
+}  // namespace graft::plugins::peft_companions
