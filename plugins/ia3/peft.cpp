@@ -9,7 +9,7 @@
 #include <map>
 #include <set>
 
-#include "../common/peft_companions.h"
+#include "../common/peft_shared.h"
 #include "ia3.h"
 
 namespace graft::plugins::ia3 {
@@ -69,7 +69,7 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
   for (const auto& key : taken) tensors.erase(key);
   std::vector<std::unique_ptr<Method>> methods;
   methods.push_back(std::move(method));
-  peft_companions::read(tensors, model, where, methods);
+  peft_shared::read(tensors, model, where, methods);
   return methods;
 }
 
@@ -96,7 +96,7 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
       out[key] = v.view({-1, 1}).contiguous();
     }
   }
-  const auto saved = peft_companions::write(
+  const auto saved = peft_shared::write(
       methods, model, std::vector<std::string>(targets.begin(), targets.end()), false);
   if (saved.bias != "none")
     throw Error(

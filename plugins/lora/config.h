@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include "../common/site_patterns.h"
+
 namespace graft::plugins::lora {
 
 struct LoraConfig {
@@ -20,9 +22,8 @@ struct LoraConfig {
   bool dora = false;             ///< weight-decomposed LoRA: a learned magnitude per output
   bool gating = false;  ///< UniPELT: scale the delta by sigmoid(Linear(in, 1)(x)), averaged
   Selection selection;  ///< default targets attn.q and attn.v
-  /// Per-site overrides: a site point or a glob over site names -> rank / alpha.
-  std::vector<std::pair<std::string, std::int64_t>> rank_pattern;
-  std::vector<std::pair<std::string, double>> alpha_pattern;
+  SitePatterns<std::int64_t> rank_pattern;  ///< per-site ranks
+  SitePatterns<double> alpha_pattern;       ///< per-site alphas
 
   static LoraConfig from_params(const Params& p);
   nlohmann::json to_json() const;

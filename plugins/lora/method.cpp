@@ -26,22 +26,8 @@ LoraConfig LoraConfig::from_params(const Params& p) {
   c.gating = p.get_bool("gating", c.gating);
   if (c.dora && c.gating) p.at("gating").fail("gating does not combine with dora; use one");
   c.selection = Selection::from_params(p, {"attn.q", "attn.v"});
-  auto patterns = [&](const char* key, auto read, auto& out) {
-    if (!p.has(key)) return;
-    const auto& m = p.at(key);
-    if (m.kind() != Params::Kind::map) m.fail("expected a map of site pattern to value");
-    for (const auto& [pattern, v] : m.entries()) out.emplace_back(pattern, read(v));
-  };
-  patterns(
-      "rank_pattern", [](const Params& v) { return v.as_positive_int(); }, c.rank_pattern);
-  patterns(
-      "alpha_pattern",
-      [](const Params& v) {
-        auto a = v.as_double();
-        if (a <= 0) v.fail("expected a positive number, got \"" + v.text() + "\"");
-        return a;
-      },
-      c.alpha_pattern);
+  c.rank_pattern = SitePatterns<std::int64_t>::read(p, "rank_pattern", positive_int);
+  c.alpha_pattern = SitePatterns<double>::read(p, "alpha_pattern", positive_number);
   return c;
 }
 
@@ -49,28 +35,13 @@ nlohmann::json LoraConfig::to_json() const {
   nlohmann::json j = {{"r", r},       {"alpha", alpha}, {"rslora", rslora}, {"dropout", dropout},
                       {"init", init}, {"dora", dora},   {"gating", gating}};
   j.update(selection.to_json());
-  if (!rank_pattern.empty()) {
-    j["rank_pattern"] = nlohmann::json::object();
-    for (const auto& [k, v] : rank_pattern) j["rank_pattern"][k] = v;
-  }
-  if (!alpha_pattern.empty()) {
-    j["alpha_pattern"] = nlohmann::json::object();
-    for (const auto& [k, v] : alpha_pattern) j["alpha_pattern"][k] = v;
-  }
+  rank_pattern.write(j, "rank_pattern");
+  alpha_pattern.write(j, "alpha_pattern");
   return j;
 }
 
 std::pair<std::int64_t, double> LoraConfig::rank_alpha(const Site& site) const {
-  auto matches = [&](const std::string& pattern) {
-    return pattern == site.point || glob_match(pattern, site.name);
-  };
-  std::int64_t rank = r;
-  double a = alpha;
-  for (const auto& [pattern, v] : rank_pattern)
-    if (matches(pattern)) rank = v;
-  for (const auto& [pattern, v] : alpha_pattern)
-    if (matches(pattern)) a = v;
-  return {rank, a};
+  return {rank_pattern.at(site, r), alpha_pattern.at(site, alpha)};
 }
 
 void Lora::attach(Model& model) {

@@ -19,7 +19,7 @@
 #include <set>
 #include <sstream>
 
-#include "../common/peft_companions.h"
+#include "../common/peft_shared.h"
 #include "layer.h"
 #include "lora.h"
 
@@ -27,34 +27,8 @@ namespace graft::plugins::lora {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-namespace {
-
 using peft::kPrefix;
 using peft::short_name;
-
-// peft matches rank_pattern/alpha_pattern keys as regular expressions anchored at the end of the
-// module name after a dot; graft supports keys that are plain module names or name suffixes.
-template <typename T>
-bool pattern_value(const json& patterns, const std::string& module, T* out) {
-  if (!patterns.is_object()) return false;
-  for (const auto& [key, v] : patterns.items())
-    if (module == key || (module.size() > key.size() &&
-                          module.compare(module.size() - key.size(), key.size(), key) == 0 &&
-                          module[module.size() - key.size() - 1] == '.')) {
-      *out = v.template get<T>();
-      return true;
-    }
-  return false;
-}
-
-std::string fmt(double v) {
-  std::ostringstream os;
-  os.precision(17);
-  os << v;
-  return os.str();
-}
-
-}  // namespace
 
 bool detect_peft(const fs::path& dir) { return peft::is_adapter(dir, "LORA"); }
 
@@ -74,17 +48,13 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
   const bool dora = cfg.value("use_dora", false);
   const double base_alpha = cfg.value("lora_alpha", 8.0);
   const auto base_r = cfg.value("r", 8);
-  auto settings = Params::map("", Source{cfg_path, 0, 0});
-  auto scalar = [&](const std::string& key, const std::string& v) {
-    return Params::scalar(v, key, Source{cfg_path, 0, 0});
-  };
-  settings.set("r", scalar("r", std::to_string(base_r)));
-  settings.set("alpha", scalar("lora_alpha", fmt(base_alpha)));
-  settings.set("rslora", scalar("use_rslora", rslora ? "true" : "false"));
-  settings.set("dora", scalar("use_dora", dora ? "true" : "false"));
-  auto targets = Params::list("target_modules", Source{cfg_path, 0, 0});
-  auto ranks = Params::map("rank_pattern", Source{cfg_path, 0, 0});
-  auto alphas = Params::map("alpha_pattern", Source{cfg_path, 0, 0});
+  peft_shared::Settings settings(cfg_path);
+  settings.set("r", std::int64_t{base_r}, "r");
+  settings.set("alpha", base_alpha, "lora_alpha");
+  settings.set("rslora", rslora, "use_rslora");
+  settings.set("dora", dora, "use_dora");
+  std::vector<std::string> targets;
+  auto ranks = settings.map("rank_pattern"), alphas = settings.map("alpha_pattern");
   io::TensorMap state;
   std::vector<std::string> taken;
   const std::string suffix_a = ".lora_A.weight";
@@ -114,7 +84,7 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
                       "use_dora is set but '" + prefix + "' has no lora_magnitude_vector");
     const auto r = a.size(0);
     double alpha = base_alpha;
-    pattern_value(cfg.value("alpha_pattern", json::object()), module, &alpha);
+    if (auto* v = peft::pattern_value(cfg, "alpha_pattern", module)) alpha = v->get<double>();
     for (const auto& [site, where] : it->second) {
       const auto rows = where.rows ? where.rows : b.size(0);
       if (b.dim() != 2 || b.size(1) != r || where.row0 + rows > b.size(0) ||
@@ -124,9 +94,9 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
                                           " do not fit site " + site.name + " (" +
                                           std::to_string(site.in_features) + " -> " +
                                           std::to_string(site.out_features) + ")");
-      targets.add(scalar("target_modules", site.name));
-      ranks.set(site.name, scalar("rank_pattern", std::to_string(r)));
-      alphas.set(site.name, scalar("alpha_pattern", fmt(alpha)));
+      targets.push_back(site.name);
+      ranks.set(site.name, settings.scalar(std::to_string(r), "rank_pattern"));
+      alphas.set(site.name, settings.scalar(alpha, "alpha_pattern"));
       // peft's rows are in transformers' q/k order, which graft runs loaded models in too.
       auto rows_of = [&](const at::Tensor& t) {
         auto part = t.narrow(0, where.row0, rows);
@@ -140,17 +110,17 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
       if (dora) state[site.name + ".lora_magnitude"] = rows_of(magnitude);
     }
   }
-  if (targets.items().empty()) throw FileError(tensors_path, "holds no lora_A tensors");
-  settings.set("targets", targets);
+  if (targets.empty()) throw FileError(tensors_path, "holds no lora_A tensors");
+  settings.set_list("targets", targets, "target_modules");
   settings.set("rank_pattern", ranks);
   settings.set("alpha_pattern", alphas);
-  auto method = std::make_unique<Lora>(LoraConfig::from_params(settings));
+  auto method = std::make_unique<Lora>(LoraConfig::from_params(settings.params()));
   method->attach(model);
   method->load_state(state, tensors_path);
   for (const auto& key : taken) tensors.erase(key);
   std::vector<std::unique_ptr<Method>> methods;
   methods.push_back(std::move(method));
-  peft_companions::read(tensors, model, tensors_path, methods);
+  peft_shared::read(tensors, model, tensors_path, methods);
   return methods;
 }
 
@@ -220,7 +190,7 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
     alpha_pattern[path] =
         s.rslora ? std::sqrt(static_cast<double>(rank)) : static_cast<double>(rank);
   }
-  const auto saved = peft_companions::write(methods, model, wrapped, false);
+  const auto saved = peft_shared::write(methods, model, wrapped, false);
   out.insert(saved.tensors.begin(), saved.tensors.end());
   json cfg = {
       {"peft_type", "LORA"},

@@ -10,7 +10,7 @@
 #include <graft/plugin.h>
 #include <torch/torch.h>
 
-#include "../common/peft_companions.h"
+#include "../common/peft_shared.h"
 
 namespace graft::plugins::prefix_tuning {
 namespace {
@@ -219,7 +219,7 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
   tensors.erase(it);
   std::vector<std::unique_ptr<Method>> methods;
   methods.push_back(std::move(method));
-  peft_companions::read(tensors, model, where, methods);
+  peft_shared::read(tensors, model, where, methods);
   return methods;
 }
 
@@ -230,7 +230,7 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
     throw Error("peft format: prefix_tuning with gating (UniPELT) has no peft equivalent");
   const auto& c = model.config();
   const auto flat = prefix->state().at("prefix").detach().to(torch::kFloat).contiguous();
-  auto saved = peft_companions::write(methods, model, {}, true);
+  auto saved = peft_shared::write(methods, model, {}, true);
   saved.tensors["prompt_embeddings"] = flat;
   // Saved flat, the MLP is gone: prefix_projection false, as peft's own saved adapters read.
   nlohmann::json cfg = {

@@ -8,7 +8,7 @@
 #include <graft/plugin.h>
 #include <torch/torch.h>
 
-#include "../common/peft_companions.h"
+#include "../common/peft_shared.h"
 
 namespace graft::plugins::prompt_tuning {
 namespace {
@@ -120,7 +120,7 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
   tensors.erase(it);
   std::vector<std::unique_ptr<Method>> methods;
   methods.push_back(std::move(method));
-  peft_companions::read(tensors, model, where, methods);
+  peft_shared::read(tensors, model, where, methods);
   return methods;
 }
 
@@ -139,7 +139,7 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
                         {"inference_mode", true},
                         {"base_model_name_or_path", nullptr},
                         {"revision", nullptr}};
-  auto saved = peft_companions::write(methods, model, {}, true);
+  auto saved = peft_shared::write(methods, model, {}, true);
   if (!saved.modules_to_save.empty()) cfg["modules_to_save"] = saved.modules_to_save;
   saved.tensors["prompt_embeddings"] = prompt;
   peft::write_adapter(dir, cfg, saved.tensors);

@@ -40,7 +40,7 @@ inline void load_test_plugins() {
   for (const auto& r : registered_methods()) names.insert(r.info.name);
   for (const char* name : {"lora", "full", "bitfit", "ia3", "bottleneck", "pfeiffer", "houlsby",
                            "parallel", "compacter", "compacter++", "prompt_tuning", "prefix_tuning",
-                           "quantize", "krona", "intrinsic_said", "layer_select", "sparse"})
+                           "quantize", "krona", "intrinsic_said", "layer_select", "sparse", "loha"})
     REQUIRE_MESSAGE(names.count(name),
                     "the " << name << " plugin was not found on the plugin path");
 }

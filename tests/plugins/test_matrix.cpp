@@ -56,6 +56,12 @@ bool is_linear_not_head(const Site& s) {
   return Model::is_linear_point(s.point) && s.point != "head";
 }
 bool has_bias(const ModelConfig& c) { return c.family != "llama"; }
+// The largest divisor of n not above its square root.
+std::int64_t root_divisor(std::int64_t n) {
+  auto f = static_cast<std::int64_t>(std::sqrt(static_cast<double>(n)));
+  while (n % f) --f;
+  return f;
+}
 
 std::vector<Case> cases() {
   return {
@@ -181,15 +187,38 @@ std::vector<Case> cases() {
       {"krona on all-linear",
        {{"krona", params({{"targets", "[all-linear]"}})}},
        [](const ModelConfig& c) {
-         auto root = [](std::int64_t n) {
-           auto f = static_cast<std::int64_t>(std::sqrt(double(n)));
-           while (n % f) --f;
-           return f;
-         };
          return over_sites(c, is_linear_not_head, [&](const Site& s) {
-           const auto a1 = root(s.out_features), a2 = root(s.in_features);
+           const auto a1 = root_divisor(s.out_features), a2 = root_divisor(s.in_features);
            return a1 * a2 + (s.out_features / a1) * (s.in_features / a2);
          });
+       },
+       true,
+       true},
+      // krona as peft's LoKr: each factor a rank-r product where r is below half its larger
+      // side (both factors with decompose_both), else full.
+      {"krona as LoKr, r 1, decompose_both",
+       {{"krona", params({{"r", "1"}, {"decompose_both", "true"}, {"targets", "[all-linear]"}})}},
+       [](const ModelConfig& c) {
+         auto factor = [](std::int64_t rows, std::int64_t cols) {
+           return 2 * 1 < std::max(rows, cols) ? rows + cols : rows * cols;
+         };
+         return over_sites(c, is_linear_not_head, [&](const Site& s) {
+           const auto a1 = root_divisor(s.out_features), a2 = root_divisor(s.in_features);
+           return factor(a1, a2) + factor(s.out_features / a1, s.in_features / a2);
+         });
+       },
+       true,
+       true},
+      // loha: W1a, W2a [out, r] and W1b, W2b [r, in] per site.
+      {"loha r 2 on attn.q, attn.v and ffn.down",
+       {{"loha", params({{"r", "2"}, {"targets", "[attn.q, attn.v, ffn.down]"}})}},
+       [](const ModelConfig& c) {
+         return over_sites(
+             c,
+             [](const Site& s) {
+               return s.point == "attn.q" || s.point == "attn.v" || s.point == "ffn.down";
+             },
+             [](const Site& s) { return 2 * 2 * (s.out_features + s.in_features); });
        },
        true,
        true},

@@ -37,6 +37,12 @@ ModuleIndex index_modules(const Model& model);
 /// not end with `suffix`.
 std::string module_of_tensor(const std::string& name, const std::string& suffix);
 
+/// The value that the pattern map `key` (rank_pattern, alpha_pattern) of adapter_config.json
+/// `config` gives a module path: the first entry that is the path or a dot-separated suffix of
+/// it; nullptr when none is (or the map is absent).
+const nlohmann::json* pattern_value(const nlohmann::json& config, const std::string& key,
+                                    const std::string& module);
+
 /// The module's last name component ("q_proj"), as peft's target_modules lists it.
 std::string short_name(const std::string& module);
 

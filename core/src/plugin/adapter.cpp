@@ -217,6 +217,22 @@ Module module_of(const ModelConfig& c, const Site& site) {
   return {base + "encoder.layer." + L + "." + m.at(p)};
 }
 
+const nlohmann::json* pattern_value(const nlohmann::json& config, const std::string& map,
+                                    const std::string& module) {
+  // peft matches the keys as regular expressions anchored at the end of the module path after a
+  // dot; graft takes keys that are plain paths or path suffixes.
+  if (!config.contains(map) || !config[map].is_object()) return nullptr;
+  const auto& patterns = config[map];
+  for (auto it = patterns.begin(); it != patterns.end(); ++it) {
+    const auto& key = it.key();
+    if (module == key || (module.size() > key.size() &&
+                          module.compare(module.size() - key.size(), key.size(), key) == 0 &&
+                          module[module.size() - key.size() - 1] == '.'))
+      return &*it;
+  }
+  return nullptr;
+}
+
 std::string short_name(const std::string& module) { return module.substr(module.rfind('.') + 1); }
 
 ModuleIndex index_modules(const Model& model) {

@@ -1,16 +1,63 @@
-// What the peft readers and writers of every plugin share: the whole modules and biases that
-// peft saves beside a method (modules_to_save, bias "all" / "lora_only") become, in graft, a
-// layer_select method holding those parameters, and go back into peft's files from one.
+// What the peft readers and writers of every plugin share: settings built from adapter_config.json
+// (errors naming that file), and the whole modules and biases that peft saves beside a method
+// (modules_to_save, bias "all" / "lora_only"), which become, in graft, a layer_select method
+// holding those parameters, and go back into peft's files from one.
 #pragma once
 
 #include <graft/peft.h>
 #include <graft/plugin.h>
 
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
-namespace graft::plugins::peft_companions {
+namespace graft::plugins::peft_shared {
+
+/// A method's settings as a peft reader builds them: every value remembers adapter_config.json.
+class Settings {
+ public:
+  explicit Settings(std::string file) : where_{std::move(file), 0, 0} {
+    params_ = Params::map("", where_);
+  }
+  /// key: value, where `origin` is the adapter_config.json key it came from.
+  void set(const std::string& key, const std::string& value, const std::string& origin) {
+    params_.set(key, scalar(value, origin));
+  }
+  void set(const std::string& key, double value, const std::string& origin) {
+    params_.set(key, scalar(value, origin));
+  }
+  void set(const std::string& key, std::int64_t value, const std::string& origin) {
+    set(key, std::to_string(value), origin);
+  }
+  void set(const std::string& key, bool value, const std::string& origin) {
+    set(key, std::string(value ? "true" : "false"), origin);
+  }
+  /// A list of site names, and a map of site name -> value.
+  void set_list(const std::string& key, const std::vector<std::string>& items,
+                const std::string& origin) {
+    auto list = Params::list(origin, where_);
+    for (const auto& item : items) list.add(scalar(item, origin));
+    params_.set(key, list);
+  }
+  Params map(const std::string& origin) const { return Params::map(origin, where_); }
+  Params scalar(const std::string& value, const std::string& origin) const {
+    return Params::scalar(value, origin, where_);
+  }
+  /// A number written with every digit it has.
+  Params scalar(double value, const std::string& origin) const {
+    std::ostringstream os;
+    os.precision(17);
+    os << value;
+    return scalar(os.str(), origin);
+  }
+  void set(const std::string& key, Params value) { params_.set(key, std::move(value)); }
+  const Params& params() const { return params_; }
+
+ private:
+  Source where_;
+  Params params_;
+};
 
 /// The method graft holds peft's module copies and trained biases with.
 inline const std::string kMethod = "layer_select";
@@ -55,4 +102,4 @@ inline peft::SavedModules write(const std::vector<Method*>& methods, const Model
   return peft::saved_modules(parameters, model, wrapped, prompt_learning);
 }
 
-}  // namespace graft::plugins::peft_companions
+}  // namespace graft::plugins::peft_shared
