@@ -360,6 +360,7 @@ TEST_CASE("the trainable counts the plugin READMEs give for stories260K") {
       {"prompt_tuning", params({}), 640},
       {"prefix_tuning", params({}), 199360},
       {"krona", params({}), 1120},
+      {"loha", params({}), 17920},
       {"intrinsic_said", params({}), 1035},
       {"sparse", params({}), 1125},
       {"quantize", params({}), 0},
