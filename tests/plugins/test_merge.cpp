@@ -187,3 +187,41 @@ TEST_CASE("every mergeable method's merged model saves and loads with its output
     }
   }
 }
+
+TEST_CASE("merging into a head tied to the embedding unties it, in both output formats") {
+  load_plugins();
+  for (const std::string family : {"llama", "gpt2"}) {
+    CAPTURE(family);
+    TempDir dir;
+    auto config = graft::test::tiny_config(family);
+    config.tie_embeddings = true;
+    auto model = make_model(config);
+    init_random(*model, 12, 0.3);
+    model->eval();
+    for (auto& p : model->parameters()) p.set_requires_grad(false);
+    const auto embedding = model->named_parameters()["embed.weight"].clone();
+    auto lora = random_lora(*model, "head");
+    const auto with_adapter = out_of(*model);
+    const auto tolerance = graft::test::forward_tolerance(*model, with_adapter, 5);
+    lora->merge(*model);
+    // The head has its own weight now; the embedding (and so the inputs) did not move.
+    CHECK_FALSE(model->config().tie_embeddings);
+    CHECK(torch::equal(model->named_parameters()["embed.weight"], embedding));
+    GRAFT_CHECK_CLOSE(out_of(*model), with_adapter, tolerance);
+    save_hf_model(*model, dir / "hf");
+    auto hf = load_model((dir / "hf").string());
+    CHECK_FALSE(hf.model->config().tie_embeddings);
+    GRAFT_CHECK_CLOSE(out_of(*hf.model), with_adapter, tolerance);
+    if (family == "llama") {
+      save_gguf_model(*model, dir / "m.gguf");
+      auto gguf = load_model((dir / "m.gguf").string());
+      CHECK_FALSE(gguf.model->config().tie_embeddings);
+      GRAFT_CHECK_CLOSE(out_of(*gguf.model), with_adapter, tolerance);
+    }
+    // Unmerged, the head shares the embedding again.
+    lora->unmerge(*model);
+    CHECK(model->config().tie_embeddings);
+    CHECK(model->linear("head")->tied());
+    GRAFT_CHECK_CLOSE(out_of(*model), with_adapter, tolerance);
+  }
+}

@@ -92,6 +92,7 @@ class HookMethod : public Method {
  private:
   std::vector<std::pair<std::string, std::shared_ptr<Hook>>> hooks_;
   std::vector<at::Tensor> saved_weights_;  // base weights before merging weight transforms
+  std::vector<std::string> untied_;        // sites whose shared weight merging untied
   bool merged_ = false;
 };
 

@@ -95,6 +95,12 @@ class LinearImpl : public torch::nn::Module {
   /// Shares `weight` (e.g. a tied LM head uses the embedding matrix) without registering it as
   /// this module's parameter.
   void tie_weight(const at::Tensor& weight);
+  /// Whether the weight is shared with another module (tie_weight) rather than its own.
+  bool tied() const { return shared_.defined() && weight.is_same(shared_); }
+  /// Gives a tied projection a copy of the shared weight as its own parameter, so that changing
+  /// it leaves the other module alone; retie() shares the other module's weight again.
+  void untie();
+  void retie();
   /// Connects the module to its site's hooks (done by the model when it enumerates its sites).
   void connect(SiteHooks* hooks) { hooks_ = hooks; }
   /// Gives the projection a bias (zeros) where it had none: for methods that train biases.
@@ -107,6 +113,7 @@ class LinearImpl : public torch::nn::Module {
  private:
   at::Tensor hooked(const at::Tensor& x);
   SiteHooks* hooks_ = nullptr;
+  at::Tensor shared_;  // the weight tie_weight() shares, kept through untie()
 };
 TORCH_MODULE(Linear);
 
@@ -174,6 +181,11 @@ class Model : public torch::nn::Module {
   const SiteHooks& hooks(const std::string& site) const;
   /// The graft::Linear at a linear site, or nullptr for other sites.
   LinearImpl* linear(const std::string& site);
+  /// Unties a linear site's weight from the module it shares it with (a head tied to the token
+  /// embedding gets a weight of its own, and the configuration says so), before a method merges
+  /// into one of the two; retie() undoes it. No-ops for a weight that is not shared.
+  void untie(const std::string& site);
+  void retie(const std::string& site);
 
   /// Whether a point is a linear projection (attn.q ... ffn.down, head).
   static bool is_linear_point(const std::string& point);

@@ -54,7 +54,18 @@ void LinearImpl::tie_weight(const at::Tensor& w) {
               w.sizes());
   // The shared matrix stays a parameter of the module that owns it, not of this one.
   if (parameters_.contains("weight")) parameters_.erase("weight");
-  weight = w;
+  weight = shared_ = w;
+}
+
+void LinearImpl::untie() {
+  if (!tied()) return;
+  weight = register_parameter("weight", shared_.detach().clone(), false);
+}
+
+void LinearImpl::retie() {
+  if (!shared_.defined() || tied()) return;
+  parameters_.erase("weight");
+  weight = shared_;
 }
 
 void LinearImpl::add_bias() {
@@ -117,6 +128,20 @@ LinearImpl* Model::linear(const std::string& site) {
   auto modules = named_modules("", false);
   if (!modules.contains(site)) return nullptr;
   return dynamic_cast<LinearImpl*>(modules[site].get());
+}
+
+void Model::untie(const std::string& site) {
+  auto* lin = linear(site);
+  if (!lin || !lin->tied()) return;
+  lin->untie();
+  if (find_site(site)->point == "head") config_.tie_embeddings = false;
+}
+
+void Model::retie(const std::string& site) {
+  auto* lin = linear(site);
+  if (!lin || lin->tied()) return;
+  lin->retie();
+  if (lin->tied() && find_site(site)->point == "head") config_.tie_embeddings = true;
 }
 
 const SiteHooks& Model::hooks(const std::string& site) const {

@@ -104,6 +104,18 @@ void HookMethod::merge(Model& model) {
           "': its base weight is held by a weight transform of another method; merge that method "
           "first");
   }
+  // A weight shared with another module (a head tied to the embedding) gets a copy of its own
+  // first: merging into it must leave the other module as it is.
+  untied_.clear();
+  for (const auto& [site, hook] : hooks_) {
+    auto* lin = model.linear(site);
+    auto delta = std::dynamic_pointer_cast<LinearDelta>(hook);
+    const bool changes_weight = !delta || delta->delta_weight(*lin).defined();
+    if (changes_weight && lin->tied()) {
+      model.untie(site);
+      untied_.push_back(site);
+    }
+  }
   // Weight transforms and scales are undone by restoring the weights saved here; deltas by
   // subtracting them again.
   saved_weights_.clear();
@@ -170,6 +182,8 @@ void HookMethod::unmerge(Model& model) {
   }
   for (auto it = hooks_.rbegin(); it != hooks_.rend(); ++it)
     if (std::dynamic_pointer_cast<WeightTransform>(it->second)) restore(model.linear(it->first));
+  for (const auto& site : untied_) model.retie(site);
+  untied_.clear();
   for (const auto& [site, hook] : hooks_) model.attach(site, hook, name());
   saved_weights_.clear();
   merged_ = false;
