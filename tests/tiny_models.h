@@ -49,6 +49,22 @@ inline std::shared_ptr<Model> tiny_model(const std::string& family, std::uint64_
   return m;
 }
 
+/// A SentencePiece vocabulary of `size` pieces for a tiny model (<unk>, <s>, </s>, then "p3",
+/// "p4", ...), so that it can be written where a tokenizer is required (GGUF files).
+inline std::shared_ptr<Tokenizer> toy_tokenizer(std::int64_t size) {
+  SentencePieceVocab v;
+  for (std::int64_t i = 0; i < size; ++i) {
+    v.pieces.push_back(i == 0   ? "<unk>"
+                       : i == 1 ? "<s>"
+                       : i == 2 ? "</s>"
+                                : "p" + std::to_string(i));
+    v.scores.push_back(0.0f);
+    v.types.push_back(i == 0 ? 2 : i < 3 ? 3 : 1);
+  }
+  v.unk = 0, v.bos = 1, v.eos = 2;
+  return make_sentencepiece_bpe(std::move(v));
+}
+
 /// One forward pass without gradients: the logits, or the hidden states for models without a head.
 inline at::Tensor model_outputs(Model& m, const at::Tensor& ids) {
   torch::NoGradGuard ng;

@@ -32,6 +32,7 @@ std::shared_ptr<Model> llama_with(RopeStyle style, std::uint64_t seed) {
   init_random(*model, seed, 0.3);
   model->eval();
   for (auto& p : model->parameters()) p.set_requires_grad(false);
+  model->set_tokenizer(graft::test::toy_tokenizer(config.vocab_size));
   return model;
 }
 
@@ -199,6 +200,7 @@ TEST_CASE("merging into a head tied to the embedding unties it, in both output f
     init_random(*model, 12, 0.3);
     model->eval();
     for (auto& p : model->parameters()) p.set_requires_grad(false);
+    model->set_tokenizer(graft::test::toy_tokenizer(config.vocab_size));
     const auto embedding = model->named_parameters()["embed.weight"].clone();
     auto lora = random_lora(*model, "head");
     const auto with_adapter = out_of(*model);
@@ -224,4 +226,28 @@ TEST_CASE("merging into a head tied to the embedding unties it, in both output f
     CHECK(model->linear("head")->tied());
     GRAFT_CHECK_CLOSE(out_of(*model), with_adapter, tolerance);
   }
+}
+
+TEST_CASE("a GGUF model carries its tokenizer, or is not written") {
+  TempDir dir;
+  auto model = llama_with(RopeStyle::half_split, 13);
+  save_gguf_model(*model, dir / "m.gguf");
+  auto back = load_model((dir / "m.gguf").string());
+  REQUIRE(back.tokenizer);
+  CHECK(back.tokenizer->vocab_size() == model->config().vocab_size);
+  CHECK(back.tokenizer->token(5) == "p5");
+  CHECK(back.tokenizer->bos_id() == 1);
+  // Without one, nothing is written: llama.cpp loads no model without its tokenizer.
+  model->set_tokenizer(nullptr);
+  CHECK_THROWS_WITH_AS(save_gguf_model(*model, dir / "n.gguf"),
+                       doctest::Contains("carries no tokenizer"), FileError);
+  CHECK_FALSE(std::filesystem::exists(dir / "n.gguf"));
+  // A tokenizer with fewer tokens than embedding rows is padded with unused tokens.
+  model->set_tokenizer(graft::test::toy_tokenizer(model->config().vocab_size - 4));
+  save_gguf_model(*model, dir / "p.gguf");
+  io::GgufFile padded(dir / "p.gguf");
+  const auto tokens = padded.at("tokenizer.ggml.tokens").as_strings("");
+  REQUIRE(static_cast<std::int64_t>(tokens.size()) == model->config().vocab_size);
+  CHECK(tokens.back() == "[PAD" + std::to_string(model->config().vocab_size - 1) + "]");
+  CHECK(padded.at("tokenizer.ggml.token_type").as_ints("").back() == 5);
 }

@@ -251,3 +251,63 @@ TEST_CASE("unsupported tokenizer.json parts are named in the error") {
   CHECK_THROWS_WITH_AS(load_tokenizer_json(dir / "bad.json"), doctest::Contains("malformed JSON"),
                        FileError);
 }
+
+namespace {
+
+// Writes a tokenizer's GGUF keys into a file with no tensors and reads the tokenizer back.
+std::shared_ptr<Tokenizer> through_gguf(const Tokenizer& tok, const std::filesystem::path& file) {
+  io::write_gguf(file, tok.gguf_metadata(), {});
+  return tokenizer_from_gguf(io::GgufFile(file));
+}
+
+void check_same_tokenizer(const Tokenizer& a, const Tokenizer& b) {
+  CHECK(a.vocab_size() == b.vocab_size());
+  CHECK(a.bos_id() == b.bos_id());
+  CHECK(a.eos_id() == b.eos_id());
+  for (const std::string text : {"the the<|endoftext|>", "Once upon a time, there was Lily.",
+                                 "Grüße\n  aus 2024!", "Zebras & café: 42%!"}) {
+    CAPTURE(text);
+    CHECK(a.encode(text) == b.encode(text));
+    CHECK(a.decode(a.encode(text)) == b.decode(b.encode(text)));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("tokenizers written in llama.cpp's GGUF keys read back the same") {
+  TempDir dir;
+  SUBCASE("byte-level BPE from tokenizer.json, as llama.cpp's gpt2 model") {
+    json vocab = json::object();
+    for (int b = 0; b < 256; ++b) vocab[byte_char(b)] = b;
+    vocab["\xC4\xA0t"] = 256;
+    vocab["he"] = 257;
+    vocab["\xC4\xA0the"] = 258;
+    json j = {
+        {"model",
+         {{"type", "BPE"}, {"vocab", vocab}, {"merges", {"\xC4\xA0 t", "h e", "\xC4\xA0t he"}}}},
+        {"added_tokens", {{{"id", 259}, {"content", "<|endoftext|>"}, {"special", true}}}},
+        {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}}},
+        {"decoder", {{"type", "ByteLevel"}}}};
+    write_json(dir / "tokenizer.json", j);
+    auto tok = load_tokenizer_json(dir / "tokenizer.json");
+    auto meta = tok->gguf_metadata();
+    CHECK(meta.front().second.s == "gpt2");
+    check_same_tokenizer(*tok, *through_gguf(*tok, dir / "t.gguf"));
+  }
+  SUBCASE("stories260K's SentencePiece vocabulary") {
+    const auto path = graft::test::shared_dir() / "models/stories260K/stories260K.gguf";
+    GRAFT_SKIP_UNLESS_EXISTS(path);
+    auto tok = tokenizer_from_gguf(io::GgufFile(path));
+    check_same_tokenizer(*tok, *through_gguf(*tok, dir / "s.gguf"));
+  }
+  SUBCASE("vocabularies llama.cpp has no faithful form for are refused, saying why") {
+    json j = {
+        {"model",
+         {{"type", "WordPiece"}, {"vocab", {{"[UNK]", 0}, {"a", 1}}}, {"unk_token", "[UNK]"}}},
+        {"pre_tokenizer", {{"type", "BertPreTokenizer"}}},
+        {"decoder", {{"type", "WordPiece"}}}};
+    write_json(dir / "tokenizer.json", j);
+    CHECK_THROWS_WITH_AS(load_tokenizer_json(dir / "tokenizer.json")->gguf_metadata(),
+                         doctest::Contains("WordPiece tokenizer.json has no faithful form"), Error);
+  }
+}

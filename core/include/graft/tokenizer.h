@@ -3,17 +3,16 @@
 // with byte fallback as in Llama 2; WordPiece as in BERT).
 #pragma once
 
+#include <graft/io/gguf.h>
+
 #include <cstdint>
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace graft {
-
-namespace io {
-class GgufFile;
-}
 
 /// Text <-> token ids. Implementations are immutable after construction and thread-safe.
 class Tokenizer {
@@ -34,6 +33,9 @@ class Tokenizer {
   virtual std::string token(std::int64_t id) const = 0;
   /// The id of a vocabulary entry, or -1.
   virtual std::int64_t id(const std::string& token) const = 0;
+  /// The tokenizer as llama.cpp reads it from a GGUF file (the tokenizer.ggml.* keys), for
+  /// writing models; throws graft::Error saying why when llama.cpp has no faithful form for it.
+  virtual std::vector<std::pair<std::string, io::GgufValue>> gguf_metadata() const;
 
   std::int64_t bos_id() const { return bos_; }  ///< -1 when the vocabulary has none
   std::int64_t eos_id() const { return eos_; }

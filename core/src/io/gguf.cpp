@@ -547,6 +547,12 @@ GgufValue gguf_string(std::string v) {
   g.s = std::move(v);
   return g;
 }
+GgufValue gguf_bool(bool v) {
+  GgufValue g;
+  g.type = GgufType::boolean;
+  g.i = v ? 1 : 0;
+  return g;
+}
 GgufValue gguf_strings(const std::vector<std::string>& v) {
   GgufValue g;
   g.type = GgufType::array;

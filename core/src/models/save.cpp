@@ -22,6 +22,30 @@ io::TensorMap parameters_of(const Model& model) {
   return t;
 }
 
+// llama.cpp takes the number of tokens as the embedding's height. A model with more rows than its
+// tokenizer has tokens (padded for speed, as many are) gets the rest as unused tokens named
+// "[PAD<id>]", as llama.cpp's converter writes them; fewer rows than tokens cannot be written.
+void pad_vocabulary(std::vector<std::pair<std::string, io::GgufValue>>& vocab, std::int64_t rows,
+                    const fs::path& file) {
+  io::GgufValue* tokens = nullptr;
+  for (auto& [k, v] : vocab)
+    if (k == "tokenizer.ggml.tokens") tokens = &v;
+  if (!tokens) return;
+  const auto n = static_cast<std::int64_t>(tokens->array.size());
+  if (n > rows)
+    throw FileError(file.string(), "the tokenizer has " + std::to_string(n) +
+                                       " tokens but the model's embedding only " +
+                                       std::to_string(rows) + " rows");
+  for (auto& [k, v] : vocab) {
+    for (auto id = n; id < rows; ++id) {
+      if (k == "tokenizer.ggml.tokens")
+        v.array.push_back(io::gguf_string("[PAD" + std::to_string(id) + "]"));
+      if (k == "tokenizer.ggml.token_type") v.array.push_back(io::gguf_int(5, v.element_type));
+      if (k == "tokenizer.ggml.scores") v.array.push_back(io::gguf_float(-1e9, v.element_type));
+    }
+  }
+}
+
 void check_empty_target(const fs::path& p) {
   if (fs::exists(p) && !(fs::is_directory(p) && fs::is_empty(p)))
     throw FileError(p.string(), "already exists; choose a new output path");
@@ -75,12 +99,26 @@ void save_gguf_model(const Model& model, const fs::path& file, const fs::path& s
   };
   if (c.sliding_window > 0)
     meta.push_back({arch + ".attention.sliding_window", io::gguf_int(c.sliding_window)});
+  // llama.cpp loads no GGUF model without its tokenizer: the model's own, in llama.cpp's keys.
+  if (!model.tokenizer())
+    throw FileError(file.string(),
+                    "the model carries no tokenizer, and llama.cpp loads no GGUF model without "
+                    "one (merge from a GGUF file or a folder with tokenizer.json)");
+  std::vector<std::pair<std::string, io::GgufValue>> vocab;
+  try {
+    vocab = model.tokenizer()->gguf_metadata();
+  } catch (const FileError&) {
+    throw;
+  } catch (const Error& e) {
+    throw FileError(file.string(), std::string("cannot write the model's tokenizer: ") + e.what());
+  }
+  pad_vocabulary(vocab, c.vocab_size, file);
+  for (auto& kv : vocab) meta.push_back(std::move(kv));
   if (!source.empty() && fs::is_regular_file(source) && source.extension() == ".gguf") {
     io::GgufFile src(source);
     for (const auto& [k, v] : src.metadata())
-      if (k.rfind("tokenizer.", 0) == 0 ||
-          (k.rfind("general.", 0) == 0 && k != "general.architecture" && k != "general.alignment" &&
-           k != "general.file_type"))
+      if (k.rfind("general.", 0) == 0 && k != "general.architecture" && k != "general.alignment" &&
+          k != "general.file_type")
         meta.emplace_back(k, v);
   }
   io::write_gguf(file, meta, tensors);

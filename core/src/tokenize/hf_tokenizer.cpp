@@ -16,6 +16,7 @@
 
 #include "tokenize/pretokenize.h"
 #include "tokenize/utf8.h"
+#include "tokenize/vocab.h"
 #include "util/file.h"
 
 namespace graft {
@@ -193,6 +194,54 @@ class HfTokenizer : public Tokenizer {
     eos_ = eos;
     pad_ = pad;
     unk_ = unk;
+  }
+
+  // llama.cpp reads byte-level BPE from GGUF as its "gpt2" model: the vocabulary, the merges in
+  // rank order and the pre-tokenizer by name. SentencePiece-style and WordPiece vocabularies from
+  // tokenizer.json have no faithful GGUF form (llama.cpp's SentencePiece needs the scores that
+  // tokenizer.json does not keep), and are refused.
+  std::vector<std::pair<std::string, io::GgufValue>> gguf_metadata() const override {
+    if (kind != Kind::bpe || !byte_level)
+      throw Error(std::string("a ") +
+                  (kind == Kind::wordpiece ? "WordPiece" : "SentencePiece-style") +
+                  " tokenizer.json has no faithful form in llama.cpp's GGUF tokenizer keys (its "
+                  "SentencePiece tokenizer needs scores that tokenizer.json does not keep)");
+    const char* pre = split == Split::gpt2     ? "gpt-2"
+                      : split == Split::llama3 ? "llama-bpe"
+                      : split == Split::qwen2  ? "qwen2"
+                                               : nullptr;
+    if (!pre || add_prefix_space)
+      throw Error("this byte-level BPE's pre-tokenisation has no name llama.cpp knows");
+    if (!suffix_ids.empty() || prefix_ids.size() > 1 ||
+        (prefix_ids.size() == 1 && prefix_ids[0] != bos_id()))
+      throw Error(
+          "this tokenizer adds tokens around a sequence in a way llama.cpp's "
+          "add_bos_token cannot say");
+    std::vector<std::int64_t> types(vocab.size(), 1);
+    for (std::size_t i = 0; i < vocab.size(); ++i)
+      if (vocab[i].empty())
+        throw Error("the vocabulary has no token with id " + std::to_string(i) +
+                    ", and GGUF numbers tokens by position");
+    for (const auto& a : added) types[a.id] = a.special ? 3 : 4;
+    // In rank order; a merge listed twice keeps its first rank, as when it was read.
+    std::vector<std::pair<int, std::string>> ordered;
+    for (const auto& [pair, rank] : ranks) {
+      auto m = pair;
+      m[m.find('\x01')] = ' ';
+      ordered.emplace_back(rank, m);
+    }
+    std::sort(ordered.begin(), ordered.end());
+    std::vector<std::string> merges;
+    for (auto& [rank, m] : ordered) merges.push_back(std::move(m));
+    std::vector<std::pair<std::string, io::GgufValue>> m = {
+        {"tokenizer.ggml.model", io::gguf_string("gpt2")},
+        {"tokenizer.ggml.pre", io::gguf_string(pre)},
+        {"tokenizer.ggml.tokens", io::gguf_strings(vocab)},
+        {"tokenizer.ggml.token_type", io::gguf_ints(types)},
+        {"tokenizer.ggml.merges", io::gguf_strings(merges)},
+        {"tokenizer.ggml.add_bos_token", io::gguf_bool(!prefix_ids.empty())}};
+    tokenize::add_special_ids(m, *this);
+    return m;
   }
 
   void finish() {

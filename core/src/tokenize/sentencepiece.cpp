@@ -10,6 +10,7 @@
 #include <unordered_map>
 
 #include "tokenize/utf8.h"
+#include "tokenize/vocab.h"
 
 namespace graft {
 namespace {
@@ -81,6 +82,20 @@ class SentencePieceBpe : public Tokenizer {
   }
 
   std::int64_t vocab_size() const override { return static_cast<std::int64_t>(v_.pieces.size()); }
+  std::vector<std::pair<std::string, io::GgufValue>> gguf_metadata() const override {
+    std::vector<double> scores(v_.scores.begin(), v_.scores.end());
+    std::vector<std::int64_t> types(v_.types.begin(), v_.types.end());
+    std::vector<std::pair<std::string, io::GgufValue>> m = {
+        {"tokenizer.ggml.model", io::gguf_string("llama")},
+        {"tokenizer.ggml.tokens", io::gguf_strings(v_.pieces)},
+        {"tokenizer.ggml.scores", io::gguf_floats(scores)},
+        {"tokenizer.ggml.token_type", io::gguf_ints(types)},
+        {"tokenizer.ggml.add_bos_token", io::gguf_bool(v_.add_bos)},
+        {"tokenizer.ggml.add_eos_token", io::gguf_bool(v_.add_eos)},
+        {"tokenizer.ggml.add_space_prefix", io::gguf_bool(v_.add_space_prefix)}};
+    tokenize::add_special_ids(m, *this);
+    return m;
+  }
   std::string token(std::int64_t id) const override {
     return id >= 0 && id < vocab_size() ? v_.pieces[id] : std::string();
   }

@@ -115,6 +115,7 @@ void write_gguf(const std::filesystem::path& path,
 GgufValue gguf_int(std::int64_t v, GgufType type = GgufType::u32);
 GgufValue gguf_float(double v, GgufType type = GgufType::f32);
 GgufValue gguf_string(std::string v);
+GgufValue gguf_bool(bool v);
 GgufValue gguf_strings(const std::vector<std::string>& v);
 GgufValue gguf_floats(const std::vector<double>& v, GgufType type = GgufType::f32);
 GgufValue gguf_ints(const std::vector<std::int64_t>& v, GgufType type = GgufType::i32);
