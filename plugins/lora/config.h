@@ -21,6 +21,7 @@ struct LoraConfig {
   std::string init = "default";  ///< default: A Kaiming-uniform, B 0; gaussian: A ~ N(0, (1/r)^2)
   bool dora = false;             ///< weight-decomposed LoRA: a learned magnitude per output
   bool gating = false;  ///< UniPELT: scale the delta by sigmoid(Linear(in, 1)(x)), averaged
+  double scale = 1.0;   ///< a multiplier on every site's scaling (llama.cpp's --lora-scaled)
   Selection selection;  ///< default targets attn.q and attn.v
   SitePatterns<std::int64_t> rank_pattern;  ///< per-site ranks
   SitePatterns<double> alpha_pattern;       ///< per-site alphas

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <map>
 
 #include "config.h"
 
@@ -22,13 +23,15 @@ class Lora : public HookMethod {
   const std::vector<std::pair<std::string, std::shared_ptr<Hook>>>& hooks() const {
     return hook_list();
   }
-  /// s = alpha / r, or alpha / sqrt(r) with rslora.
+  /// s = alpha / r, or alpha / sqrt(r) with rslora (before the method's scale).
   double scaling(std::int64_t rank, double alpha) const {
     return c_.rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / rank;
   }
+  void set_scale(double scale) override;
 
  private:
   LoraConfig c_;
+  std::map<std::string, double> unscaled_;  // each site's scaling before the method's scale
 };
 
 // Hugging Face peft's format: adapter_config.json (peft_type "LORA") and
@@ -38,7 +41,10 @@ std::vector<std::unique_ptr<Method>> read_peft(const std::filesystem::path& dir,
 void write_peft(const std::vector<Method*>& methods, const Model& model,
                 const std::filesystem::path& dir);
 
-// llama.cpp's GGUF LoRA (write only).
+// llama.cpp's GGUF LoRA adapters, read and written.
+bool detect_gguf_lora(const std::filesystem::path& file);
+std::vector<std::unique_ptr<Method>> read_gguf_lora(const std::filesystem::path& file,
+                                                    Model& model);
 void write_gguf_lora(const std::vector<Method*>& methods, const Model& model,
                      const std::filesystem::path& file);
 

@@ -11,7 +11,7 @@ namespace graft::plugins::lora {
 
 LoraConfig LoraConfig::from_params(const Params& p) {
   check_method_keys(p, {"r", "alpha", "rslora", "dropout", "init", "dora", "gating", "rank_pattern",
-                        "alpha_pattern"});
+                        "alpha_pattern", "scale"});
   LoraConfig c;
   c.r = p.get_positive_int("r", c.r);
   c.alpha = p.get_double("alpha", c.alpha);  // peft's default is 8 whatever r is
@@ -24,6 +24,7 @@ LoraConfig LoraConfig::from_params(const Params& p) {
   if (c.dora && c.dropout > 0)
     p.at("dropout").fail("dropout is not supported together with dora in this version; use 0");
   c.gating = p.get_bool("gating", c.gating);
+  c.scale = p.get_double("scale", c.scale);
   if (c.dora && c.gating) p.at("gating").fail("gating does not combine with dora; use one");
   c.selection = Selection::from_params(p, {"attn.q", "attn.v"});
   c.rank_pattern = SitePatterns<std::int64_t>::read(p, "rank_pattern", positive_int);
@@ -34,6 +35,7 @@ LoraConfig LoraConfig::from_params(const Params& p) {
 nlohmann::json LoraConfig::to_json() const {
   nlohmann::json j = {{"r", r},       {"alpha", alpha}, {"rslora", rslora}, {"dropout", dropout},
                       {"init", init}, {"dora", dora},   {"gating", gating}};
+  if (scale != 1.0) j["scale"] = scale;
   j.update(selection.to_json());
   rank_pattern.write(j, "rank_pattern");
   alpha_pattern.write(j, "alpha_pattern");
@@ -53,15 +55,28 @@ void Lora::attach(Model& model) {
     auto* lin = model.linear(site.name);
     const auto [rank, alpha] = c_.rank_alpha(site);
     const bool gaussian = c_.init == "gaussian";
+    unscaled_[site.name] = scaling(rank, alpha);
+    const double s = unscaled_[site.name] * c_.scale;
     std::shared_ptr<Hook> hook;
     if (c_.dora) {
-      hook = std::make_shared<DoraTransform>(*lin, rank, scaling(rank, alpha), gaussian);
+      hook = std::make_shared<DoraTransform>(*lin, rank, s, gaussian);
     } else {
-      hook = std::make_shared<LoraDelta>(lin->in_features, lin->out_features, rank,
-                                         scaling(rank, alpha), c_.dropout, gaussian, c_.gating);
+      hook = std::make_shared<LoraDelta>(lin->in_features, lin->out_features, rank, s, c_.dropout,
+                                         gaussian, c_.gating);
     }
     hook->to(lin->weight.device());
     add_hook(model, site.name, hook);
+  }
+}
+
+void Lora::set_scale(double scale) {
+  if (merged()) throw Error("lora: unmerge it before changing its scale");
+  if (!std::isfinite(scale)) throw Error("lora: the scale must be a finite number");
+  c_.scale = scale;
+  for (const auto& [site, hook] : hook_list()) {
+    const double s = unscaled_.at(site) * scale;
+    if (auto d = std::dynamic_pointer_cast<LoraDelta>(hook)) d->scaling = s;
+    if (auto t = std::dynamic_pointer_cast<DoraTransform>(hook)) t->scaling = s;
   }
 }
 
@@ -78,7 +93,7 @@ void register_lora(Registry& registry) {
     return std::make_unique<Lora>(LoraConfig::from_params(p));
   });
   registry.add_format({"peft", "lora", detect_peft, read_peft, write_peft});
-  registry.add_format({"gguf", "lora", nullptr, nullptr, write_gguf_lora});
+  registry.add_format({"gguf", "lora", detect_gguf_lora, read_gguf_lora, write_gguf_lora});
 }
 
 }  // namespace

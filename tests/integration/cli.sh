@@ -99,6 +99,18 @@ if [[ -d $root/data/sotu ]]; then
     --adapter "$run/adapter" --prompt "The Congress" --max-new-tokens 8
   check "forward with the adapter" 0 "logits \[1, 3, 512\]" -- "$graft" forward --model "$model" \
     --adapter "$run/adapter" --tokens 1,5,9 --out "$work/fa.safetensors"
+  # The adapter for llama.cpp, described by inspect, loaded again (scaled) and merged to GGUF.
+  check "export for llama.cpp" 0 "wrote .*lora.gguf \(gguf\)" -- "$graft" export-adapter \
+    --model "$model" --adapter "$run/adapter" --format gguf --out "$work/lora.gguf"
+  check "inspect a LoRA GGUF" 0 "^adapter: lora for the llama architecture" -- \
+    "$graft" inspect "$work/lora.gguf"
+  check "generate with a LoRA GGUF, scaled" 0 "^The Congress" -- "$graft" generate \
+    --model "$model" --adapter "$work/lora.gguf" --adapter-scale 0.5 --prompt "The Congress" \
+    --max-new-tokens 8
+  check "merge into GGUF keeps the tokenizer" 0 "wrote .*merged.gguf" -- "$graft" merge \
+    --model "$model" --adapter "$work/lora.gguf" --out "$work/merged.gguf"
+  check "the merged GGUF generates" 0 "^The Congress" -- "$graft" generate \
+    --model "$work/merged.gguf" --prompt "The Congress" --max-new-tokens 8
 else
   echo "skip the quickstart run: data/sotu is absent (scripts/fetch-data.sh)"
 fi

@@ -61,6 +61,10 @@ class Method {
   /// One line for the run log about what attach() did beyond adding parameters (the memory a
   /// quantised base saves); empty when there is nothing to say.
   virtual std::string report() const { return {}; }
+  /// Multiplies the method's update by `scale` (1: as trained), as llama.cpp's --lora-scaled
+  /// and peft's scale_layer do; the scale is part of the method's settings from then on. A
+  /// method whose update has no such scale throws graft::Error.
+  virtual void set_scale(double scale);
   /// Folds the method into the base weights; unmerge() takes it out again.
   virtual void merge(Model& model);
   virtual void unmerge(Model& model);

@@ -10,6 +10,8 @@
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
+#include <map>
+#include <set>
 #include <sstream>
 
 #include "cli/options.h"
@@ -48,8 +50,15 @@ std::vector<std::unique_ptr<Method>> apply_adapters(const po::variables_map& vm,
   std::vector<std::unique_ptr<Method>> methods;
   if (!vm.count("adapter")) return methods;
   load_cli_plugins(vm);
-  for (const auto& dir : vm["adapter"].as<std::vector<std::string>>())
-    for (auto& m : load_adapter(dir, model)) {
+  const auto dirs = vm["adapter"].as<std::vector<std::string>>();
+  std::vector<double> scales;
+  if (vm.count("adapter-scale")) scales = vm["adapter-scale"].as<std::vector<double>>();
+  if (scales.size() > 1 && scales.size() != dirs.size())
+    throw UsageError("--adapter-scale: give one value for all adapters or one per --adapter (" +
+                     std::to_string(dirs.size()) + "), not " + std::to_string(scales.size()));
+  for (std::size_t i = 0; i < dirs.size(); ++i)
+    for (auto& m : load_adapter(dirs[i], model)) {
+      if (!scales.empty()) m->set_scale(scales.size() == 1 ? scales[0] : scales[i]);
       const auto line = m->report();  // e.g. the memory a quantised base saves
       if (!line.empty()) std::cerr << line << "\n";
       methods.push_back(std::move(m));
@@ -63,6 +72,42 @@ std::string with_commas(std::int64_t n) {
   auto s = std::to_string(n);
   for (int i = static_cast<int>(s.size()) - 3; i > 0; i -= 3) s.insert(i, ",");
   return s;
+}
+
+using TensorRows = std::vector<std::tuple<std::string, std::string, std::string>>;
+
+void print_tensors(const TensorRows& rows) {
+  std::size_t width = 4;
+  for (const auto& r : rows) width = std::max(width, std::get<0>(r).size());
+  std::cout << "tensors: " << rows.size() << "\n";
+  for (const auto& [name, shape, dtype] : rows)
+    std::cout << "  " << std::left << std::setw(static_cast<int>(width)) << name << "  "
+              << std::setw(16) << shape << " " << dtype << "\n";
+}
+
+// An adapter GGUF (general.type "adapter") holds no model: say what it adapts instead.
+void describe_gguf_adapter(const io::GgufFile& f) {
+  auto text = [&](const char* key) {
+    auto* v = f.find(key);
+    return v && v->type == io::GgufType::string ? v->s : std::string("?");
+  };
+  std::cout << "adapter: " << text("adapter.type") << " for the " << text("general.architecture")
+            << " architecture";
+  if (auto* alpha = f.find("adapter.lora.alpha")) std::cout << ", alpha " << alpha->to_string();
+  std::cout << "\n";
+  std::map<std::string, std::int64_t> ranks;  // per target tensor
+  for (const auto& t : f.tensors()) {
+    const std::string suffix = ".lora_a";
+    if (t.name.size() > suffix.size() &&
+        t.name.compare(t.name.size() - suffix.size(), suffix.size(), suffix) == 0 &&
+        !t.shape.empty())
+      ranks[t.name.substr(0, t.name.size() - suffix.size())] = t.shape[0];
+  }
+  std::set<std::int64_t> distinct;
+  for (const auto& [name, r] : ranks) distinct.insert(r);
+  std::cout << "targets: " << ranks.size() << " tensors, rank";
+  for (auto r : distinct) std::cout << " " << r;
+  std::cout << "\n";
 }
 
 }  // namespace
@@ -148,6 +193,12 @@ int run_inspect(const Args& args) {
         std::cout << "  " << k << " = " << v.to_string() << "\n";
     for (const auto& t : f.tensors())
       rows.emplace_back(t.name, c10::str(c10::IntArrayRef(t.shape)), io::ggml_type_name(t.type));
+    if (auto* type = f.find("general.type");
+        type && type->type == io::GgufType::string && type->s == "adapter") {
+      describe_gguf_adapter(f);
+      print_tensors(rows);
+      return 0;
+    }
   }
   set_threads(vm["threads"].as<int>());
   auto loaded = load_model(path.string());
@@ -161,12 +212,7 @@ int run_inspect(const Args& args) {
   if (loaded.tokenizer)
     std::cout << "tokenizer: " << loaded.tokenizer->vocab_size() << " tokens (bos "
               << loaded.tokenizer->bos_id() << ", eos " << loaded.tokenizer->eos_id() << ")\n";
-  std::size_t width = 4;
-  for (const auto& r : rows) width = std::max(width, std::get<0>(r).size());
-  std::cout << "tensors: " << rows.size() << "\n";
-  for (const auto& [name, shape, dtype] : rows)
-    std::cout << "  " << std::left << std::setw(static_cast<int>(width)) << name << "  "
-              << std::setw(16) << shape << " " << dtype << "\n";
+  print_tensors(rows);
   return 0;
 }
 

@@ -42,7 +42,10 @@ void load_cli_plugins(const po::variables_map& vm);
 /// Declares --adapter (repeatable), read by apply_adapters().
 inline void add_adapter_option(po::options_description& desc) {
   desc.add_options()("adapter", po::value<std::vector<std::string>>(),
-                     "adapter folder to load onto the model (repeatable; graft or peft format)");
+                     "adapter to load onto the model (repeatable): a graft or peft folder, or a "
+                     "llama.cpp LoRA .gguf file")(
+      "adapter-scale", po::value<std::vector<double>>(),
+      "multiply an adapter's update (one value for all adapters, or one per --adapter in order)");
 }
 
 /// Loads the adapters named by --adapter (if any) onto the model.

@@ -15,6 +15,12 @@ void Method::unmerge(Model&) {
   throw Error(name() + ": this method cannot be merged into the base weights");
 }
 
+void Method::set_scale(double) {
+  throw Error(name() +
+              ": its update has no scale to set (a scale applies to additive updates "
+              "such as low-rank deltas)");
+}
+
 io::TensorMap Method::checkpoint_state() {
   auto out = state();
   for (const auto& [name, t] : trainable_parameters()) out["train." + name] = t;
