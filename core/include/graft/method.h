@@ -61,7 +61,7 @@ class Method {
   /// One line for the run log about what attach() did beyond adding parameters (the memory a
   /// quantised base saves); empty when there is nothing to say.
   virtual std::string report() const { return {}; }
-  /// Multiplies the method's update by `scale` (1: as trained), as llama.cpp's --lora-scaled
+  /// Multiplies the method's update by `scale` (1: as trained), as llama.cpp's scaled adapters
   /// and peft's scale_layer do; the scale is part of the method's settings from then on. A
   /// method whose update has no such scale throws graft::Error.
   virtual void set_scale(double scale);

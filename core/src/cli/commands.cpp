@@ -10,8 +10,6 @@
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
-#include <map>
-#include <set>
 #include <sstream>
 
 #include "cli/options.h"
@@ -85,29 +83,18 @@ void print_tensors(const TensorRows& rows) {
               << std::setw(16) << shape << " " << dtype << "\n";
 }
 
-// An adapter GGUF (general.type "adapter") holds no model: say what it adapts instead.
+// An adapter GGUF (general.type "adapter") holds no model: say what it adapts instead, from its
+// own adapter.* keys (which a plugin's format reads).
 void describe_gguf_adapter(const io::GgufFile& f) {
   auto text = [&](const char* key) {
     auto* v = f.find(key);
     return v && v->type == io::GgufType::string ? v->s : std::string("?");
   };
   std::cout << "adapter: " << text("adapter.type") << " for the " << text("general.architecture")
-            << " architecture";
-  if (auto* alpha = f.find("adapter.lora.alpha")) std::cout << ", alpha " << alpha->to_string();
-  std::cout << "\n";
-  std::map<std::string, std::int64_t> ranks;  // per target tensor
-  for (const auto& t : f.tensors()) {
-    const std::string suffix = ".lora_a";
-    if (t.name.size() > suffix.size() &&
-        t.name.compare(t.name.size() - suffix.size(), suffix.size(), suffix) == 0 &&
-        !t.shape.empty())
-      ranks[t.name.substr(0, t.name.size() - suffix.size())] = t.shape[0];
-  }
-  std::set<std::int64_t> distinct;
-  for (const auto& [name, r] : ranks) distinct.insert(r);
-  std::cout << "targets: " << ranks.size() << " tensors, rank";
-  for (auto r : distinct) std::cout << " " << r;
-  std::cout << "\n";
+            << " architecture\n";
+  for (const auto& [k, v] : f.metadata())
+    if (k.rfind("adapter.", 0) == 0 && k != "adapter.type")
+      std::cout << "  " << k << " = " << v.to_string() << "\n";
 }
 
 }  // namespace

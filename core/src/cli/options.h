@@ -43,7 +43,7 @@ void load_cli_plugins(const po::variables_map& vm);
 inline void add_adapter_option(po::options_description& desc) {
   desc.add_options()("adapter", po::value<std::vector<std::string>>(),
                      "adapter to load onto the model (repeatable): a graft or peft folder, or a "
-                     "llama.cpp LoRA .gguf file")(
+                     "llama.cpp adapter .gguf file")(
       "adapter-scale", po::value<std::vector<double>>(),
       "multiply an adapter's update (one value for all adapters, or one per --adapter in order)");
 }
