@@ -1,6 +1,7 @@
 // Recipes end to end on a tiny llama saved with a byte-level tokenizer: validation errors with
 // file:line:column, includes and overrides, deterministic runs, exact resume, a non-finite loss,
 // classification with a task head, instruction masking, and evaluation of a saved adapter.
+#include <graft/adapter.h>
 #include <graft/data.h>
 #include <torch/torch.h>
 
@@ -148,6 +149,75 @@ output:
   CHECK(again["metrics"]["accuracy"].get<double>() ==
         summary["eval_after"]["accuracy"].get<double>());
   CHECK(again["metrics"]["loss"].get<double>() == summary["eval_after"]["loss"].get<double>());
+}
+
+TEST_CASE("classification on a decoder's sequence-classification folder, exported to peft") {
+  Workspace w;
+  InDir in(w.dir);
+  // The tiny llama as LlamaForSequenceClassification: the same body, a score head of 2 labels.
+  {
+    auto lm = load_model((w.dir / "model").string());
+    auto config = lm.model->config();
+    config.architecture = "LlamaForSequenceClassification";
+    config.classifier = "score";
+    config.num_labels = 2;
+    auto cls = make_model(config);
+    torch::NoGradGuard ng;
+    auto body = lm.model->named_parameters();
+    for (auto& p : cls->named_parameters())
+      p.value().copy_(p.key() == "head.weight" ? torch::randn(p.value().sizes()) * 0.02
+                                               : body[p.key()]);
+    save_hf_model(*cls, w.dir / "cls-model");
+    fs::copy_file(w.dir / "model" / "tokenizer.json", w.dir / "cls-model" / "tokenizer.json");
+  }
+  // As peft's SEQ_CLS does, the recipe trains the score head too (layer_select on head).
+  write(w.dir / "dcls.yaml", R"(include: lm.yaml
+model:
+  path: cls-model
+task:
+  kind: sequence_classification
+  train: data/labelled.json
+  eval: []
+  eval_fraction: 0.25
+  format: json
+  label_field: class
+  num_labels: 2
+methods:
+  - name: lora
+    r: 4
+  - name: layer_select
+    targets: [head]
+train:
+  steps: 12
+  lr: 5.0e-2
+generate: {prompt: ""}
+output:
+  dir: runs/dcls
+)");
+  auto r = w.recipe("dcls.yaml");
+  auto summary = run_recipe(r, w.quiet());
+  // No separate task head: the model's own score head was trained (2 x 16) beside the LoRA.
+  CHECK_FALSE(fs::exists("runs/dcls/adapter/task_head.safetensors"));
+  CHECK(summary["trainable_parameters"] == 2 * (4 * (16 + 16) + 4 * (16 + 8)) + 2 * 16);
+  // Exported to peft: LoRA with modules_to_save ["score"]; loaded again, the same logits.
+  auto base = load_model("cls-model");
+  auto methods = load_adapter("runs/dcls/adapter", *base.model);
+  std::vector<Method*> all;
+  for (auto& m : methods) all.push_back(m.get());
+  const auto ids = torch::tensor({{5, 9, 12, 7}, {3, 4, 0, 0}}, torch::kLong);
+  const auto mask = torch::tensor({{1, 1, 1, 1}, {1, 1, 0, 0}}, torch::kLong);
+  torch::NoGradGuard ng;
+  const auto trained = base.model->forward({ids, mask, {}, {}}, nullptr).logits;
+  CHECK(trained.sizes() == c10::IntArrayRef({2, 2}));
+  save_adapter_as("peft", "peft", *base.model, all);
+  const auto cfg = json::parse(read("peft/adapter_config.json"));
+  CHECK(cfg["task_type"] == "SEQ_CLS");
+  CHECK(cfg["modules_to_save"] == json::array({"score"}));
+  auto fresh = load_model("cls-model");
+  auto back = load_adapter("peft", *fresh.model);
+  REQUIRE(back.size() == 2);
+  CHECK(back[1]->name() == "layer_select");
+  CHECK(torch::equal(fresh.model->forward({ids, mask, {}, {}}, nullptr).logits, trained));
 }
 
 TEST_CASE("task data: TSV with a sign rule, CSV quoting, instruction prompts masked") {
