@@ -87,11 +87,18 @@ inline void read(const io::TensorMap& tensors, Model& model, const std::string& 
   methods.push_back(std::move(method));
 }
 
+/// What a peft method's files can hold beside its own tensors.
+enum class Extras {
+  modules_and_biases,  ///< modules_to_save and a bias setting (LoRA)
+  modules,             ///< modules_to_save only (the other tuners)
+  prompt_learning,     ///< modules_to_save under prompt learning's names
+};
+
 /// The companions of a method being written in peft's format (methods[1..]) as peft saves them.
 /// Only whole base parameters trained in place have a place there; `wrapped` are the peft module
 /// paths the method adapts (for bias "lora_only").
 inline peft::SavedModules write(const std::vector<Method*>& methods, const Model& model,
-                                const std::vector<std::string>& wrapped, bool prompt_learning) {
+                                const std::vector<std::string>& wrapped, Extras extras) {
   io::TensorMap parameters;
   for (std::size_t i = 1; i < methods.size(); ++i) {
     if (methods[i]->name() != kMethod)
@@ -99,7 +106,25 @@ inline peft::SavedModules write(const std::vector<Method*>& methods, const Model
                   methods[i]->name() + " (peft keeps one method, with whole modules and biases)");
     for (const auto& [name, t] : methods[i]->state()) parameters[name] = t;
   }
-  return peft::saved_modules(parameters, model, wrapped, prompt_learning);
+  auto saved = peft::saved_modules(parameters, model, wrapped, extras == Extras::prompt_learning);
+  if (saved.bias != "none" && extras != Extras::modules_and_biases)
+    throw Error("peft format: peft's " + methods[0]->name() +
+                " adapters have no bias setting; the trained biases have no place there");
+  return saved;
+}
+
+/// The keys every adapter_config.json carries, for a writer: peft_type, task_type,
+/// inference_mode, modules_to_save (from `saved`), base_model_name_or_path and revision.
+inline nlohmann::json config(const std::string& peft_type, const Model& model,
+                             const peft::SavedModules& saved) {
+  return {
+      {"peft_type", peft_type},
+      {"task_type", peft::task_type(model.config())},
+      {"inference_mode", true},
+      {"modules_to_save",
+       saved.modules_to_save.empty() ? nlohmann::json() : nlohmann::json(saved.modules_to_save)},
+      {"base_model_name_or_path", nullptr},
+      {"revision", nullptr}};
 }
 
 }  // namespace graft::plugins::peft_shared

@@ -96,23 +96,15 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
       out[key] = v.view({-1, 1}).contiguous();
     }
   }
-  const auto saved = peft_shared::write(
-      methods, model, std::vector<std::string>(targets.begin(), targets.end()), false);
-  if (saved.bias != "none")
-    throw Error(
-        "peft format: IA3 adapters save no trained biases (peft's IA3 has no bias setting)");
+  const std::vector<std::string> modules(targets.begin(), targets.end());
+  const auto saved = peft_shared::write(methods, model, modules, peft_shared::Extras::modules);
   out.insert(saved.tensors.begin(), saved.tensors.end());
-  json cfg = {
-      {"peft_type", "IA3"},
-      {"task_type", peft::task_type(c)},
-      {"target_modules", std::vector<std::string>(targets.begin(), targets.end())},
-      {"feedforward_modules", std::vector<std::string>(feedforward.begin(), feedforward.end())},
-      {"fan_in_fan_out", c.family == "gpt2"},
-      {"init_ia3_weights", true},
-      {"inference_mode", true},
-      {"modules_to_save", saved.modules_to_save.empty() ? json() : json(saved.modules_to_save)},
-      {"base_model_name_or_path", nullptr},
-      {"revision", nullptr}};
+  auto cfg = peft_shared::config("IA3", model, saved);
+  cfg.update(
+      {{"target_modules", modules},
+       {"feedforward_modules", std::vector<std::string>(feedforward.begin(), feedforward.end())},
+       {"fan_in_fan_out", c.family == "gpt2"},
+       {"init_ia3_weights", true}});
   peft::write_adapter(dir, cfg, out);
 }
 

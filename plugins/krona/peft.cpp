@@ -162,31 +162,21 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
     if (std::abs(alpha - base_alpha) > 1e-12 * std::max(1.0, std::abs(base_alpha)))
       alpha_pattern[path] = alpha;
   }
-  const auto saved = peft_shared::write(methods, model, wrapped, false);
-  if (saved.bias != "none")
-    throw Error(
-        "peft format: LoKr adapters save no trained biases (peft's LoKr has no bias "
-        "setting)");
+  const auto saved = peft_shared::write(methods, model, wrapped, peft_shared::Extras::modules);
   out.insert(saved.tensors.begin(), saved.tensors.end());
-  json cfg = {
-      {"peft_type", "LOKR"},
-      {"task_type", peft::task_type(c)},
-      {"r", base_r},
-      {"alpha", base_alpha},
-      {"decompose_both", decompose_both},
-      {"decompose_factor", s.factor},
-      {"rank_dropout", 0.0},
-      {"module_dropout", 0.0},
-      {"rank_dropout_scale", false},
-      {"use_effective_conv2d", false},
-      {"target_modules", std::vector<std::string>(short_names.begin(), short_names.end())},
-      {"rank_pattern", rank_pattern},
-      {"alpha_pattern", alpha_pattern},
-      {"init_weights", true},
-      {"inference_mode", true},
-      {"modules_to_save", saved.modules_to_save.empty() ? json() : json(saved.modules_to_save)},
-      {"base_model_name_or_path", nullptr},
-      {"revision", nullptr}};
+  auto cfg = peft_shared::config("LOKR", model, saved);
+  cfg.update({{"r", base_r},
+              {"alpha", base_alpha},
+              {"decompose_both", decompose_both},
+              {"decompose_factor", s.factor},
+              {"rank_dropout", 0.0},
+              {"module_dropout", 0.0},
+              {"rank_dropout_scale", false},
+              {"use_effective_conv2d", false},
+              {"target_modules", std::vector<std::string>(short_names.begin(), short_names.end())},
+              {"rank_pattern", rank_pattern},
+              {"alpha_pattern", alpha_pattern},
+              {"init_weights", true}});
   peft::write_adapter(dir, cfg, out);
 }
 

@@ -190,26 +190,21 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
     alpha_pattern[path] =
         s.rslora ? std::sqrt(static_cast<double>(rank)) : static_cast<double>(rank);
   }
-  const auto saved = peft_shared::write(methods, model, wrapped, false);
+  const auto saved =
+      peft_shared::write(methods, model, wrapped, peft_shared::Extras::modules_and_biases);
   out.insert(saved.tensors.begin(), saved.tensors.end());
-  json cfg = {
-      {"peft_type", "LORA"},
-      {"task_type", peft::task_type(c)},
-      {"r", s.r},
-      {"lora_alpha", s.alpha},
-      {"lora_dropout", s.dropout},
-      {"use_rslora", s.rslora},
-      {"use_dora", s.dora},
-      {"target_modules", std::vector<std::string>(short_names.begin(), short_names.end())},
-      {"rank_pattern", rank_pattern},
-      {"alpha_pattern", alpha_pattern},
-      {"bias", saved.bias},
-      {"fan_in_fan_out", c.family == "gpt2"},
-      {"init_lora_weights", true},
-      {"inference_mode", true},
-      {"modules_to_save", saved.modules_to_save.empty() ? json() : json(saved.modules_to_save)},
-      {"base_model_name_or_path", nullptr},
-      {"revision", nullptr}};
+  auto cfg = peft_shared::config("LORA", model, saved);
+  cfg.update({{"r", s.r},
+              {"lora_alpha", s.alpha},
+              {"lora_dropout", s.dropout},
+              {"use_rslora", s.rslora},
+              {"use_dora", s.dora},
+              {"target_modules", std::vector<std::string>(short_names.begin(), short_names.end())},
+              {"rank_pattern", rank_pattern},
+              {"alpha_pattern", alpha_pattern},
+              {"bias", saved.bias},
+              {"fan_in_fan_out", c.family == "gpt2"},
+              {"init_lora_weights", true}});
   peft::write_adapter(dir, cfg, out);
 }
 

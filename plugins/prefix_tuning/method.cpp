@@ -230,17 +230,17 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
     throw Error("peft format: prefix_tuning with gating (UniPELT) has no peft equivalent");
   const auto& c = model.config();
   const auto flat = prefix->state().at("prefix").detach().to(torch::kFloat).contiguous();
-  auto saved = peft_shared::write(methods, model, {}, true);
+  auto saved = peft_shared::write(methods, model, {}, peft_shared::Extras::prompt_learning);
   saved.tensors["prompt_embeddings"] = flat;
   // Saved flat, the MLP is gone: prefix_projection false, as peft's own saved adapters read.
-  nlohmann::json cfg = {
-      {"peft_type", "PREFIX_TUNING"},       {"task_type", peft::task_type(c)},
-      {"num_virtual_tokens", flat.size(0)}, {"token_dim", c.num_kv_heads * c.head_dim},
-      {"num_transformer_submodules", 1},    {"num_attention_heads", c.num_kv_heads},
-      {"num_layers", c.num_layers},         {"encoder_hidden_size", prefix->settings().bottleneck},
-      {"prefix_projection", false},         {"inference_mode", true},
-      {"base_model_name_or_path", nullptr}, {"revision", nullptr}};
-  if (!saved.modules_to_save.empty()) cfg["modules_to_save"] = saved.modules_to_save;
+  auto cfg = peft_shared::config("PREFIX_TUNING", model, saved);
+  cfg.update({{"num_virtual_tokens", flat.size(0)},
+              {"token_dim", c.num_kv_heads * c.head_dim},
+              {"num_transformer_submodules", 1},
+              {"num_attention_heads", c.num_kv_heads},
+              {"num_layers", c.num_layers},
+              {"encoder_hidden_size", prefix->settings().bottleneck},
+              {"prefix_projection", false}});
   peft::write_adapter(dir, cfg, saved.tensors);
 }
 

@@ -128,20 +128,15 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
   auto state = methods.at(0)->state();
   const auto& c = model.config();
   const auto prompt = state.at("embed.prompt").detach().to(torch::kFloat).contiguous();
-  nlohmann::json cfg = {{"peft_type", "PROMPT_TUNING"},
-                        {"task_type", peft::task_type(c)},
-                        {"num_virtual_tokens", prompt.size(0)},
-                        {"token_dim", c.hidden_size},
-                        {"num_transformer_submodules", 1},
-                        {"num_attention_heads", c.num_heads},
-                        {"num_layers", c.num_layers},
-                        {"prompt_tuning_init", "RANDOM"},
-                        {"inference_mode", true},
-                        {"base_model_name_or_path", nullptr},
-                        {"revision", nullptr}};
-  auto saved = peft_shared::write(methods, model, {}, true);
-  if (!saved.modules_to_save.empty()) cfg["modules_to_save"] = saved.modules_to_save;
+  auto saved = peft_shared::write(methods, model, {}, peft_shared::Extras::prompt_learning);
   saved.tensors["prompt_embeddings"] = prompt;
+  auto cfg = peft_shared::config("PROMPT_TUNING", model, saved);
+  cfg.update({{"num_virtual_tokens", prompt.size(0)},
+              {"token_dim", c.hidden_size},
+              {"num_transformer_submodules", 1},
+              {"num_attention_heads", c.num_heads},
+              {"num_layers", c.num_layers},
+              {"prompt_tuning_init", "RANDOM"}});
   peft::write_adapter(dir, cfg, saved.tensors);
 }
 

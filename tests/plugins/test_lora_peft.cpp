@@ -9,11 +9,13 @@
 
 #include <nlohmann/json.hpp>
 
+#include "method_params.h"
 #include "numeric.h"
 #include "support.h"
 #include "tiny_models.h"
 
 using namespace graft;
+using graft::test::params;
 using graft::test::TempDir;
 using graft::test::tiny_model;
 
@@ -145,4 +147,86 @@ TEST_CASE("graft LoRA adapters written as peft read back with the same outputs")
       save_adapter_as("onnx", dir.path(), *gpt2, {dora.get()}),
       doctest::Contains("cannot write the \"onnx\" adapter format (formats: gguf, graft, peft)"),
       Error);
+}
+
+TEST_CASE(
+    "whole modules and biases trained beside LoRA are written as peft's modules_to_save and bias") {
+  require_lora();
+  auto lora_with = [](Model& m, std::vector<std::string> parameters) {
+    std::vector<std::unique_ptr<Method>> methods;
+    methods.push_back(make_method("lora", params({{"r", "2"}})));
+    auto list = Params::list("methods[1].parameters");
+    for (const auto& p : parameters) list.add(Params::scalar(p));
+    auto settings = Params::map("methods[1]");
+    settings.set("parameters", list);
+    methods.push_back(make_method("layer_select", settings));
+    torch::NoGradGuard ng;
+    for (auto& method : methods) {
+      method->attach(m);
+      for (auto& [name, t] : method->trainable_parameters()) t.add_(torch::randn_like(t) * 0.2);
+    }
+    return methods;
+  };
+  auto write_and_read = [](Model& m, std::vector<std::unique_ptr<Method>>& methods,
+                           const std::string& family) {
+    TempDir dir;
+    std::vector<Method*> all;
+    for (auto& x : methods) all.push_back(x.get());
+    const auto trained = out_of(m);
+    save_adapter_as("peft", dir.path(), m, all);
+    auto cfg = nlohmann::json::parse(io::read_text_file(dir / "adapter_config.json"));
+    auto tensors = io::read_safetensors(dir / "adapter_model.safetensors").tensors;
+    auto fresh = tiny_model(family, 5);
+    auto back = load_adapter(dir.path(), *fresh);
+    REQUIRE(back.size() == 2);
+    CHECK(back[1]->name() == "layer_select");
+    GRAFT_CHECK_CLOSE(out_of(*fresh), trained, graft::test::forward_tolerance(*fresh, trained, 5));
+    return std::make_pair(cfg, tensors);
+  };
+  torch::manual_seed(8);
+  SUBCASE("bert: the classifier and the pooler are modules_to_save") {
+    auto model = tiny_model("bert", 5);
+    auto methods = lora_with(*model, {"head.weight", "head.bias", "pooler.weight", "pooler.bias"});
+    auto [cfg, tensors] = write_and_read(*model, methods, "bert");
+    CHECK(cfg["modules_to_save"] == nlohmann::json::array({"bert.pooler.dense", "classifier"}));
+    CHECK(cfg["bias"] == "none");
+    CHECK(tensors.count("base_model.model.classifier.bias"));
+    CHECK(tensors.count("base_model.model.bert.pooler.dense.weight"));
+  }
+  SUBCASE("gpt2: every bias is bias all, the adapted layers' alone are lora_only") {
+    auto model = tiny_model("gpt2", 5);
+    std::vector<std::string> every, adapted;
+    for (const auto& p : model->named_parameters())
+      if (p.key().size() > 5 && p.key().substr(p.key().size() - 5) == ".bias") {
+        every.push_back(p.key());
+        if (p.key().find(".attn.q.") != std::string::npos ||
+            p.key().find(".attn.k.") != std::string::npos ||
+            p.key().find(".attn.v.") != std::string::npos)
+          adapted.push_back(p.key());
+      }
+    auto all = lora_with(*model, every);
+    auto [cfg, tensors] = write_and_read(*model, all, "gpt2");
+    CHECK(cfg["bias"] == "all");
+    CHECK(tensors.count("base_model.model.transformer.h.0.attn.c_attn.base_layer.bias"));
+    CHECK(tensors.count("base_model.model.transformer.h.0.ln_1.bias"));
+    for (auto& m : all) m->detach(*model);
+    auto only = lora_with(*model, adapted);
+    auto [cfg2, tensors2] = write_and_read(*model, only, "gpt2");
+    CHECK(cfg2["bias"] == "lora_only");
+    CHECK(tensors2.count("base_model.model.transformer.h.1.attn.c_attn.base_layer.bias"));
+    CHECK_FALSE(tensors2.count("base_model.model.transformer.h.1.ln_1.bias"));
+  }
+  SUBCASE("what peft has no place for is refused in one line") {
+    auto model = tiny_model("bert", 5);
+    auto half = lora_with(*model, {"head.weight"});
+    TempDir dir;
+    CHECK_THROWS_WITH_AS(
+        save_adapter_as("peft", dir.path(), *model, {half[0].get(), half[1].get()}),
+        doctest::Contains("only the weight of 'classifier'"), Error);
+    for (auto& m : half) m->detach(*model);
+    auto some = lora_with(*model, {"layers.0.ffn.up.bias"});
+    CHECK_THROWS_WITH_AS(
+        save_adapter_as("peft", dir.path(), *model, {some[0].get(), some[1].get()}),
+        doctest::Contains("neither"), Error);
+  }
 }
