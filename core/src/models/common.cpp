@@ -594,20 +594,13 @@ io::TensorMap rename_to_graft(const io::TensorMap& checkpoint, const std::vector
 }
 
 io::TensorMap rename_from_graft(const io::TensorMap& tensors, const std::vector<NameRule>& rules) {
-  auto out = rename(tensors, rules, false);
+  std::vector<std::string> unplaced;
+  auto out = rename(tensors, rules, false, &unplaced);
   // Every tensor must have a place: dropping one would write a model that differs silently.
-  if (out.size() != tensors.size())
-    for (const auto& [name, t] : tensors) {
-      bool placed = false;
-      for (const auto& rule : rules) {
-        std::string layer;
-        placed |= match_rule(rule.first, name, &layer);
-      }
-      if (!placed)
-        throw Error("tensor '" + name +
-                    "' has no place in this format's layout for the family (a bias a method "
-                    "added when merging?); keep that adapter separate instead of merging it");
-    }
+  if (!unplaced.empty())
+    throw Error("tensor '" + unplaced.front() +
+                "' has no place in this format's layout for the family (a bias a method "
+                "added when merging?); keep that adapter separate instead of merging it");
   return out;
 }
 
