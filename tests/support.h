@@ -3,6 +3,7 @@
 #pragma once
 
 #include <doctest/doctest.h>
+#include <graft/load.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -40,6 +41,16 @@ inline std::filesystem::path shared_dir() {
   return GRAFT_DEFAULT_SHARED_DIR;
 }
 
+/// A model found by name as graft finds it ($GRAFT_MODELS, ../shared/models, the checkout's
+/// models/), or an empty path when it is nowhere.
+inline std::filesystem::path find_model(const std::string& name) {
+  try {
+    return graft::resolve_model(name);
+  } catch (const std::exception&) {
+    return {};
+  }
+}
+
 /// Ends the current test as skipped, saying why. Under ctest (GRAFT_CTEST=1) the process exits
 /// with 77, which ctest reports as "skipped"; run directly, the case just returns early.
 #define GRAFT_SKIP_UNLESS_EXISTS(path)                                                         \
@@ -54,3 +65,16 @@ inline std::filesystem::path shared_dir() {
   } while (0)
 
 }  // namespace graft::test
+
+/// Sets `var` to the model called `name`, or ends the test as skipped saying where to put it.
+#define GRAFT_MODEL_OR_SKIP(var, name)                                                           \
+  const auto var = ::graft::test::find_model(name);                                              \
+  do {                                                                                           \
+    if (var.empty()) {                                                                           \
+      std::cout << "SKIPPED: the model " << (name) << " is not found (put it in models/ of the " \
+                << "checkout, or set GRAFT_MODELS; see README.md)" << std::endl;                 \
+      MESSAGE("skipped: the model " << (name) << " is not found");                               \
+      if (std::getenv("GRAFT_CTEST")) std::_Exit(77);                                            \
+      return;                                                                                    \
+    }                                                                                            \
+  } while (0)

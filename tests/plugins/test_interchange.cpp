@@ -40,8 +40,7 @@ std::unique_ptr<Method> nudged_lora(Model& m) {
 }  // namespace
 
 TEST_CASE("an adapter means the same on stories260K's GGUF file and on its Hugging Face export") {
-  const auto path = graft::test::shared_dir() / "models" / "stories260K";
-  GRAFT_SKIP_UNLESS_EXISTS(path);
+  GRAFT_MODEL_OR_SKIP(path, "stories260K");
   graft::test::load_test_plugins();
   TempDir dir;
   auto gguf = load_model(path.string());

@@ -100,8 +100,7 @@ TEST_CASE("prefix tuning equals transformers' past_key_values: tokens numbered a
 }
 
 TEST_CASE("prompt tuning initialised from text acts as that text") {
-  const auto path = graft::test::shared_dir() / "models" / "stories260K";
-  GRAFT_SKIP_UNLESS_EXISTS(path);
+  GRAFT_MODEL_OR_SKIP(path, "stories260K");
   load_test_plugins();
   auto loaded = load_model(path.string());
   auto& model = *loaded.model;
@@ -346,8 +345,7 @@ TEST_CASE("bitfit trains norm biases in place where the family has them") {
 }
 
 TEST_CASE("the trainable counts the plugin READMEs give for stories260K") {
-  const auto path = graft::test::shared_dir() / "models" / "stories260K";
-  GRAFT_SKIP_UNLESS_EXISTS(path);
+  GRAFT_MODEL_OR_SKIP(path, "stories260K");
   load_test_plugins();
   auto loaded = load_model(path.string());
   const std::vector<std::tuple<std::string, Params, std::int64_t>> examples = {

@@ -21,11 +21,12 @@ std::shared_ptr<Model> tiny(const std::string& family, std::uint64_t seed) {
 }  // namespace
 
 TEST_CASE("stories260K: greedy decoding from BOS reproduces the documented sample byte for byte") {
-  const auto dir = graft::test::shared_dir() / "models/stories260K";
-  GRAFT_SKIP_UNLESS_EXISTS(dir / "stories260K.gguf");
-  std::ifstream in(dir / "greedy-sample.txt", std::ios::binary);
+  GRAFT_MODEL_OR_SKIP(file, "stories260K");
+  const auto sample = file.parent_path() / "greedy-sample.txt";
+  GRAFT_SKIP_UNLESS_EXISTS(sample);
+  std::ifstream in(sample, std::ios::binary);
   const std::string expected{std::istreambuf_iterator<char>(in), {}};
-  auto loaded = load_model((dir / "stories260K.gguf").string());
+  auto loaded = load_model(file.string());
   std::int64_t params = 0;
   for (const auto& p : loaded.model->parameters()) params += p.numel();
   CHECK(params == 260032);  // as documented in the model's NOTICE

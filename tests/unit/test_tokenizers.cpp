@@ -109,8 +109,7 @@ TEST_CASE("SentencePiece BPE merges by score and falls back to bytes") {
 }
 
 TEST_CASE("the stories260K tokenizer round-trips text") {
-  const auto path = graft::test::shared_dir() / "models/stories260K/stories260K.gguf";
-  GRAFT_SKIP_UNLESS_EXISTS(path);
+  GRAFT_MODEL_OR_SKIP(path, "stories260K");
   io::GgufFile f(path);
   auto tok = tokenizer_from_gguf(f);
   CHECK(tok->vocab_size() == 512);
@@ -295,8 +294,7 @@ TEST_CASE("tokenizers written in llama.cpp's GGUF keys read back the same") {
     check_same_tokenizer(*tok, *through_gguf(*tok, dir / "t.gguf"));
   }
   SUBCASE("stories260K's SentencePiece vocabulary") {
-    const auto path = graft::test::shared_dir() / "models/stories260K/stories260K.gguf";
-    GRAFT_SKIP_UNLESS_EXISTS(path);
+    GRAFT_MODEL_OR_SKIP(path, "stories260K");
     auto tok = tokenizer_from_gguf(io::GgufFile(path));
     check_same_tokenizer(*tok, *through_gguf(*tok, dir / "s.gguf"));
   }

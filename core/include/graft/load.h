@@ -28,7 +28,7 @@ struct LoadedModel {
 
 /// Folders searched for a model given by name, in order: each entry of $GRAFT_MODELS
 /// (colon-separated), the shared models folder next to the source checkout (../shared/models),
-/// and ./models.
+/// the checkout's own models/ folder, and ./models.
 std::vector<std::filesystem::path> model_search_path();
 
 /// Resolves a model argument: an existing file or folder is used as it is; otherwise NAME is

@@ -26,6 +26,7 @@ std::vector<fs::path> model_search_path() {
       if (!item.empty()) dirs.emplace_back(item);
   }
   dirs.push_back(fs::path(GRAFT_DEFAULT_SHARED_DIR) / "models");
+  dirs.emplace_back(GRAFT_SOURCE_MODELS_DIR);
   dirs.emplace_back("models");
   return dirs;
 }
@@ -57,9 +58,9 @@ fs::path resolve_model(const std::string& arg) {
   std::string where;
   for (const auto& l : looked) where += (where.empty() ? "" : ", ") + l;
   throw Error("model '" + arg + "' not found: looked for " + arg + "/ and " + arg + ".gguf in " +
-              where +
-              "; give a path to a .gguf file or a Hugging Face folder, or set GRAFT_MODELS to "
-              "the folder that holds it");
+              where + "; put it in " + fs::path(GRAFT_SOURCE_MODELS_DIR).string() +
+              " (README.md says where the default model comes from), give a path to a .gguf "
+              "file or a Hugging Face folder, or set GRAFT_MODELS to the folder that holds it");
 }
 
 LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
