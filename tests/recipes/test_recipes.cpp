@@ -64,6 +64,44 @@ TEST_CASE("includes merge maps and overrides replace values, lists and items") {
   CHECK(to_yaml(r.params).find("lr: 0.5") != std::string::npos);
 }
 
+TEST_CASE("building blocks: a method preset included in a list item, a list of methods spliced") {
+  Workspace w;
+  write(w.dir / "configs/methods/lora-qv.yaml", "name: lora\nr: 4\ntargets: [attn.q, attn.v]\n");
+  write(w.dir / "configs/methods/pair.yaml", "- name: ia3\n- include: lora-qv.yaml\n  alpha: 3\n");
+  write(w.dir / "configs/data/lm.yaml", "task:\n  max_length: 16\n");
+  write(w.dir / "blocks.yaml", R"(include: [lm.yaml, configs/data/lm.yaml]
+methods:
+  - include: configs/methods/lora-qv.yaml
+    r: 8
+  - include: configs/methods/pair.yaml
+  - name: bitfit
+)");
+  auto r = w.recipe("blocks.yaml");
+  CHECK(r.task.max_length == 16);
+  REQUIRE(r.methods.items().size() == 4);
+  // The item's own keys win over the preset's; the list preset takes one item's place.
+  CHECK(r.methods.items()[0].at("name").text() == "lora");
+  CHECK(r.methods.items()[0].at("r").text() == "8");
+  CHECK(r.methods.items()[1].at("name").text() == "ia3");
+  CHECK(r.methods.items()[2].at("r").text() == "4");
+  CHECK(r.methods.items()[2].at("alpha").text() == "3");
+  CHECK(r.methods.items()[3].at("name").text() == "bitfit");
+  // Errors name the preset's file and the place the value landed.
+  write(w.dir / "configs/methods/bad.yaml", "name: lora\nr: eight\n");
+  write(w.dir / "bad-block.yaml",
+        "include: lm.yaml\nmethods:\n  - name: ia3\n  - include: "
+        "configs/methods/bad.yaml\n");
+  CHECK_THROWS_WITH_AS(w.recipe("bad-block.yaml"),
+                       doctest::Contains("bad.yaml:2:1: methods[1].r: expected a positive integer"),
+                       ParamError);
+  write(w.dir / "missing.yaml", "include: lm.yaml\nmethods:\n  - include: nowhere.yaml\n");
+  CHECK_THROWS_WITH_AS(w.recipe("missing.yaml"), doctest::Contains("no such file"), ParamError);
+  write(w.dir / "configs/methods/loop.yaml", "- include: loop.yaml\n");
+  write(w.dir / "loop-recipe.yaml",
+        "include: lm.yaml\nmethods:\n  - include: configs/methods/loop.yaml\n");
+  CHECK_THROWS_WITH_AS(w.recipe("loop-recipe.yaml"), doctest::Contains("includes itself"), Error);
+}
+
 TEST_CASE("the same recipe and seed give bit-identical metrics and adapter, and resume is exact") {
   Workspace w;
   InDir in(w.dir);

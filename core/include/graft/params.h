@@ -51,6 +51,9 @@ class Params {
   // Building.
   Params& add(Params item);                       ///< appends to a list
   Params& set(const std::string& key, Params v);  ///< sets a map entry (replacing)
+  /// A copy whose key path is `path`, and its entries' and items' paths below it (for a tree
+  /// read from one file and placed at another path of a recipe); sources stay.
+  Params rebased(const std::string& path) const;
 
   // Maps.
   bool has(const std::string& key) const;

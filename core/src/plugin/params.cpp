@@ -46,6 +46,15 @@ Params& Params::add(Params item) {
   return items_.back();
 }
 
+Params Params::rebased(const std::string& path) const {
+  Params out = *this;
+  out.path_ = path;
+  for (auto& [key, v] : out.entries_) v = v.rebased(path.empty() ? key : path + "." + key);
+  for (std::size_t i = 0; i < out.items_.size(); ++i)
+    out.items_[i] = out.items_[i].rebased(path + "[" + std::to_string(i) + "]");
+  return out;
+}
+
 Params& Params::set(const std::string& key, Params v) {
   if (kind_ == Kind::null) kind_ = Kind::map;
   if (kind_ != Kind::map) fail("expected a map");

@@ -89,6 +89,72 @@ Params without(const Params& map, const std::string& drop) {
   return out;
 }
 
+Params expand_includes(const Params& p, std::vector<fs::path>& chain);
+
+// The files an `include` key names, relative to the file it is written in.
+std::vector<fs::path> included_files(const Params& include) {
+  std::vector<fs::path> files;
+  for (const auto& inc : include.as_strings()) {
+    auto file = fs::path(include.source().file).parent_path() / inc;
+    if (!fs::exists(file)) include.fail("no such file: " + file.string());
+    files.push_back(file);
+  }
+  return files;
+}
+
+// Reads an included building block (configs/...), itself expanded; a file including itself,
+// directly or not, is an error.
+Params read_block(const fs::path& file, std::vector<fs::path>& chain) {
+  const auto canonical = fs::weakly_canonical(file);
+  if (std::find(chain.begin(), chain.end(), canonical) != chain.end())
+    throw FileError(file.string(), "includes itself (through " + chain.back().string() + ")");
+  chain.push_back(canonical);
+  auto block = expand_includes(read_yaml(file), chain);
+  chain.pop_back();
+  return block;
+}
+
+// Expands `include` keys below the top level: in a map, the included maps come first and the
+// map's own keys win (`- {include: ../configs/methods/preset.yaml, r: 16}`); a list item that
+// is only `{include: F}` naming a list is replaced by that list's items (a preset of several
+// methods). Paths of what is included are those of the place it lands in.
+Params expand_includes(const Params& p, std::vector<fs::path>& chain) {
+  if (p.kind() == Params::Kind::list) {
+    auto out = Params::list(p.path(), p.source());
+    for (const auto& item : p.items()) {
+      if (item.kind() == Params::Kind::map && item.has("include") && item.entries().size() == 1) {
+        const auto files = included_files(item.at("include"));
+        if (files.size() == 1) {
+          auto block = read_block(files[0], chain);
+          if (block.kind() == Params::Kind::list) {
+            for (const auto& x : block.items()) out.add(x);
+            continue;
+          }
+        }
+      }
+      out.add(expand_includes(item, chain));
+    }
+    return out.rebased(p.path());
+  }
+  if (p.kind() != Params::Kind::map) return p;
+  Params out = Params::map(p.path(), p.source());
+  if (p.has("include")) {
+    for (const auto& file : included_files(p.at("include"))) {
+      auto block = read_block(file, chain);
+      if (block.kind() != Params::Kind::map)
+        p.at("include").fail(file.string() + " holds a list; include it as a list item");
+      out = merge(out, block);
+    }
+  }
+  for (const auto& [key, v] : p.entries()) {
+    if (key == "include") continue;
+    auto own = Params::map(p.path(), p.source());
+    own.set(key, expand_includes(v, chain));
+    out = merge(out, own);
+  }
+  return out.rebased(p.path());
+}
+
 Params load_with_includes(const fs::path& path, std::vector<fs::path>& chain) {
   const auto canonical = fs::weakly_canonical(path);
   if (std::find(chain.begin(), chain.end(), canonical) != chain.end())
@@ -106,8 +172,11 @@ Params load_with_includes(const fs::path& path, std::vector<fs::path>& chain) {
     }
     p = merge(merged, without(p, "include"));
   }
+  // Includes inside the recipe: building blocks for one section, method presets in a list.
+  auto expanded = Params::map(p.path(), p.source());
+  for (const auto& [key, v] : p.entries()) expanded.set(key, expand_includes(v, chain));
   chain.pop_back();
-  return p;
+  return expanded;
 }
 
 // One component of an override path: a key or a list index.
