@@ -99,7 +99,7 @@ if [[ -d $root/data/sotu ]]; then
   for f in recipe.yaml manifest.json metrics.jsonl summary.json adapter/adapter.safetensors; do
     [[ -f $run/$f ]] || { echo "FAIL: the run folder lacks $f"; fail=1; }
   done
-  check "run again refused" 1 "already holds a run" -- "$graft" run "$root/recipes/quickstart.yaml" \
+  check "run again refused" 1 "already holds a finished run; add --overwrite" -- "$graft" run "$root/recipes/quickstart.yaml" \
     train.steps=12 train.warmup_steps=2 train.log_every=4 eval.every=0 eval.batches=2 \
     generate.max_new_tokens=8 "output.dir=$run"
   check "eval with the adapter" 0 "\"loss\"" -- "$graft" eval "$root/recipes/quickstart.yaml" \
@@ -116,6 +116,22 @@ if [[ -d $root/data/sotu ]]; then
   check "generate with a LoRA GGUF, scaled" 0 "^The Congress" -- "$graft" generate \
     --model "$model" --adapter "$work/lora.gguf" --adapter-scale 0.5 --prompt "The Congress" \
     --max-new-tokens 8
+  # Ctrl-C: a checkpoint at the next step boundary, exit 130; --resume finishes the run.
+  int=(run "$root/recipes/quickstart.yaml" train.steps=40 train.warmup_steps=2 train.log_every=1
+    eval.every=0 eval.batches=1 generate.max_new_tokens=4 "output.dir=$work/int")
+  "$graft" "${int[@]}" >"$work/int.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 300); do grep -q "^step 3/40" "$work/int.log" && break; sleep 0.1; done
+  kill -INT "$pid"
+  wait "$pid"
+  code=$?
+  if [[ $code -ne 130 ]] || ! grep -q "interrupted (SIGINT) after step" "$work/int.log" ||
+    ! ls "$work"/int/checkpoints/step-*/trainer.json >/dev/null 2>&1; then
+    echo "FAIL: Ctrl-C during graft run: exit $code (wanted 130); output:"
+    cat "$work/int.log"
+    fail=1
+  fi
+  check "resume after Ctrl-C" 0 "resumed from .*step" -- "$graft" "${int[@]}" --resume
   check "merge into GGUF keeps the tokenizer" 0 "wrote .*merged.gguf" -- "$graft" merge \
     --model "$model" --adapter "$work/lora.gguf" --out "$work/merged.gguf"
   check "the merged GGUF generates" 0 "^The Congress" -- "$graft" generate \

@@ -5,6 +5,8 @@
 #include <graft/data.h>
 #include <torch/torch.h>
 
+#include <csignal>
+
 #include "recipes/workspace.h"
 
 using namespace graft;
@@ -136,9 +138,67 @@ TEST_CASE("the same recipe and seed give bit-identical metrics and adapter, and 
   CHECK_FALSE(fs::exists("runs/c/checkpoints/step-000002"));  // keep: 2
 
   // A finished run is not overwritten; resuming with another recipe is refused.
-  CHECK_THROWS_WITH_AS(run_recipe(a, w.quiet()), doctest::Contains("already holds a run"), Error);
+  CHECK_THROWS_WITH_AS(run_recipe(a, w.quiet()),
+                       doctest::Contains("already holds a finished run; add --overwrite"), Error);
   auto other = w.recipe("lm.yaml", {"output.dir=runs/c", "checkpoint.every=2", "train.lr=0.5"});
   CHECK_THROWS_WITH_AS(run_recipe(other, resume), doctest::Contains("differs from the one"), Error);
+}
+
+TEST_CASE("SIGINT stops a run at a step boundary with a checkpoint; --resume continues exactly") {
+  Workspace w;
+  InDir in(w.dir);
+  auto whole = w.recipe("lm.yaml", {"output.dir=runs/whole"});
+  run_recipe(whole, w.quiet());
+  auto r = w.recipe("lm.yaml", {"output.dir=runs/int"});
+  auto o = w.quiet();
+  o.handle_signals = true;
+  o.on_step = [](std::int64_t step) {
+    if (step == 2) std::raise(SIGINT);  // as Ctrl-C in the middle of step 3 would
+  };
+  const auto stopped = run_recipe(r, o);
+  CHECK(stopped.at("interrupted_at") == 2);
+  CHECK(stopped.at("signal") == SIGINT);
+  CHECK(fs::exists("runs/int/checkpoints/step-000002/trainer.json"));
+  CHECK_FALSE(fs::exists("runs/int/summary.json"));
+  // The same command again without --resume says what to do.
+  CHECK_THROWS_WITH_AS(run_recipe(r, w.quiet()),
+                       doctest::Contains("add --resume to continue it, --overwrite to start it "
+                                         "again, or choose another folder"),
+                       Error);
+  auto resume = w.quiet();
+  resume.resume = true;
+  run_recipe(r, resume);
+  CHECK(read("runs/whole/metrics.jsonl") == read("runs/int/metrics.jsonl"));
+  CHECK(read("runs/whole/adapter/adapter.safetensors") ==
+        read("runs/int/adapter/adapter.safetensors"));
+}
+
+TEST_CASE("a run folder without progress starts again; --overwrite replaces graft's files only") {
+  Workspace w;
+  InDir in(w.dir);
+  auto r = w.recipe("lm.yaml", {"output.dir=runs/x"});
+  // A run that failed before its first checkpoint: recipe, manifest and metrics, nothing more.
+  write("runs/x/recipe.yaml", "seed: 1\n");
+  write("runs/x/metrics.jsonl", "");
+  write("runs/x/notes.txt", "mine\n");
+  auto resume = w.quiet();
+  resume.resume = true;
+  CHECK_THROWS_WITH_AS(run_recipe(r, resume),
+                       doctest::Contains("stopped before its first checkpoint"), Error);
+  run_recipe(r, w.quiet());  // starts again
+  CHECK(fs::exists("runs/x/summary.json"));
+  CHECK(read("runs/x/notes.txt") == "mine\n");
+  // Finished: only --overwrite starts it again, and a user's file stays.
+  CHECK_THROWS_WITH_AS(run_recipe(r, w.quiet()), doctest::Contains("--overwrite"), Error);
+  CHECK_THROWS_WITH_AS(run_recipe(r, resume), doctest::Contains("the run finished"), Error);
+  auto over = w.quiet();
+  over.overwrite = true;
+  const auto before = read("runs/x/metrics.jsonl");
+  run_recipe(r, over);
+  CHECK(read("runs/x/metrics.jsonl") == before);
+  CHECK(read("runs/x/notes.txt") == "mine\n");
+  over.resume = true;
+  CHECK_THROWS_WITH_AS(run_recipe(r, over), doctest::Contains("not both"), Error);
 }
 
 TEST_CASE("a non-finite loss stops the run and names the last good checkpoint") {

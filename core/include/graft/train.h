@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -24,14 +25,23 @@ namespace graft {
 
 struct RunOptions {
   bool resume = false;       ///< continue from the run folder's latest checkpoint
+  bool overwrite = false;    ///< start again in a folder that holds a run (graft's files go)
   std::int64_t stop_at = 0;  ///< stop after this step with a checkpoint, as if interrupted
   bool progress = true;      ///< a progress bar on a terminal (plain lines otherwise)
   std::string command_line;  ///< recorded in the manifest
+  /// Stop at the next step boundary with a checkpoint when the process gets SIGINT or SIGTERM
+  /// (a second one ends it at once); the summary then holds "interrupted_at" and "signal".
+  bool handle_signals = false;
+  /// Called after every optimizer step with the step's number (progress for embedders).
+  std::function<void(std::int64_t)> on_step;
 };
 
-/// Trains, evaluates and saves as the recipe says. Returns summary.json's content. Errors: a
-/// ParamError/FileError for a bad recipe, model or data (before any work starts); an Error when
-/// the loss stops being finite (the last good checkpoint is kept and named).
+/// Trains, evaluates and saves as the recipe says. Returns summary.json's content (or, stopped
+/// early, {"stopped_at"} / {"interrupted_at", "signal"}). Errors: a ParamError/FileError for a
+/// bad recipe, model or data (before any work starts); an Error when the loss stops being finite
+/// (the last good checkpoint is kept and named), or when output.dir holds a run and neither
+/// --resume nor --overwrite says what to do with it. A folder whose run stopped before its first
+/// checkpoint holds no progress and is started again.
 nlohmann::json run_recipe(const Recipe& recipe, const RunOptions& options);
 
 /// The run folder's newest complete checkpoint (checkpoints/step-N holding trainer.json), or an

@@ -47,21 +47,26 @@ std::string joined(const Args& args) {
 int run_run(const Args& args) {
   po::options_description desc("options");
   desc.add_options()("resume", "continue the run in output.dir from its latest checkpoint")(
+      "overwrite", "start again in an output.dir that holds a run (graft's files there go)")(
       "stop-at", po::value<std::int64_t>()->default_value(0),
       "stop after this step, leaving a checkpoint (as if interrupted)")(
       "recipe", po::value<std::vector<std::string>>(), "recipe file, then key=value overrides");
   po::positional_options_description pos;
   pos.add("recipe", -1);
   po::variables_map vm;
-  if (!parse(args, desc, vm, "usage: graft run recipe.yaml [key.path=value ...] [--resume]", &pos))
+  if (!parse(args, desc, vm,
+             "usage: graft run recipe.yaml [key.path=value ...] [--resume | --overwrite]", &pos))
     return 0;
   set_threads(vm["threads"].as<int>());
   const auto recipe = read(vm);
   RunOptions o;
   o.resume = vm.count("resume") > 0;
+  o.overwrite = vm.count("overwrite") > 0;
   o.stop_at = vm["stop-at"].as<std::int64_t>();
   o.command_line = joined(args);
-  run_recipe(recipe, o);
+  o.handle_signals = true;  // Ctrl-C: a checkpoint at the next step, then exit (128 + signal)
+  const auto summary = run_recipe(recipe, o);
+  if (summary.contains("interrupted_at")) return 128 + summary["signal"].get<int>();
   return 0;
 }
 

@@ -14,8 +14,10 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <fstream>
 #include <iomanip>
@@ -478,23 +480,94 @@ double peak_memory_mib() {
 
 }  // namespace
 
+namespace {
+
+// --- interruption --------------------------------------------------------------------------
+
+std::atomic<int> g_signal{0};
+
+extern "C" void on_stop_signal(int sig) {
+  // A second signal ends the process at once, as the default action would.
+  if (g_signal.exchange(sig) != 0) {
+    std::signal(sig, SIG_DFL);
+    std::raise(sig);
+  }
+}
+
+// SIGINT and SIGTERM ask the training loop to stop at the next step boundary while it runs;
+// the previous handlers come back afterwards.
+class StopSignals {
+ public:
+  explicit StopSignals(bool on) : on_(on) {
+    if (!on_) return;
+    g_signal = 0;
+    int_ = std::signal(SIGINT, on_stop_signal);
+    term_ = std::signal(SIGTERM, on_stop_signal);
+  }
+  ~StopSignals() {
+    if (!on_) return;
+    std::signal(SIGINT, int_);
+    std::signal(SIGTERM, term_);
+  }
+  int pending() const { return on_ ? g_signal.load() : 0; }
+
+ private:
+  bool on_;
+  void (*int_)(int) = SIG_DFL;
+  void (*term_)(int) = SIG_DFL;
+};
+
+// The files graft writes in a run folder; --overwrite removes these and nothing else.
+const char* kRunFiles[] = {"recipe.yaml",  "manifest.json", "metrics.jsonl",
+                           "summary.json", "adapter",       "checkpoints"};
+
+// What is already in output.dir decides whether the run may start: nothing of graft's, a run
+// with no progress (stopped before its first checkpoint: started again), or a run to resume or
+// overwrite. Returns whether graft's files there are to go (once the new run is ready to write).
+bool check_run_folder(const fs::path& run, const std::string& recipe_text, const RunOptions& o,
+                      std::ostream& log) {
+  const bool has_run = fs::exists(run / "recipe.yaml") || fs::exists(run / "metrics.jsonl");
+  const bool finished = fs::exists(run / "summary.json");
+  const auto checkpoint = latest_checkpoint(run);
+  const std::string where = run.string() + ": ";
+  if (o.resume && o.overwrite) throw Error("give either --resume or --overwrite, not both");
+  if (o.resume) {
+    if (!has_run)
+      throw Error(where + "no run to resume here (no recipe.yaml); start it without --resume");
+    if (checkpoint.empty() && !finished)
+      throw Error(where +
+                  "the run stopped before its first checkpoint, so there is nothing to "
+                  "resume; start it again with --overwrite (or without --resume)");
+    if (fs::exists(run / "recipe.yaml") && io::read_text_file(run / "recipe.yaml") != recipe_text)
+      throw Error(where +
+                  "the recipe (with its overrides) differs from the one this run started with (" +
+                  (run / "recipe.yaml").string() + "); resume with the same recipe and overrides");
+    if (finished)
+      throw Error(where +
+                  "the run finished (summary.json); nothing to resume. Start it again "
+                  "with --overwrite, or choose another folder (output.dir=...)");
+    return false;
+  }
+  if (!has_run) return false;
+  if (!o.overwrite && (finished || !checkpoint.empty()))
+    throw Error(where +
+                (finished ? "already holds a finished run"
+                          : "already holds a run with checkpoints (the latest is " +
+                                checkpoint.filename().string() + ")") +
+                "; add " + (finished ? "" : "--resume to continue it, ") +
+                "--overwrite to start it again, or choose another folder (output.dir=...)");
+  if (!o.overwrite)
+    log << where << "the run there stopped before its first checkpoint; starting it again\n";
+  return true;
+}
+
+}  // namespace
+
 json run_recipe(const Recipe& r, const RunOptions& o) {
   const auto run = r.output.dir;
   const auto recipe_text = to_yaml(r.params);
-  if (o.resume) {
-    if (!fs::exists(run / "recipe.yaml"))
-      throw Error(run.string() +
-                  ": no run to resume here (no recipe.yaml); start it without --resume");
-    if (io::read_text_file(run / "recipe.yaml") != recipe_text)
-      throw Error(run.string() +
-                  ": the recipe (with its overrides) differs from the one this run "
-                  "started with (" +
-                  (run / "recipe.yaml").string() + "); resume with the same recipe and overrides");
-  } else if (fs::exists(run / "recipe.yaml") || fs::exists(run / "metrics.jsonl")) {
-    throw Error(run.string() +
-                ": already holds a run; add --resume to continue it, or choose "
-                "another folder (output.dir=...)");
-  }
+  const bool clear = check_run_folder(run, recipe_text, o, std::cerr);
+  StopSignals signals(o.handle_signals);
 
   torch::manual_seed(r.seed);
   Session s = open_session(r);
@@ -571,6 +644,8 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
   Position pos;
   std::vector<json> metrics;
   json before = json::object(), extra = json::object();
+  if (clear)
+    for (const char* name : kRunFiles) fs::remove_all(run / name);
   fs::create_directories(run);
   if (o.resume) {
     extra = load_checkpoint_trainer(*opt, resume_from, pos, metrics);
@@ -659,9 +734,18 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
       set_training(s, true);
     }
     write_metrics(run / "metrics.jsonl", metrics);
+    if (o.on_step) o.on_step(pos.step);
     const bool stop_here = o.stop_at > 0 && pos.step == o.stop_at && pos.step < total;
-    if ((r.checkpoint.every > 0 && pos.step % r.checkpoint.every == 0) || stop_here)
+    const int sig = pos.step < total ? signals.pending() : 0;
+    if ((r.checkpoint.every > 0 && pos.step % r.checkpoint.every == 0) || stop_here || sig)
       save_checkpoint(s, *opt, pos, metrics, extra, run, r.checkpoint.keep);
+    if (sig) {
+      if (bar) log << "\n";
+      log << "interrupted (" << (sig == SIGINT ? "SIGINT" : "SIGTERM") << ") after step "
+          << pos.step << "; the checkpoint is " << latest_checkpoint(run).string()
+          << "; continue with the same command and --resume\n";
+      return {{"interrupted_at", pos.step}, {"signal", sig}};
+    }
     if (stop_here) {
       if (bar) log << "\n";
       log << "stopped after step " << pos.step << " as asked (--stop-at); continue with --resume\n";
