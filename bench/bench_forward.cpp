@@ -80,6 +80,7 @@ double median_seconds(int repeat, F&& fn) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  graft::wait_passively(argv);
   std::int64_t d = 512, layers = 8, heads = 8, seq = 256, batch = 8;
   int threads = 0, repeat = 5;
   bool matmul_only = false, hooks = false;

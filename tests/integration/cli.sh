@@ -38,6 +38,12 @@ check "unknown command" 2 "unknown command 'frobnicate'" -- "$graft" frobnicate
 check "missing option" 2 "graft generate: .*model.* is required" -- "$graft" generate
 check "bad option value" 2 "top-p" -- "$graft" generate --model x --top-p 7
 check "model not found" 1 "model 'nope' not found: looked for" -- "$graft" generate --model nope
+cores=$(nproc)
+check "threads 0" 2 "--threads: expected 1 to $cores \(this machine's cores\), got 0" -- \
+  "$graft" methods --threads 0
+check "threads above cores" 2 "--threads: expected 1 to $cores" -- \
+  "$graft" methods --threads $((cores + 1))
+check "threads in range" 0 "^lora " -- "$graft" methods --threads "$cores"
 printf 'GGUF\x03\x00\x00\x00' >"$work/trunc.gguf"
 check "truncated file" 1 "trunc.gguf: truncated while reading" -- "$graft" inspect "$work/trunc.gguf"
 check "version" 0 "graft [0-9]+\.[0-9]+\.[0-9]+ \(libtorch" -- "$graft" version
@@ -90,6 +96,10 @@ printf 'model: {path: stories260K}\ntask:\n  train: x.txt\n  kind: causal_lm\nme
 printf 'once upon a time there was a cat.\n' >"$work/x.txt"
 check "recipe error" 1 "bad.yaml:5:[0-9]+: methods\[0\].rr: unknown key \(did you mean \"r\"\?\)" -- \
   "$graft" validate "$work/bad.yaml"
+sed 's/rr: 4/r: 4/' "$work/bad.yaml" >"$work/good.yaml"
+printf 'recipe: good.yaml\ntrial_threads: %d\n' $((cores + 1)) >"$work/threads.yaml"
+check "sweep trial_threads above cores" 1 "threads.yaml: trial_threads: $((cores + 1)) is more than this machine's $cores cores" -- \
+  "$graft" sweep "$work/threads.yaml" --output "$work/threads-sweep"
 check "override error" 2 "is not an override" -- "$graft" run "$work/bad.yaml" lr
 if [[ -d $root/data/sotu ]]; then
   run=$work/run

@@ -59,7 +59,21 @@ std::shared_ptr<Model> make_model(const ModelConfig& config);
 /// Fills every parameter from `seed`: weights and biases N(0, std), norm gains 1 + N(0, std).
 void init_random(Model& model, std::uint64_t seed, double std = 0.02);
 
-/// Sets libtorch's intra-op thread count: `threads` when positive, else the machine's cores.
+/// The cores this process may run on (its CPU affinity, as `nproc` counts them; at least 1).
+int available_cores();
+
+/// libtorch's OpenMP threads spin after each parallel region unless the environment says
+/// otherwise, taking the cores from whatever else runs (docs/performance.md). The OpenMP runtime
+/// reads its environment when it loads, before `main`: so, unless OMP_WAIT_POLICY is set already,
+/// this sets it to PASSIVE and executes the program again with the same arguments. Call it first
+/// thing in `main`; it returns (doing nothing more) where the variable is set or the restart fails.
+void wait_passively(char** argv);
+
+/// Sets how many threads compute: `threads` when positive, else the machine's cores. They are
+/// libtorch's intra-op pool; OpenBLAS, which libtorch calls from inside that work, then runs in
+/// the calling thread, so that two pools never compete for the cores (measured in
+/// docs/performance.md; OPENBLAS_NUM_THREADS, where set, is left to rule). More threads than
+/// cores is an error.
 void set_threads(int threads = 0);
 
 }  // namespace graft

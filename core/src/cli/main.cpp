@@ -35,6 +35,7 @@ commands:
 
 int main(int argc, char** argv) {
   using namespace graft;
+  wait_passively(argv);
   std::vector<std::string> args(argv + 1, argv + argc);
   bool verbose = false;
   for (auto it = args.begin(); it != args.end();) {

@@ -1,6 +1,7 @@
 // Option parsing shared by the commands (Boost.Program_options, kept out of public headers).
 #pragma once
 
+#include <graft/load.h>
 #include <graft/method.h>
 
 #include <boost/program_options.hpp>
@@ -18,8 +19,9 @@ namespace po = boost::program_options;
 /// --help; throws UsageError for anything malformed.
 inline bool parse(const Args& args, po::options_description& desc, po::variables_map& vm,
                   const char* usage, const po::positional_options_description* pos = nullptr) {
-  desc.add_options()("help,h", "show this help")("threads", po::value<int>()->default_value(0),
-                                                 "intra-op threads (0 = all cores)")(
+  desc.add_options()("help,h", "show this help")(
+      "threads", po::value<int>()->default_value(0, "all cores"),
+      "threads that compute, from 1 to the machine's cores")(
       "plugin-dir", po::value<std::vector<std::string>>(), "another folder to load plugins from");
   try {
     auto parser = po::command_line_parser(args).options(desc);
@@ -32,6 +34,12 @@ inline bool parse(const Args& args, po::options_description& desc, po::variables
     po::notify(vm);
   } catch (const po::error& e) {
     throw UsageError(e.what());
+  }
+  if (!vm["threads"].defaulted()) {
+    const int threads = vm["threads"].as<int>(), cores = available_cores();
+    if (threads < 1 || threads > cores)
+      throw UsageError("--threads: expected 1 to " + std::to_string(cores) +
+                       " (this machine's cores), got " + std::to_string(threads));
   }
   return true;
 }

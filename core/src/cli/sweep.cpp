@@ -121,6 +121,10 @@ int run_sweep(const Args& args) {
     return 0;
   }
 
+  if (sweep.trial_threads > available_cores())
+    throw Error(sweep.file.string() + ": trial_threads: " + std::to_string(sweep.trial_threads) +
+                " is more than this machine's " + std::to_string(available_cores()) +
+                " cores (--launcher slurm takes any number)");
   SweepOptions o;
   o.workers = sweep.workers;
   o.graft = this_executable();

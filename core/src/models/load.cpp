@@ -1,3 +1,6 @@
+#include <dlfcn.h>
+#include <sched.h>
+#include <unistd.h>
 #include <graft/error.h>
 #include <graft/io/gguf.h>
 #include <graft/io/safetensors.h>
@@ -127,9 +130,33 @@ void init_random(Model& model, std::uint64_t seed, double std) {
   models::init_parameters(model, seed, std);
 }
 
+void wait_passively(char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY")) return;
+  setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+  execv("/proc/self/exe", argv);  // returns only when it cannot: run on as we are
+}
+
+int available_cores() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
 void set_threads(int threads) {
-  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int cores = available_cores();
+  if (threads > cores)
+    throw Error("threads: " + std::to_string(threads) + " is more than this machine's " +
+                std::to_string(cores) + " cores");
+  if (threads <= 0) threads = cores;
   torch::set_num_threads(threads);
+  // OpenBLAS keeps a pool of its own, whose threads spin while they wait; beside libtorch's
+  // they oversubscribe the cores (a 3x slower run on an idle 2-core machine, docs/performance.md).
+  // Looked up at run time: the BLAS libtorch was linked with may be another. A user who sets
+  // OPENBLAS_NUM_THREADS gets what they asked for.
+  using SetThreads = void (*)(int);
+  if (std::getenv("OPENBLAS_NUM_THREADS")) return;
+  if (auto set = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")))
+    set(1);
 }
 
 }  // namespace graft

@@ -309,7 +309,7 @@ json manifest(const Recipe& r, const RunOptions& o) {
           {"plugins", plugins},
           {"hardware",
            {{"cpu", cpu_model()},
-            {"cores", std::thread::hardware_concurrency()},
+            {"cores", available_cores()},
             {"torch_threads", torch::get_num_threads()},
             {"device", r.model.device}}},
           {"seed", r.seed},
