@@ -146,6 +146,24 @@ if [[ -d $root/data/sotu ]]; then
     --model "$model" --adapter "$work/lora.gguf" --out "$work/merged.gguf"
   check "the merged GGUF generates" 0 "^The Congress" -- "$graft" generate \
     --model "$work/merged.gguf" --prompt "The Congress" --max-new-tokens 8
+  # A Hugging Face folder from the GGUF base: "DIR/" as the docs write it, f16, with the GGUF
+  # tokenizer converted to tokenizer.json, generating what the GGUF merge generates.
+  check "merge into a folder, f16" 0 "wrote .*merged-hf/ \(Hugging Face folder\)" -- "$graft" merge \
+    --model "$model" --adapter "$work/lora.gguf" --out "$work/merged-hf/" --dtype f16
+  grep -q '"torch_dtype": "float16"' "$work/merged-hf/config.json" && [[ -f $work/merged-hf/tokenizer.json ]] ||
+    { echo "FAIL: the f16 folder lacks its dtype or tokenizer.json"; fail=1; }
+  check "the merged folder generates with its tokenizer.json" 0 "^The Congress" -- "$graft" generate \
+    --model "$work/merged-hf" --prompt "The Congress" --max-new-tokens 8
+  "$graft" merge --model "$model" --adapter "$work/lora.gguf" --out "$work/merged-f32" >/dev/null
+  for m in merged.gguf merged-f32; do
+    "$graft" generate --model "$work/$m" --prompt "Héllo, the Congress 🙂" --max-new-tokens 16 >"$work/$m.txt" 2>&1
+  done
+  cmp -s "$work/merged.gguf.txt" "$work/merged-f32.txt" ||
+    { echo "FAIL: the f32 folder generates other text than the GGUF it came from"; fail=1; }
+  check "merge --dtype f16 to GGUF keeps vectors f32" 0 "blk.0.attn_norm.weight +\[64\] +F32" -- \
+    bash -c "'$graft' merge --model '$model' --adapter '$work/lora.gguf' --out '$work/m16.gguf' --dtype f16 >/dev/null && '$graft' inspect '$work/m16.gguf' | grep -E 'blk.0.attn_(norm|q).weight' | sort | tr '\n' ' ' | grep 'F16'"
+  check "merge --dtype q8" 2 "--dtype: expected f32, f16 or bf16" -- "$graft" merge \
+    --model "$model" --adapter "$work/lora.gguf" --out "$work/q8.gguf" --dtype q8
 else
   echo "skip the quickstart run: data/sotu is absent (scripts/fetch-data.sh)"
 fi

@@ -42,16 +42,22 @@ LoadedModel load_model(const std::string& path_or_name, const LoadOptions& optio
 
 /// Writes `model` as a Hugging Face folder that graft (and transformers) load: config.json and
 /// model.safetensors (sharded above 5 GiB), with the tokenizer files of `source` copied when it
-/// is a Hugging Face folder. `dir` must not exist or be empty; it is written completely or not
-/// at all (built under a temporary name, then renamed).
+/// is a Hugging Face folder, else the model's tokenizer converted (Tokenizer::hf_files) where it
+/// has a Hugging Face form. `dir` must not exist or be empty; it is written completely or not
+/// at all (built under a temporary name, then renamed). `dtype` (float, half or bfloat16)
+/// converts every floating tensor; Undefined keeps the model's.
 void save_hf_model(const Model& model, const std::filesystem::path& dir,
-                   const std::filesystem::path& source = {});
+                   const std::filesystem::path& source = {},
+                   c10::ScalarType dtype = c10::ScalarType::Undefined);
 
 /// Writes a llama-family `model` as a GGUF file (F32/F16/BF16 tensors in the model's dtype),
 /// with the architecture metadata from its configuration and the tokenizer and general.*
-/// metadata copied from `source` when that is a GGUF file.
+/// metadata copied from `source` when that is a GGUF file. `dtype` (float, half or bfloat16)
+/// converts the matrices; vectors (norms, biases) stay float32, as llama.cpp's converter keeps
+/// them.
 void save_gguf_model(const Model& model, const std::filesystem::path& file,
-                     const std::filesystem::path& source = {});
+                     const std::filesystem::path& source = {},
+                     c10::ScalarType dtype = c10::ScalarType::Undefined);
 
 /// Builds a model of `config.family` with uninitialised weights (for tests, benchmarks and
 /// training from scratch); init_random() then fills them reproducibly.

@@ -36,6 +36,10 @@ class Tokenizer {
   /// The tokenizer as llama.cpp reads it from a GGUF file (the tokenizer.ggml.* keys), for
   /// writing models; throws graft::Error saying why when llama.cpp has no faithful form for it.
   virtual std::vector<std::pair<std::string, io::GgufValue>> gguf_metadata() const;
+  /// The tokenizer as Hugging Face files (file name, contents): tokenizer.json and
+  /// tokenizer_config.json, as transformers' fast tokenizers read them, for writing models from
+  /// GGUF files; throws graft::Error saying why where there is no faithful form.
+  virtual std::vector<std::pair<std::string, std::string>> hf_files() const;
 
   std::int64_t bos_id() const { return bos_; }  ///< -1 when the vocabulary has none
   std::int64_t eos_id() const { return eos_; }

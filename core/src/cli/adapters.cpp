@@ -1,6 +1,7 @@
 // graft merge and graft export-adapter.
 #include <graft/adapter.h>
 #include <graft/load.h>
+#include <torch/torch.h>
 
 #include <iostream>
 
@@ -14,7 +15,9 @@ int run_merge(const Args& args) {
                      "base model (GGUF file, folder or name)")(
       "adapter", po::value<std::vector<std::string>>()->required(), "adapter folder (repeatable)")(
       "out,o", po::value<std::string>()->required(), "output: a folder, or a .gguf file")(
-      "format", po::value<std::string>(), "hf or gguf (default: gguf when --out ends in .gguf)");
+      "format", po::value<std::string>(), "hf or gguf (default: gguf when --out ends in .gguf)")(
+      "dtype", po::value<std::string>(),
+      "f32, f16 or bf16: the written tensors' type (default: the model's; GGUF vectors stay f32)");
   po::variables_map vm;
   if (!parse(args, desc, vm, "usage: graft merge --model M --adapter DIR --out OUT")) return 0;
   const std::string out = vm["out"].as<std::string>();
@@ -23,6 +26,18 @@ int run_merge(const Args& args) {
                            : (std::filesystem::path(out).extension() == ".gguf" ? "gguf" : "hf");
   if (format != "hf" && format != "gguf")
     throw UsageError("--format: expected hf or gguf, got \"" + format + "\"");
+  auto dtype = c10::ScalarType::Undefined;
+  if (vm.count("dtype")) {
+    const auto d = vm["dtype"].as<std::string>();
+    if (d == "f32")
+      dtype = torch::kFloat;
+    else if (d == "f16")
+      dtype = torch::kHalf;
+    else if (d == "bf16")
+      dtype = torch::kBFloat16;
+    else
+      throw UsageError("--dtype: expected f32, f16 or bf16, got \"" + d + "\"");
+  }
   if (std::filesystem::exists(out) &&
       !(std::filesystem::is_directory(out) && std::filesystem::is_empty(out)))
     throw UsageError("--out " + out + ": already exists; choose a new output path");
@@ -35,17 +50,17 @@ int run_merge(const Args& args) {
   for (auto& m : methods) m->merge(*loaded.model);
   if (format == "gguf") {
     save_gguf_model(*loaded.model, out,
-                    loaded.format == "gguf" ? loaded.path : std::filesystem::path());
+                    loaded.format == "gguf" ? loaded.path : std::filesystem::path(), dtype);
   } else {
-    save_hf_model(*loaded.model, out,
-                  loaded.format == "hf" ? loaded.path : std::filesystem::path());
+    save_hf_model(*loaded.model, out, loaded.format == "hf" ? loaded.path : std::filesystem::path(),
+                  dtype);
   }
   std::cout << "merged " << methods.size() << " method(s) into " << loaded.path.string()
             << "; wrote " << out << (format == "gguf" ? " (GGUF)" : " (Hugging Face folder)")
             << "\n";
-  if (format == "hf" && loaded.format == "gguf")
-    std::cout
-        << "note: the GGUF file's tokenizer is not converted; the folder has no tokenizer.json\n";
+  if (format == "hf" && !std::filesystem::exists(std::filesystem::path(out) / "tokenizer.json"))
+    std::cout << "note: the model's tokenizer has no Hugging Face form graft writes; the folder "
+                 "has no tokenizer.json\n";
   return 0;
 }
 

@@ -15,10 +15,22 @@ namespace fs = std::filesystem;
 
 namespace {
 
-io::TensorMap parameters_of(const Model& model) {
+// The model's parameters on the CPU; with a dtype, floating tensors (of at least `min_dim`
+// dimensions) converted to it.
+io::TensorMap parameters_of(const Model& model, c10::ScalarType dtype, std::int64_t min_dim = 0) {
+  if (dtype != c10::ScalarType::Undefined && dtype != torch::kFloat && dtype != torch::kHalf &&
+      dtype != torch::kBFloat16)
+    throw Error(std::string("cannot write a model as ") + c10::toString(dtype) +
+                " (float32, float16 or bfloat16)");
   io::TensorMap t;
-  for (const auto& p : model.named_parameters(true))
-    t[p.key()] = p.value().detach().to(torch::kCPU);
+  for (const auto& p : model.named_parameters(true)) {
+    auto v = p.value().detach().to(torch::kCPU);
+    if (dtype != c10::ScalarType::Undefined && v.is_floating_point() && v.dim() >= min_dim)
+      v = v.to(dtype);
+    else if (dtype != c10::ScalarType::Undefined && v.is_floating_point())
+      v = v.to(torch::kFloat);
+    t[p.key()] = v.contiguous();
+  }
   return t;
 }
 
@@ -53,11 +65,21 @@ void check_empty_target(const fs::path& p) {
 
 }  // namespace
 
-void save_hf_model(const Model& model, const fs::path& dir, const fs::path& source) {
+void save_hf_model(const Model& model, const fs::path& out, const fs::path& source,
+                   c10::ScalarType dtype) {
+  const fs::path dir = out.has_filename() ? out : out.parent_path();  // "merged/" is "merged"
   check_empty_target(dir);
   const auto& c = model.config();
-  auto tensors = models::to_hf(c, parameters_of(model));
+  auto tensors = models::to_hf(c, parameters_of(model, dtype));
   auto config = models::hf_config(c);
+  // transformers' torch_dtype: what the matrices are stored as.
+  for (const auto& [name, t] : tensors)
+    if (t.dim() >= 2 && t.is_floating_point()) {
+      config["torch_dtype"] = t.scalar_type() == torch::kHalf       ? "float16"
+                              : t.scalar_type() == torch::kBFloat16 ? "bfloat16"
+                                                                    : "float32";
+      break;
+    }
   std::random_device rd;
   fs::path tmp = dir;
   tmp += ".tmp-" + std::to_string(rd());
@@ -71,6 +93,16 @@ void save_hf_model(const Model& model, const fs::path& dir, const fs::path& sour
            {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
             "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json"})
         if (fs::exists(source / f)) fs::copy_file(source / f, tmp / f);
+    // A model from a GGUF file: its embedded tokenizer, converted, where it has a faithful form.
+    if (!fs::exists(tmp / "tokenizer.json") && model.tokenizer()) {
+      std::vector<std::pair<std::string, std::string>> files;
+      try {
+        files = model.tokenizer()->hf_files();
+      } catch (const Error&) {
+      }
+      for (const auto& [name, text] : files)
+        io::write_atomically(tmp / name, [&](std::ostream& o) { o << text; });
+    }
     if (fs::exists(dir)) fs::remove(dir);  // an empty folder
     fs::rename(tmp, dir);
   } catch (...) {
@@ -80,10 +112,11 @@ void save_hf_model(const Model& model, const fs::path& dir, const fs::path& sour
   }
 }
 
-void save_gguf_model(const Model& model, const fs::path& file, const fs::path& source) {
+void save_gguf_model(const Model& model, const fs::path& file, const fs::path& source,
+                     c10::ScalarType dtype) {
   check_empty_target(file);
   const auto& c = model.config();
-  auto tensors = models::to_gguf(c, parameters_of(model));
+  auto tensors = models::to_gguf(c, parameters_of(model, dtype, 2));
   const std::string arch = c.architecture.rfind("Qwen2", 0) == 0 ? "qwen2" : "llama";
   std::vector<std::pair<std::string, io::GgufValue>> meta = {
       {"general.architecture", io::gguf_string(arch)},

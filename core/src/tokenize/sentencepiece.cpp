@@ -6,6 +6,8 @@
 #include <graft/io/gguf.h>
 #include <graft/tokenizer.h>
 
+#include <algorithm>
+#include <nlohmann/json.hpp>
 #include <queue>
 #include <unordered_map>
 
@@ -15,7 +17,7 @@
 namespace graft {
 namespace {
 
-constexpr std::int32_t kControl = 3, kUnused = 5, kByte = 6;
+constexpr std::int32_t kUnknown = 2, kControl = 3, kUserDefined = 4, kUnused = 5, kByte = 6;
 const std::string kSpace = "\xE2\x96\x81";  // U+2581 LOWER ONE EIGHTH BLOCK
 
 class SentencePieceBpe : public Tokenizer {
@@ -96,6 +98,7 @@ class SentencePieceBpe : public Tokenizer {
     tokenize::add_special_ids(m, *this);
     return m;
   }
+  std::vector<std::pair<std::string, std::string>> hf_files() const override;
   std::string token(std::int64_t id) const override {
     return id >= 0 && id < vocab_size() ? v_.pieces[id] : std::string();
   }
@@ -174,6 +177,117 @@ class SentencePieceBpe : public Tokenizer {
   std::unordered_map<std::string, std::int64_t> ids_;
   std::unordered_map<int, std::int64_t> byte_ids_;
 };
+
+// The same tokenizer as transformers' LlamaTokenizerFast holds it: a BPE model whose merges are
+// every split of a vocabulary entry into two entries, ranked by the entry's score (highest
+// first; within an entry, by the ids of its halves), which is what makes merging the best-ranked
+// pair the same as SentencePiece's merging of the best-scoring one. Control, unknown and
+// user-defined entries become added tokens; bytes stay in the vocabulary for byte fallback.
+std::vector<std::pair<std::string, std::string>> SentencePieceBpe::hf_files() const {
+  using json = nlohmann::ordered_json;
+  struct Merge {
+    float score;
+    std::int64_t left, right;
+  };
+  std::vector<Merge> merges;
+  for (std::size_t i = 0; i < v_.pieces.size(); ++i) {
+    const auto type = v_.types[i];
+    if (type == kControl || type == kUnknown || type == kUnused || type == kByte) continue;
+    const auto& piece = v_.pieces[i];
+    std::vector<Merge> local;
+    for (std::size_t at = tokenize::utf8_length(static_cast<unsigned char>(piece[0]));
+         at < piece.size(); at += tokenize::utf8_length(static_cast<unsigned char>(piece[at]))) {
+      const auto l = ids_.find(piece.substr(0, at)), r = ids_.find(piece.substr(at));
+      if (l != ids_.end() && r != ids_.end()) local.push_back({v_.scores[i], l->second, r->second});
+    }
+    std::sort(local.begin(), local.end(), [](const Merge& a, const Merge& b) {
+      return a.left != b.left ? a.left < b.left : a.right < b.right;
+    });
+    merges.insert(merges.end(), local.begin(), local.end());
+  }
+  std::stable_sort(merges.begin(), merges.end(),
+                   [](const Merge& a, const Merge& b) { return a.score > b.score; });
+
+  json vocab = json::object(), merge_list = json::array(), added = json::array();
+  for (std::size_t i = 0; i < v_.pieces.size(); ++i) vocab[v_.pieces[i]] = i;
+  for (const auto& m : merges) merge_list.push_back(v_.pieces[m.left] + " " + v_.pieces[m.right]);
+  for (std::size_t i = 0; i < v_.pieces.size(); ++i) {
+    const auto type = v_.types[i];
+    if (type != kControl && type != kUnknown && type != kUserDefined) continue;
+    added.push_back({{"id", i},
+                     {"content", v_.pieces[i]},
+                     {"single_word", false},
+                     {"lstrip", false},
+                     {"rstrip", false},
+                     {"normalized", type == kUserDefined},
+                     {"special", type != kUserDefined}});
+  }
+  const json space = {{"String", " "}}, meta = {{"String", kSpace}};
+  json normalizers = json::array();
+  if (v_.add_space_prefix) normalizers.push_back({{"type", "Prepend"}, {"prepend", kSpace}});
+  normalizers.push_back({{"type", "Replace"}, {"pattern", space}, {"content", kSpace}});
+  json decoders = {{{"type", "Replace"}, {"pattern", meta}, {"content", " "}},
+                   {{"type", "ByteFallback"}},
+                   {{"type", "Fuse"}}};
+  if (v_.add_space_prefix)
+    decoders.push_back({{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}});
+  // The template: BOS and EOS where the vocabulary adds them.
+  json single = json::array(), pair = json::array(), specials = json::object();
+  auto special = [&](bool add, std::int64_t id, int type_id, json& into) {
+    if (!add || id < 0) return;
+    into.push_back({{"SpecialToken", {{"id", v_.pieces[id]}, {"type_id", type_id}}}});
+    specials[v_.pieces[id]] = {{"id", v_.pieces[id]}, {"ids", {id}}, {"tokens", {v_.pieces[id]}}};
+  };
+  for (int type_id : {0, 1}) {
+    const char* seq = type_id == 0 ? "A" : "B";
+    for (json* into :
+         type_id == 0 ? std::vector<json*>{&single, &pair} : std::vector<json*>{&pair}) {
+      special(v_.add_bos, bos_, type_id, *into);
+      into->push_back({{"Sequence", {{"id", seq}, {"type_id", type_id}}}});
+      special(v_.add_eos, eos_, type_id, *into);
+    }
+  }
+  const json tokenizer = {{"version", "1.0"},
+                          {"truncation", nullptr},
+                          {"padding", nullptr},
+                          {"added_tokens", added},
+                          {"normalizer", {{"type", "Sequence"}, {"normalizers", normalizers}}},
+                          {"pre_tokenizer", nullptr},
+                          {"post_processor",
+                           {{"type", "TemplateProcessing"},
+                            {"single", single},
+                            {"pair", pair},
+                            {"special_tokens", specials}}},
+                          {"decoder", {{"type", "Sequence"}, {"decoders", decoders}}},
+                          {"model",
+                           {{"type", "BPE"},
+                            {"dropout", nullptr},
+                            {"unk_token", unk_ >= 0 ? json(v_.pieces[unk_]) : json(nullptr)},
+                            {"continuing_subword_prefix", nullptr},
+                            {"end_of_word_suffix", nullptr},
+                            {"fuse_unk", true},
+                            {"byte_fallback", true},
+                            {"ignore_merges", false},
+                            {"vocab", vocab},
+                            {"merges", merge_list}}}};
+  auto name = [&](std::int64_t id) { return id >= 0 ? json(v_.pieces[id]) : json(nullptr); };
+  const json config = {{"tokenizer_class", "LlamaTokenizerFast"},
+                       {"bos_token", name(bos_)},
+                       {"eos_token", name(eos_)},
+                       {"unk_token", name(unk_)},
+                       {"pad_token", name(pad_)},
+                       {"add_bos_token", v_.add_bos},
+                       {"add_eos_token", v_.add_eos},
+                       {"add_prefix_space", v_.add_space_prefix},
+                       {"legacy", true},
+                       {"clean_up_tokenization_spaces", false}};
+  try {
+    return {{"tokenizer.json", tokenizer.dump(2) + "\n"},
+            {"tokenizer_config.json", config.dump(2) + "\n"}};
+  } catch (const json::exception&) {
+    throw Error("a vocabulary entry is not valid UTF-8, which tokenizer.json cannot hold");
+  }
+}
 
 }  // namespace
 

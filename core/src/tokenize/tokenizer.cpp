@@ -10,6 +10,10 @@ std::vector<std::pair<std::string, io::GgufValue>> Tokenizer::gguf_metadata() co
   throw Error("this tokenizer has no form in llama.cpp's GGUF keys");
 }
 
+std::vector<std::pair<std::string, std::string>> Tokenizer::hf_files() const {
+  throw Error("graft cannot write this tokenizer as a Hugging Face tokenizer.json");
+}
+
 namespace tokenize {
 
 void add_special_ids(std::vector<std::pair<std::string, io::GgufValue>>& meta, const Tokenizer& t) {
