@@ -1,11 +1,11 @@
 #include <dlfcn.h>
-#include <sched.h>
-#include <unistd.h>
 #include <graft/error.h>
 #include <graft/io/gguf.h>
 #include <graft/io/safetensors.h>
 #include <graft/load.h>
+#include <sched.h>
 #include <torch/torch.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <nlohmann/json.hpp>
