@@ -2,7 +2,7 @@
 # The graft command line end to end: usage errors, generate on the real model, inspect, forward.
 # Usage: cli.sh path/to/graft path/to/shared
 set -uo pipefail
-graft=$1
+graft=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
 shared=$2
 root=$(cd "$(dirname "$0")/../.." && pwd)
 # The real model where graft looks for it: $GRAFT_MODELS, ../shared/models, the checkout's models/.
@@ -100,6 +100,14 @@ sed 's/rr: 4/r: 4/' "$work/bad.yaml" >"$work/good.yaml"
 printf 'recipe: good.yaml\ntrial_threads: %d\n' $((cores + 1)) >"$work/threads.yaml"
 check "sweep trial_threads above cores" 1 "threads.yaml: trial_threads: $((cores + 1)) is more than this machine's $cores cores" -- \
   "$graft" sweep "$work/threads.yaml" --output "$work/threads-sweep"
+# Resuming: a changed override is named; the run folder's own recipe.yaml resumes the run from
+# anywhere, its data still found beside the original recipe.
+own=(run good.yaml train.steps=6 train.warmup_steps=0 train.log_every=1 eval.every=0 output.dir=own)
+(cd "$work" && "$graft" "${own[@]}" --stop-at 3 >/dev/null 2>&1)
+check "resume names the differing keys" 1 "differs from the one this run started with \(methods\[0\]\.r: 4 in the run, 2 now; train\.steps: 6 in the run, 8 now\)" -- \
+  bash -c "cd '$work' && '$graft' ${own[*]} train.steps=8 methods[0].r=2 --resume"
+check "resume from the run folder's recipe, elsewhere" 0 "run folder: $work/own" -- \
+  bash -c "cd / && '$graft' run '$work/own/recipe.yaml' --resume"
 check "override error" 2 "is not an override" -- "$graft" run "$work/bad.yaml" lr
 if [[ -d $root/data/sotu ]]; then
   run=$work/run

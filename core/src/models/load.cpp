@@ -21,17 +21,9 @@ namespace graft {
 namespace fs = std::filesystem;
 
 std::vector<fs::path> model_search_path() {
-  std::vector<fs::path> dirs;
-  if (const char* env = std::getenv("GRAFT_MODELS")) {
-    std::stringstream ss(env);
-    std::string item;
-    while (std::getline(ss, item, ':'))
-      if (!item.empty()) dirs.emplace_back(item);
-  }
-  dirs.push_back(fs::path(GRAFT_DEFAULT_SHARED_DIR) / "models");
-  dirs.emplace_back(GRAFT_SOURCE_MODELS_DIR);
-  dirs.emplace_back("models");
-  return dirs;
+  return io::search_path({}, "GRAFT_MODELS",
+                         {fs::path(GRAFT_DEFAULT_SHARED_DIR) / "models",
+                          fs::path(GRAFT_SOURCE_MODELS_DIR), fs::path("models")});
 }
 
 namespace {

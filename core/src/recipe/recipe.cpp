@@ -7,10 +7,12 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <nlohmann/json.hpp>
 #include <regex>
 #include <sstream>
 
 #include "build_config.h"
+#include "util/file.h"
 
 namespace graft {
 namespace fs = std::filesystem;
@@ -235,17 +237,25 @@ Params replace(const Params& node, const std::vector<Step>& steps, std::size_t i
 
 // Data files: as given (relative to the recipe), else on the data search path.
 std::vector<fs::path> data_search_path(const fs::path& recipe_dir) {
-  std::vector<fs::path> dirs = {recipe_dir};
-  if (const char* env = std::getenv("GRAFT_DATA")) {
-    std::stringstream ss(env);
-    std::string item;
-    while (std::getline(ss, item, ':'))
-      if (!item.empty()) dirs.emplace_back(item);
+  return io::search_path(
+      {recipe_dir}, "GRAFT_DATA",
+      {fs::path(GRAFT_DEFAULT_SHARED_DIR) / "data", fs::path(GRAFT_SOURCE_DATA_DIR), "data"});
+}
+
+// A run folder's recipe.yaml names files as the recipe it was resolved from did: relative to
+// that recipe's folder, which the manifest beside it records.
+fs::path recipe_base_dir(const fs::path& file) {
+  const auto manifest = file.parent_path() / "manifest.json";
+  if (file.filename() == "recipe.yaml" && fs::exists(manifest)) {
+    try {
+      const auto j = nlohmann::json::parse(io::read_text_file(manifest));
+      const fs::path original = j.value("recipe", std::string());
+      if (original.is_absolute()) return original.parent_path();
+    } catch (const std::exception&) {
+      // not a manifest graft wrote: the recipe's own folder
+    }
   }
-  dirs.push_back(fs::path(GRAFT_DEFAULT_SHARED_DIR) / "data");
-  dirs.emplace_back(GRAFT_SOURCE_DATA_DIR);
-  dirs.emplace_back("data");
-  return dirs;
+  return file.parent_path();
 }
 
 bool has_glob(const std::string& s) { return s.find_first_of("*?") != std::string::npos; }
@@ -381,7 +391,7 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
   Recipe r;
   r.file = file;
   r.params = p;
-  const auto dir = file.parent_path();
+  const auto dir = recipe_base_dir(file);
   p.check_keys(
       {"seed", "model", "task", "methods", "train", "eval", "generate", "output", "checkpoint"});
   r.seed = static_cast<std::uint64_t>(non_negative(p, "seed", 0));
@@ -500,6 +510,10 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
   const auto& o = section(p, "output");
   o.check_keys({"dir", "save_adapter"});
   r.output.dir = o.has("dir") ? fs::path(o.at("dir").as_string()) : fs::path("runs") / file.stem();
+  // A run folder's own recipe.yaml, its output.dir not overridden, is that run folder wherever
+  // graft is started (output.dir is relative to where the run was started).
+  if (dir != file.parent_path() && o.has("dir") && o.at("dir").source().file == file.string())
+    r.output.dir = file.parent_path();
   r.output.save_adapter = o.get_bool("save_adapter", true);
 
   const auto& c = section(p, "checkpoint");

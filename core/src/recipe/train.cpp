@@ -13,6 +13,7 @@
 #include <sys/resource.h>
 #include <torch/torch.h>
 #include <unistd.h>
+#include <yaml-cpp/yaml.h>
 
 #include <atomic>
 #include <chrono>
@@ -313,7 +314,7 @@ json manifest(const Recipe& r, const RunOptions& o) {
             {"torch_threads", torch::get_num_threads()},
             {"device", r.model.device}}},
           {"seed", r.seed},
-          {"recipe", r.file.string()},
+          {"recipe", fs::absolute(r.file).lexically_normal().string()},
           {"command", o.command_line}};
 }
 
@@ -517,6 +518,47 @@ class StopSignals {
   void (*term_)(int) = SIG_DFL;
 };
 
+// Where two resolved recipes differ, as key paths the command line takes ("train.steps: 100 in
+// the run, 10 now"), at most `limit` of them.
+void yaml_differences(const YAML::Node& was, const YAML::Node& now, const std::string& path,
+                      std::vector<std::string>& out) {
+  auto shown = [](const YAML::Node& n) {
+    if (!n.IsDefined() || n.IsNull()) return std::string("absent");
+    if (n.IsScalar()) return n.Scalar();
+    YAML::Emitter e;
+    e << YAML::Flow << n;
+    return std::string(e.c_str());
+  };
+  auto child = [&](const std::string& key) { return path.empty() ? key : path + "." + key; };
+  const bool both = was.IsDefined() && now.IsDefined();  // an absent key's node is invalid
+  if (both && was.IsMap() && now.IsMap()) {
+    std::vector<std::string> keys;
+    for (const auto& kv : was) keys.push_back(kv.first.Scalar());
+    for (const auto& kv : now)
+      if (!was[kv.first.Scalar()].IsDefined()) keys.push_back(kv.first.Scalar());
+    for (const auto& k : keys) yaml_differences(was[k], now[k], child(k), out);
+  } else if (both && was.IsSequence() && now.IsSequence() && was.size() == now.size()) {
+    for (std::size_t i = 0; i < was.size(); ++i)
+      yaml_differences(was[i], now[i], path + "[" + std::to_string(i) + "]", out);
+  } else if (shown(was) != shown(now)) {
+    out.push_back(path + ": " + shown(was) + " in the run, " + shown(now) + " now");
+  }
+}
+
+std::string recipe_differences(const std::string& was, const std::string& now) {
+  std::vector<std::string> diffs;
+  try {
+    yaml_differences(YAML::Load(was), YAML::Load(now), "", diffs);
+  } catch (const YAML::Exception&) {
+    return "";
+  }
+  std::string out;
+  const std::size_t limit = 5;
+  for (std::size_t i = 0; i < diffs.size() && i < limit; ++i) out += (i ? "; " : "") + diffs[i];
+  if (diffs.size() > limit) out += "; and " + std::to_string(diffs.size() - limit) + " more";
+  return out;
+}
+
 // The files graft writes in a run folder; --overwrite removes these and nothing else.
 const char* kRunFiles[] = {"recipe.yaml",  "manifest.json", "metrics.jsonl",
                            "summary.json", "adapter",       "checkpoints"};
@@ -538,10 +580,17 @@ bool check_run_folder(const fs::path& run, const std::string& recipe_text, const
       throw Error(where +
                   "the run stopped before its first checkpoint, so there is nothing to "
                   "resume; start it again with --overwrite (or without --resume)");
-    if (fs::exists(run / "recipe.yaml") && io::read_text_file(run / "recipe.yaml") != recipe_text)
-      throw Error(where +
-                  "the recipe (with its overrides) differs from the one this run started with (" +
-                  (run / "recipe.yaml").string() + "); resume with the same recipe and overrides");
+    if (fs::exists(run / "recipe.yaml")) {
+      const auto was = io::read_text_file(run / "recipe.yaml");
+      if (was != recipe_text) {
+        const auto diff = recipe_differences(was, recipe_text);
+        throw Error(where +
+                    "the recipe (with its overrides) differs from the one this run started with" +
+                    (diff.empty() ? "" : " (" + diff + ")") +
+                    "; resume with the same recipe and overrides, or with " +
+                    (run / "recipe.yaml").string());
+      }
+    }
     if (finished)
       throw Error(where +
                   "the run finished (summary.json); nothing to resume. Start it again "

@@ -6,7 +6,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <random>
@@ -63,6 +65,29 @@ void write_atomically(const std::filesystem::path& path,
     std::filesystem::remove(tmp, ec);
     throw;
   }
+}
+
+std::vector<std::filesystem::path> search_path(const std::vector<std::filesystem::path>& first,
+                                               const char* env,
+                                               const std::vector<std::filesystem::path>& then) {
+  std::vector<std::filesystem::path> all = first, out;
+  if (const char* value = std::getenv(env)) {
+    std::stringstream ss(value);
+    std::string item;
+    while (std::getline(ss, item, ':'))
+      if (!item.empty()) all.emplace_back(item);
+  }
+  all.insert(all.end(), then.begin(), then.end());
+  std::vector<std::filesystem::path> seen;
+  for (const auto& dir : all) {
+    std::error_code ec;
+    auto key = std::filesystem::weakly_canonical(dir.empty() ? "." : dir, ec);
+    if (ec) key = dir;
+    if (std::find(seen.begin(), seen.end(), key) != seen.end()) continue;
+    seen.push_back(key);
+    out.push_back(dir);
+  }
+  return out;
 }
 
 std::string read_text_file(const std::filesystem::path& path) {

@@ -9,8 +9,15 @@
 #include <functional>
 #include <ostream>
 #include <string>
+#include <vector>
 
 namespace graft::io {
+
+/// A search path: `first`, then the folders of the colon-separated environment variable `env`,
+/// then `then`, each folder once (the first time it appears, compared as absolute paths).
+std::vector<std::filesystem::path> search_path(const std::vector<std::filesystem::path>& first,
+                                               const char* env,
+                                               const std::vector<std::filesystem::path>& then);
 
 /// A read-only memory-mapped file. An empty file maps to size() == 0 and data() == nullptr.
 class MappedFile {
