@@ -25,3 +25,7 @@ write_basic_package_version_file(${PROJECT_BINARY_DIR}/graftConfigVersion.cmake
   COMPATIBILITY SameMinorVersion)
 install(FILES ${PROJECT_BINARY_DIR}/graftConfig.cmake ${PROJECT_BINARY_DIR}/graftConfigVersion.cmake
   ${PROJECT_SOURCE_DIR}/cmake/GraftPlugin.cmake DESTINATION ${GRAFT_CMAKE_DIR})
+
+# The shipped recipes and their building blocks, for `graft ls` and `graft cp`.
+install(DIRECTORY ${PROJECT_SOURCE_DIR}/recipes ${PROJECT_SOURCE_DIR}/configs
+  DESTINATION ${CMAKE_INSTALL_DATADIR}/graft)

@@ -35,6 +35,19 @@ check() {  # check NAME EXPECTED_EXIT PATTERN -- command...
 
 check "no command" 2 "usage: graft" -- "$graft"
 check "unknown command" 2 "unknown command 'frobnicate'" -- "$graft" frobnicate
+check "unknown command, did you mean" 2 "unknown command 'methdos' \(did you mean 'methods'\?\)" -- "$graft" methdos
+check "global options before the command" 0 "^lora " -- "$graft" --threads 1 methods
+check "version --help" 0 "^usage: graft version" -- "$graft" version --help
+check "methods NAME: keys and defaults" 0 "^    r +integer +8" -- "$graft" methods lora
+check "methods NAME: a typo" 2 "no method \"lorra\" in the plugins found \(did you mean \"lora\"\?\)" -- "$graft" methods lorra
+check "ls lists recipes and building blocks" 0 "configs/methods/lora-qv +LoRA as in the paper" -- "$graft" ls
+check "cp a typo" 2 "no shipped recipe or building block \"quickstrat\" \(did you mean \"quickstart\"\?\)" -- \
+  "$graft" cp quickstrat "$work/x.yaml"
+check "cp a recipe" 0 "copied hybrids/unipelt to $work/unipelt.yaml" -- "$graft" cp hybrids/unipelt "$work"
+grep -q "^include: $root/recipes/quickstart.yaml" "$work/unipelt.yaml" &&
+  grep -q "^  - include: $root/configs/methods/unipelt.yaml" "$work/unipelt.yaml" ||
+  { echo "FAIL: the copied recipe's includes do not point at the shipped configs"; fail=1; }
+check "cp onto a file" 2 "already exists" -- "$graft" cp hybrids/unipelt "$work"
 check "missing option" 2 "graft generate: .*model.* is required" -- "$graft" generate
 check "bad option value" 2 "top-p" -- "$graft" generate --model x --top-p 7
 check "model not found" 1 "model 'nope' not found: looked for" -- "$graft" generate --model nope
@@ -114,6 +127,8 @@ if [[ -d $root/data/sotu ]]; then
   check "run quickstart (short)" 0 "eval after: .*loss" -- "$graft" run "$root/recipes/quickstart.yaml" \
     train.steps=12 train.warmup_steps=2 train.log_every=4 eval.every=0 eval.batches=2 \
     generate.max_new_tokens=8 "output.dir=$run"
+  grep -q "\"command\": \"graft run $root/recipes/quickstart.yaml train.steps=12" "$run/manifest.json" ||
+    { echo "FAIL: the manifest does not record the command as typed"; fail=1; }
   for f in recipe.yaml manifest.json metrics.jsonl summary.json adapter/adapter.safetensors; do
     [[ -f $run/$f ]] || { echo "FAIL: the run folder lacks $f"; fail=1; }
   done
@@ -139,7 +154,7 @@ if [[ -d $root/data/sotu ]]; then
     eval.every=0 eval.batches=1 generate.max_new_tokens=4 "output.dir=$work/int")
   "$graft" "${int[@]}" >"$work/int.log" 2>&1 &
   pid=$!
-  for _ in $(seq 300); do grep -q "^step 3/40" "$work/int.log" && break; sleep 0.1; done
+  for _ in $(seq 300); do grep -qs "^step 3/40" "$work/int.log" && break; sleep 0.1; done
   kill -INT "$pid"
   wait "$pid"
   code=$?

@@ -17,6 +17,11 @@ namespace graft {
 /// A syntax error is a FileError naming the file, line and column.
 Params read_yaml(const std::filesystem::path& path);
 
+/// The folder holding the shipped recipes/ and configs/: the source checkout graft was built
+/// from, else where `cmake --install` put them (share/graft). Throws graft::Error when neither has
+/// them.
+std::filesystem::path shipped_recipes_root();
+
 /// Writes settings back as YAML (block style, keys in their order).
 std::string to_yaml(const Params& params);
 

@@ -28,6 +28,8 @@ int run_validate(const Args& args);
 int run_eval(const Args& args);
 int run_sweep(const Args& args);
 int run_report(const Args& args);
+int run_ls(const Args& args);
+int run_cp(const Args& args);
 
 /// Parses "1,5,9" into integers; `what` names the option in errors.
 std::vector<std::int64_t> parse_int_list(const std::string& text, const std::string& what);

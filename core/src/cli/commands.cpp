@@ -289,12 +289,76 @@ int run_forward(const Args& args) {
 
 namespace graft::cli {
 
+namespace {
+
+// What a JSON value is, in a recipe's words.
+std::string kind_of(const nlohmann::json& v) {
+  if (v.is_boolean()) return "boolean";
+  if (v.is_number_integer()) return "integer";
+  if (v.is_number()) return "number";
+  if (v.is_string()) return "string";
+  if (v.is_array()) return "list";
+  if (v.is_object()) return "map";
+  return "-";
+}
+
+// One method: its registration, and every key with its type and default, read from the
+// configuration a method made with no keys reports (so that every plugin gets this for free).
+int describe_method(const RegisteredMethod& m) {
+  std::string points;
+  for (const auto& p : m.info.points) points += (points.empty() ? "" : ", ") + p;
+  std::cout << m.info.name << " " << m.info.version << ": " << m.info.description << "\n"
+            << "  plugin:    " << (m.file.empty() ? "(built in)" : m.file.string()) << "\n"
+            << "  mergeable: " << (m.info.mergeable ? "yes" : "no") << "\n"
+            << "  sites:     " << (points.empty() ? "-" : points) << "\n";
+  auto params = Params::map();
+  params.set("name", Params::scalar(m.info.name, "name"));
+  nlohmann::json config;
+  try {
+    config = make_method(m.info.name, params)->config();
+  } catch (const Error& e) {
+    std::cout << "  keys: a method without keys cannot be made (" << e.what()
+              << "); see the plugin's README\n";
+    return 0;
+  }
+  config.erase("name");
+  std::size_t w = 4;
+  for (const auto& [k, v] : config.items()) w = std::max(w, k.size());
+  std::cout << "  keys, with the defaults a recipe without them gets:\n";
+  for (const auto& [k, v] : config.items())
+    std::cout << "    " << std::left << std::setw(static_cast<int>(w)) << k << "  " << std::setw(8)
+              << kind_of(v) << "  " << v.dump() << "\n";
+  std::string more;
+  for (const char* k : {"targets", "layers", "leave_out"})
+    if (!config.contains(k)) more += std::string(more.empty() ? "" : ", ") + k;
+  std::cout << "  site selection: targets, layers, leave_out (docs/plugins.md)"
+            << (more.empty() ? "" : "; unset here: " + more) << "\n";
+  return 0;
+}
+
+}  // namespace
+
 int run_methods(const Args& args) {
   po::options_description desc("options");
+  desc.add_options()("method", po::value<std::string>(), "one method to describe");
+  po::positional_options_description pos;
+  pos.add("method", 1);
   po::variables_map vm;
-  if (!parse(args, desc, vm, "usage: graft methods [--plugin-dir DIR]")) return 0;
+  if (!parse(args, desc, vm, "usage: graft methods [NAME] [--plugin-dir DIR]", &pos)) return 0;
   load_cli_plugins(vm);
   auto methods = registered_methods();
+  if (vm.count("method")) {
+    const auto name = vm["method"].as<std::string>();
+    std::vector<std::string> names;
+    for (const auto& m : methods) {
+      if (m.info.name == name) return describe_method(m);
+      names.push_back(m.info.name);
+    }
+    const auto near = did_you_mean(name, names);
+    throw UsageError("no method \"" + name + "\" in the plugins found" +
+                     (near.empty() ? "" : " (did you mean \"" + near + "\"?)") +
+                     "; graft methods lists them");
+  }
   std::size_t w = 6;
   for (const auto& m : methods) w = std::max(w, m.info.name.size());
   std::cout << std::left << std::setw(static_cast<int>(w)) << "method"

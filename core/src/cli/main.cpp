@@ -1,6 +1,7 @@
 // graft: parameter-efficient fine-tuning for transformer models.
 #include <c10/util/Exception.h>
 #include <graft/load.h>
+#include <graft/params.h>
 #include <graft/version.h>
 #include <torch/version.h>
 
@@ -11,25 +12,81 @@
 
 namespace {
 
-constexpr const char* kUsage = R"(usage: graft <command> [options]
+using graft::cli::Args;
 
-commands:
-  run        train, evaluate and save as a YAML recipe says (key.path=value overrides)
-  validate   check a recipe (keys, values, files, model, methods) without running it
-  eval       evaluate a model, with adapters, on a recipe's eval data
-  sweep      run a recipe over settings and seeds, in parallel, resumably (or on Slurm)
-  report     tabulate and plot a sweep's results (CSV, Markdown, SVG)
-  generate   continue a prompt with a model (greedy or sampled)
-  inspect    show a model file's family, configuration, tensors and sites
-  forward    run one forward pass and write logits and hidden states to safetensors
-  methods    list the PEFT methods found in plugins, and plugins that failed to load
-  merge      fold adapters into the base weights; write a Hugging Face folder or a GGUF file
-  export-adapter  write an adapter in another format (peft, gguf, graft)
-  new-plugin write a skeleton method plugin that builds against an installed graft
-  version    print graft's and libtorch's versions
+struct Command {
+  const char* name;
+  const char* summary;
+  int (*run)(const Args&);
+};
 
-'graft <command> --help' shows a command's options.
-)";
+int run_version(const Args& args) {
+  for (const auto& a : args) {
+    if (a == "--help" || a == "-h") {
+      std::cout << "usage: graft version\n\nprints graft's and libtorch's versions\n";
+      return 0;
+    }
+    throw graft::cli::UsageError("unexpected argument '" + a + "'");
+  }
+  std::cout << "graft " << GRAFT_VERSION << " (libtorch " << TORCH_VERSION << ")\n";
+  return 0;
+}
+
+const Command kCommands[] = {
+    {"run", "train, evaluate and save as a YAML recipe says (key.path=value overrides)",
+     graft::cli::run_run},
+    {"validate", "check a recipe (keys, values, files, model, methods) without running it",
+     graft::cli::run_validate},
+    {"eval", "evaluate a model, with adapters, on a recipe's eval data", graft::cli::run_eval},
+    {"sweep", "run a recipe over settings and seeds, in parallel, resumably (or on Slurm)",
+     graft::cli::run_sweep},
+    {"report", "tabulate and plot a sweep's results (CSV, Markdown, SVG)", graft::cli::run_report},
+    {"ls", "list the shipped recipes and the building blocks they include", graft::cli::run_ls},
+    {"cp", "copy a shipped recipe or building block to edit it", graft::cli::run_cp},
+    {"generate", "continue a prompt with a model (greedy or sampled)", graft::cli::run_generate},
+    {"inspect", "show a model file's family, configuration, tensors and sites",
+     graft::cli::run_inspect},
+    {"forward", "run one forward pass and write logits and hidden states to safetensors",
+     graft::cli::run_forward},
+    {"methods", "list the PEFT methods found in plugins (NAME: one method's keys and defaults)",
+     graft::cli::run_methods},
+    {"merge", "fold adapters into the base weights; write a Hugging Face folder or a GGUF file",
+     graft::cli::run_merge},
+    {"export-adapter", "write an adapter in another format (peft, gguf, graft)",
+     graft::cli::run_export_adapter},
+    {"new-plugin", "write a skeleton method plugin that builds against an installed graft",
+     graft::cli::run_new_plugin},
+    {"version", "print graft's and libtorch's versions", run_version},
+};
+
+std::string usage() {
+  std::string s = "usage: graft [--verbose] <command> [options]\n\ncommands:\n";
+  for (const auto& c : kCommands) {
+    std::string name = c.name;
+    s += "  " + name + std::string(name.size() < 15 ? 16 - name.size() : 1, ' ') + c.summary + "\n";
+  }
+  return s +
+         "\n'graft <command> --help' shows a command's options; --threads N and --plugin-dir DIR\n"
+         "may also come before the command.\n";
+}
+
+// Options every command takes may come before the command: moved behind it, where the command's
+// own parser reads them.
+Args reorder_global_options(Args args) {
+  Args global;
+  auto it = args.begin();
+  while (it != args.end() && it->rfind("-", 0) == 0) {
+    const bool takes_value = *it == "--threads" || *it == "--plugin-dir";
+    const bool joined = it->rfind("--threads=", 0) == 0 || it->rfind("--plugin-dir=", 0) == 0;
+    if (!takes_value && !joined) break;
+    global.push_back(*it++);
+    if (takes_value && it != args.end()) global.push_back(*it++);
+  }
+  if (global.empty() || it == args.end()) return args;
+  Args out(it, args.end());
+  out.insert(out.begin() + 1, global.begin(), global.end());
+  return out;
+}
 
 }  // namespace
 
@@ -46,31 +103,29 @@ int main(int argc, char** argv) {
       ++it;
     }
   }
+  args = reorder_global_options(std::move(args));
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
-    std::cout << kUsage;
+    std::cout << usage();
     return args.empty() ? 2 : 0;
   }
-  const std::string command = args[0];
+  std::string command = args[0];
+  if (command == "--version") command = "version";
   args.erase(args.begin());
-  try {
-    if (command == "run") return cli::run_run(args);
-    if (command == "validate") return cli::run_validate(args);
-    if (command == "eval") return cli::run_eval(args);
-    if (command == "sweep") return cli::run_sweep(args);
-    if (command == "report") return cli::run_report(args);
-    if (command == "generate") return cli::run_generate(args);
-    if (command == "inspect") return cli::run_inspect(args);
-    if (command == "forward") return cli::run_forward(args);
-    if (command == "methods") return cli::run_methods(args);
-    if (command == "new-plugin") return cli::run_new_plugin(args);
-    if (command == "merge") return cli::run_merge(args);
-    if (command == "export-adapter") return cli::run_export_adapter(args);
-    if (command == "version" || command == "--version") {
-      std::cout << "graft " << GRAFT_VERSION << " (libtorch " << TORCH_VERSION << ")\n";
-      return 0;
-    }
-    std::cerr << "graft: unknown command '" << command << "'\n\n" << kUsage;
+  const Command* found = nullptr;
+  std::vector<std::string> names;
+  for (const auto& c : kCommands) {
+    names.push_back(c.name);
+    if (command == c.name) found = &c;
+  }
+  if (!found) {
+    const auto near = did_you_mean(command, names);
+    std::cerr << "graft: unknown command '" << command << "'"
+              << (near.empty() ? "" : " (did you mean '" + near + "'?)") << "\n\n"
+              << usage();
     return 2;
+  }
+  try {
+    return found->run(args);
   } catch (const cli::UsageError& e) {
     std::cerr << "graft " << command << ": " << e.what() << " (see 'graft " << command
               << " --help')\n";

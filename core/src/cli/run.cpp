@@ -36,8 +36,9 @@ Recipe read(const po::variables_map& vm) {
   return Recipe::from_params(params, a.file);
 }
 
-std::string joined(const Args& args) {
-  std::string s = "graft";
+// "graft run recipe.yaml ...", as typed (without global options that came first).
+std::string command_line(const std::string& command, const Args& args) {
+  std::string s = "graft " + command;
   for (const auto& a : args) s += " " + a;
   return s;
 }
@@ -63,7 +64,7 @@ int run_run(const Args& args) {
   o.resume = vm.count("resume") > 0;
   o.overwrite = vm.count("overwrite") > 0;
   o.stop_at = vm["stop-at"].as<std::int64_t>();
-  o.command_line = joined(args);
+  o.command_line = command_line("run", args);
   o.handle_signals = true;  // Ctrl-C: a checkpoint at the next step, then exit (128 + signal)
   const auto summary = run_recipe(recipe, o);
   if (summary.contains("interrupted_at")) return 128 + summary["signal"].get<int>();
