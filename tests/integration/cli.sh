@@ -113,6 +113,18 @@ sed 's/rr: 4/r: 4/' "$work/bad.yaml" >"$work/good.yaml"
 printf 'recipe: good.yaml\ntrial_threads: %d\n' $((cores + 1)) >"$work/threads.yaml"
 check "sweep trial_threads above cores" 1 "threads.yaml: trial_threads: $((cores + 1)) is more than this machine's $cores cores" -- \
   "$graft" sweep "$work/threads.yaml" --output "$work/threads-sweep"
+# Every problem at once, with the names peft, transformers and torchtune use for graft's keys;
+# an override's problem is the command line's, not the recipe's.
+printf 'model: {path: stories260K}\ntask: {kind: causal_lm, train: x.txt, max_seq_len: 64}\nmethods: [{name: lora, lora_alpha: 16, target_modules: [attn.q]}]\ntrain: {learning_rate: 0.001, max_steps: 10}\n' >"$work/many.yaml"
+out=$("$graft" validate "$work/many.yaml" 2>&1)
+for want in 'many.yaml:2:[0-9]+: task.max_seq_len: unknown key \(did you mean "max_length"\?\)' \
+  'methods\[0\].lora_alpha: unknown key \(did you mean "alpha"\?\)' \
+  'methods\[0\].target_modules: unknown key \(did you mean "targets"\?\)' \
+  'train.learning_rate: unknown key \(did you mean "lr"\?\)' 'train.max_steps: unknown key \(did you mean "steps"\?\)'; do
+  grep -qE "^graft: error: .*$want" <<<"$out" || { echo "FAIL all errors at once: no line matches $want in:"; echo "$out"; fail=1; }
+done
+check "an override's error names the command line" 1 "^graft: error: command line: methods\[0\].rank: unknown key \(did you mean \"r\"\?\)" -- \
+  "$graft" validate "$work/good.yaml" 'methods[0].rank=4'
 # Resuming: a changed override is named; the run folder's own recipe.yaml resumes the run from
 # anywhere, its data still found beside the original recipe.
 own=(run good.yaml train.steps=6 train.warmup_steps=0 train.log_every=1 eval.every=0 output.dir=own)

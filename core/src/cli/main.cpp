@@ -7,6 +7,7 @@
 
 #include <cstring>
 #include <iostream>
+#include <sstream>
 
 #include "cli/cli.h"
 
@@ -131,7 +132,9 @@ int main(int argc, char** argv) {
               << " --help')\n";
     return 2;
   } catch (const Error& e) {
-    std::cerr << "graft: error: " << e.what() << "\n";
+    std::istringstream lines(e.what());  // several problems: one line each
+    for (std::string line; std::getline(lines, line);)
+      std::cerr << "graft: error: " << line << "\n";
     return 1;
   } catch (const c10::Error& e) {
     std::string msg = verbose ? e.what() : e.what_without_backtrace();

@@ -15,7 +15,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// Every shipped YAML file by its short name: "quickstart", "hybrids/mam", "configs/methods/lora-qv".
+// Every shipped YAML file by its short name: "quickstart", "sweeps/NAME", "configs/methods/NAME".
 std::vector<std::pair<std::string, fs::path>> shipped(const fs::path& root) {
   std::vector<std::pair<std::string, fs::path>> out;
   for (const char* top : {"recipes", "configs"}) {
@@ -116,8 +116,7 @@ int run_cp(const Args& args) {
       const auto inside = fs::relative(fs::canonical(to), fs::canonical(root));
       const bool within = !inside.empty() && *inside.begin() != "..";
       out += within ? rel.string() : abs.string();
-    }
-    else
+    } else
       out += it->str();
     last = text.cbegin() + it->position() + it->length();
   }

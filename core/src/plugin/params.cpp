@@ -207,18 +207,66 @@ std::string Params::get_choice(const std::string& key, const std::vector<std::st
 void Params::check_keys(const std::vector<std::string>& allowed) const {
   if (kind_ == Kind::null) return;
   if (kind_ != Kind::map) fail("expected a map of settings, got " + got());
+  std::string unknown;  // every unknown key of the map, one line each
   for (const auto& [k, v] : entries_) {
     if (std::find(allowed.begin(), allowed.end(), k) != allowed.end()) continue;
     auto near = did_you_mean(k, allowed);
     Params at_key = v;
-    if (at_key.source_.line == 0) at_key.source_ = source_;
+    if (at_key.source_.line == 0 && at_key.source_.file.empty()) at_key.source_ = source_;
     at_key.path_ = path_.empty() ? k : path_ + "." + k;
-    at_key.fail("unknown key" +
-                (near.empty() ? std::string() : " (did you mean \"" + near + "\"?)"));
+    try {
+      at_key.fail("unknown key" +
+                  (near.empty() ? std::string() : " (did you mean \"" + near + "\"?)"));
+    } catch (const ParamError& e) {
+      unknown += (unknown.empty() ? "" : "\n") + std::string(e.what());
+    }
   }
+  if (!unknown.empty()) throw ParamError(unknown);
 }
 
 std::string did_you_mean(const std::string& word, const std::vector<std::string>& candidates) {
+  // What Hugging Face peft and transformers, torchtune and AdapterHub call graft's keys.
+  static const std::pair<const char*, const char*> kSpellings[] = {
+      {"lora_alpha", "alpha"},
+      {"lora_rank", "r"},
+      {"rank", "r"},
+      {"lora_r", "r"},
+      {"target_modules", "targets"},
+      {"lora_attn_modules", "targets"},
+      {"lora_dropout", "dropout"},
+      {"use_rslora", "rslora"},
+      {"init_lora_weights", "init"},
+      {"layers_to_transform", "layers"},
+      {"learning_rate", "lr"},
+      {"max_steps", "steps"},
+      {"max_steps_per_epoch", "steps"},
+      {"num_train_epochs", "epochs"},
+      {"per_device_train_batch_size", "batch_size"},
+      {"gradient_accumulation_steps", "gradient_accumulation"},
+      {"lr_scheduler_type", "schedule"},
+      {"lr_scheduler", "schedule"},
+      {"num_warmup_steps", "warmup_steps"},
+      {"clip_grad_norm", "max_grad_norm"},
+      {"optim", "optimizer"},
+      {"adam_beta1", "beta1"},
+      {"adam_beta2", "beta2"},
+      {"adam_epsilon", "eps"},
+      {"logging_steps", "log_every"},
+      {"log_every_n_steps", "log_every"},
+      {"eval_steps", "every"},
+      {"save_steps", "every"},
+      {"save_total_limit", "keep"},
+      {"output_dir", "dir"},
+      {"model_name_or_path", "path"},
+      {"checkpoint_dir", "path"},
+      {"max_seq_len", "max_length"},
+      {"max_seq_length", "max_length"},
+      {"prefix_length", "num_virtual_tokens"},
+  };
+  for (const auto& [foreign, ours] : kSpellings)
+    if (word == foreign &&
+        std::find(candidates.begin(), candidates.end(), ours) != candidates.end())
+      return ours;
   std::string best;
   std::size_t best_d = std::max<std::size_t>(2, word.size() / 3) + 1;
   for (const auto& c : candidates) {

@@ -392,134 +392,174 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
   r.file = file;
   r.params = p;
   const auto dir = recipe_base_dir(file);
-  p.check_keys(
-      {"seed", "model", "task", "methods", "train", "eval", "generate", "output", "checkpoint"});
-  r.seed = static_cast<std::uint64_t>(non_negative(p, "seed", 0));
-
-  const auto& m = section(p, "model");
-  m.check_keys({"path", "family", "dtype", "device"});
-  if (!m.has("path"))
-    (p.has("model") ? m : p).fail("model.path is required: a model file, folder or name");
-  r.model.path = m.at("path").as_string();
-  r.model.family = m.has("family") ? m.at("family").as_choice({"llama", "gpt2", "bert"}) : "";
-  r.model.dtype = m.get_choice("dtype", {"float32", "bfloat16", "float16"}, "float32");
-  r.model.device = m.get_string("device", "cpu");
-  {
-    static const std::regex device(R"(cpu|cuda(:[0-9]+)?)");
-    if (!std::regex_match(r.model.device, device))
-      m.at("device").fail("expected cpu, cuda or cuda:N, got \"" + r.model.device + "\"");
-  }
-
-  const auto& t = section(p, "task");
-  t.check_keys({"kind", "train", "eval", "eval_fraction", "format", "columns", "text_field",
-                "label_field", "prompt_field", "response_field", "label_rule", "num_labels",
-                "max_length", "packing", "max_documents"});
-  r.task.kind =
-      t.get_choice("kind", {"causal_lm", "sequence_classification", "instruction"}, "causal_lm");
-  if (!t.has("train"))
-    (p.has("task") ? t : p).fail("task.train is required: the training data files");
-  r.task.format = t.get_choice("format", {"text", "tsv", "csv", "jsonl", "json"},
-                               r.task.kind == "instruction" ? "jsonl" : "text");
-  if (r.task.kind != "causal_lm" && r.task.format == "text")
-    t.at("format").fail(r.task.kind + " needs labelled records: use tsv, csv, jsonl or json");
-  r.task.train = data_files(t, "train", dir);
-  r.task.eval = data_files(t, "eval", dir);
-  if (t.has("eval_fraction")) {
-    r.task.eval_fraction = t.at("eval_fraction").as_probability();
-    if (!r.task.eval.empty())
-      t.at("eval_fraction").fail("give either task.eval files or task.eval_fraction, not both");
-  }
-  r.task.columns = t.get_strings("columns", {});
-  r.task.text_field = t.get_string("text_field", "text");
-  r.task.label_field = t.get_string("label_field", "label");
-  r.task.prompt_field = t.get_string("prompt_field", "prompt");
-  r.task.response_field = t.get_string("response_field", "response");
-  r.task.label_rule = t.get_choice("label_rule", {"none", "sign"}, "none");
-  r.task.num_labels = t.get_positive_int("num_labels", 2);
-  if (r.task.kind == "sequence_classification" && r.task.num_labels < 2)
-    t.at("num_labels").fail("a classifier needs at least 2 labels");
-  r.task.max_length = t.get_positive_int("max_length", 128);
-  if (r.task.max_length < 2) t.at("max_length").fail("expected at least 2 tokens");
-  r.task.packing = t.get_bool("packing", true);
-  r.task.max_documents = non_negative(t, "max_documents", 0);
-
-  if (!p.has("methods"))
-    p.fail("methods is required: a list of maps, each with the method's name and its settings");
-  r.methods = p.at("methods");
-  if (r.methods.kind() != Params::Kind::list || r.methods.items().empty())
-    r.methods.fail("expected a list of methods, each a map with a name");
-  for (const auto& method : r.methods.items()) {
-    if (method.kind() != Params::Kind::map || !method.has("name"))
-      method.fail("expected a map with the method's name and its settings ({name: ..., ...})");
-    make_method(method.at("name").as_string(), method);  // validates the method's own keys
-  }
-
-  const auto& tr = section(p, "train");
-  tr.check_keys({"steps", "epochs", "batch_size", "gradient_accumulation", "optimizer", "lr",
-                 "weight_decay", "momentum", "beta1", "beta2", "eps", "schedule", "warmup_steps",
-                 "max_grad_norm", "log_every"});
-  r.train.steps = non_negative(tr, "steps", 0);
-  r.train.epochs = tr.get_positive_int("epochs", 1);
-  if (tr.has("steps") && tr.has("epochs"))
-    tr.at("epochs").fail("give either train.steps or train.epochs, not both");
-  r.train.batch_size = tr.get_positive_int("batch_size", 8);
-  r.train.gradient_accumulation = tr.get_positive_int("gradient_accumulation", 1);
-  r.train.optimizer = tr.get_choice("optimizer", {"adamw", "sgd"}, "adamw");
-  r.train.lr = positive_double(tr, "lr", 1e-3);
-  if (tr.has("weight_decay") && tr.at("weight_decay").as_double() < 0)
-    tr.at("weight_decay").fail("expected a number >= 0");
-  r.train.weight_decay = tr.get_double("weight_decay", 0.0);
-  r.train.momentum = tr.has("momentum") ? tr.at("momentum").as_probability() : 0.0;
-  r.train.beta1 = tr.has("beta1") ? tr.at("beta1").as_probability() : 0.9;
-  r.train.beta2 = tr.has("beta2") ? tr.at("beta2").as_probability() : 0.999;
-  r.train.eps = positive_double(tr, "eps", 1e-8);
-  r.train.schedule = tr.get_choice("schedule", {"constant", "linear", "cosine"}, "constant");
-  r.train.warmup_steps = non_negative(tr, "warmup_steps", 0);
-  if (tr.has("max_grad_norm") && tr.at("max_grad_norm").as_double() < 0)
-    tr.at("max_grad_norm").fail("expected a number >= 0 (0 turns clipping off)");
-  r.train.max_grad_norm = tr.get_double("max_grad_norm", 1.0);
-  r.train.log_every = tr.get_positive_int("log_every", 10);
-  if (r.train.steps && r.train.warmup_steps > r.train.steps)
-    tr.at("warmup_steps")
-        .fail("warmup_steps " + std::to_string(r.train.warmup_steps) + " is longer than the " +
-              std::to_string(r.train.steps) + " steps");
-
-  const auto& ev = section(p, "eval");
-  ev.check_keys({"every", "batches", "metrics"});
-  r.eval.every = non_negative(ev, "every", 0);
-  r.eval.batches = non_negative(ev, "batches", 0);
-  const std::vector<std::string> lm = {"loss", "perplexity", "accuracy"},
-                                 cls = {"loss", "accuracy", "f1"};
-  const auto& allowed = r.task.kind == "sequence_classification" ? cls : lm;
-  r.eval.metrics =
-      ev.get_strings("metrics", r.task.kind == "sequence_classification"
-                                    ? std::vector<std::string>{"loss", "accuracy", "f1"}
-                                    : std::vector<std::string>{"loss", "perplexity"});
-  if (ev.has("metrics"))
-    for (std::size_t i = 0; i < r.eval.metrics.size(); ++i) {
-      const auto& node = ev.at("metrics").kind() == Params::Kind::list ? ev.at("metrics").items()[i]
-                                                                       : ev.at("metrics");
-      node.as_choice(allowed);
+  // Every problem is reported at once (up to a limit): each section is checked even when an
+  // earlier one failed.
+  std::vector<std::string> errors;
+  auto collect = [&](const auto& check) {
+    try {
+      check();
+    } catch (const Error& e) {
+      errors.push_back(e.what());
     }
+  };
+  collect([&] {
+    p.check_keys(
+        {"seed", "model", "task", "methods", "train", "eval", "generate", "output", "checkpoint"});
+    r.seed = static_cast<std::uint64_t>(non_negative(p, "seed", 0));
+  });
 
-  const auto& g = section(p, "generate");
-  g.check_keys({"prompt", "max_new_tokens"});
-  r.generate.prompt = g.get_string("prompt", "");
-  r.generate.max_new_tokens = g.get_positive_int("max_new_tokens", 48);
+  collect([&] {
+    const auto& m = section(p, "model");
+    m.check_keys({"path", "family", "dtype", "device"});
+    if (!m.has("path"))
+      (p.has("model") ? m : p).fail("model.path is required: a model file, folder or name");
+    r.model.path = m.at("path").as_string();
+    r.model.family = m.has("family") ? m.at("family").as_choice({"llama", "gpt2", "bert"}) : "";
+    r.model.dtype = m.get_choice("dtype", {"float32", "bfloat16", "float16"}, "float32");
+    r.model.device = m.get_string("device", "cpu");
+    {
+      static const std::regex device(R"(cpu|cuda(:[0-9]+)?)");
+      if (!std::regex_match(r.model.device, device))
+        m.at("device").fail("expected cpu, cuda or cuda:N, got \"" + r.model.device + "\"");
+    }
+  });
 
-  const auto& o = section(p, "output");
-  o.check_keys({"dir", "save_adapter"});
-  r.output.dir = o.has("dir") ? fs::path(o.at("dir").as_string()) : fs::path("runs") / file.stem();
-  // A run folder's own recipe.yaml, its output.dir not overridden, is that run folder wherever
-  // graft is started (output.dir is relative to where the run was started).
-  if (dir != file.parent_path() && o.has("dir") && o.at("dir").source().file == file.string())
-    r.output.dir = file.parent_path();
-  r.output.save_adapter = o.get_bool("save_adapter", true);
+  collect([&] {
+    const auto& t = section(p, "task");
+    t.check_keys({"kind", "train", "eval", "eval_fraction", "format", "columns", "text_field",
+                  "label_field", "prompt_field", "response_field", "label_rule", "num_labels",
+                  "max_length", "packing", "max_documents"});
+    r.task.kind =
+        t.get_choice("kind", {"causal_lm", "sequence_classification", "instruction"}, "causal_lm");
+    if (!t.has("train"))
+      (p.has("task") ? t : p).fail("task.train is required: the training data files");
+    r.task.format = t.get_choice("format", {"text", "tsv", "csv", "jsonl", "json"},
+                                 r.task.kind == "instruction" ? "jsonl" : "text");
+    if (r.task.kind != "causal_lm" && r.task.format == "text")
+      t.at("format").fail(r.task.kind + " needs labelled records: use tsv, csv, jsonl or json");
+    r.task.train = data_files(t, "train", dir);
+    r.task.eval = data_files(t, "eval", dir);
+    if (t.has("eval_fraction")) {
+      r.task.eval_fraction = t.at("eval_fraction").as_probability();
+      if (!r.task.eval.empty())
+        t.at("eval_fraction").fail("give either task.eval files or task.eval_fraction, not both");
+    }
+    r.task.columns = t.get_strings("columns", {});
+    r.task.text_field = t.get_string("text_field", "text");
+    r.task.label_field = t.get_string("label_field", "label");
+    r.task.prompt_field = t.get_string("prompt_field", "prompt");
+    r.task.response_field = t.get_string("response_field", "response");
+    r.task.label_rule = t.get_choice("label_rule", {"none", "sign"}, "none");
+    r.task.num_labels = t.get_positive_int("num_labels", 2);
+    if (r.task.kind == "sequence_classification" && r.task.num_labels < 2)
+      t.at("num_labels").fail("a classifier needs at least 2 labels");
+    r.task.max_length = t.get_positive_int("max_length", 128);
+    if (r.task.max_length < 2) t.at("max_length").fail("expected at least 2 tokens");
+    r.task.packing = t.get_bool("packing", true);
+    r.task.max_documents = non_negative(t, "max_documents", 0);
+  });
 
-  const auto& c = section(p, "checkpoint");
-  c.check_keys({"every", "keep"});
-  r.checkpoint.every = non_negative(c, "every", 0);
-  r.checkpoint.keep = c.get_positive_int("keep", 2);
+  collect([&] {
+    if (!p.has("methods"))
+      p.fail("methods is required: a list of maps, each with the method's name and its settings");
+    r.methods = p.at("methods");
+    if (r.methods.kind() != Params::Kind::list || r.methods.items().empty())
+      r.methods.fail("expected a list of methods, each a map with a name");
+    for (const auto& method : r.methods.items())
+      collect([&] {
+        if (method.kind() != Params::Kind::map || !method.has("name"))
+          method.fail("expected a map with the method's name and its settings ({name: ..., ...})");
+        make_method(method.at("name").as_string(), method);  // validates the method's own keys
+      });
+  });
+
+  collect([&] {
+    const auto& tr = section(p, "train");
+    tr.check_keys({"steps", "epochs", "batch_size", "gradient_accumulation", "optimizer", "lr",
+                   "weight_decay", "momentum", "beta1", "beta2", "eps", "schedule", "warmup_steps",
+                   "max_grad_norm", "log_every"});
+    r.train.steps = non_negative(tr, "steps", 0);
+    r.train.epochs = tr.get_positive_int("epochs", 1);
+    if (tr.has("steps") && tr.has("epochs"))
+      tr.at("epochs").fail("give either train.steps or train.epochs, not both");
+    r.train.batch_size = tr.get_positive_int("batch_size", 8);
+    r.train.gradient_accumulation = tr.get_positive_int("gradient_accumulation", 1);
+    r.train.optimizer = tr.get_choice("optimizer", {"adamw", "sgd"}, "adamw");
+    r.train.lr = positive_double(tr, "lr", 1e-3);
+    if (tr.has("weight_decay") && tr.at("weight_decay").as_double() < 0)
+      tr.at("weight_decay").fail("expected a number >= 0");
+    r.train.weight_decay = tr.get_double("weight_decay", 0.0);
+    r.train.momentum = tr.has("momentum") ? tr.at("momentum").as_probability() : 0.0;
+    r.train.beta1 = tr.has("beta1") ? tr.at("beta1").as_probability() : 0.9;
+    r.train.beta2 = tr.has("beta2") ? tr.at("beta2").as_probability() : 0.999;
+    r.train.eps = positive_double(tr, "eps", 1e-8);
+    r.train.schedule = tr.get_choice("schedule", {"constant", "linear", "cosine"}, "constant");
+    r.train.warmup_steps = non_negative(tr, "warmup_steps", 0);
+    if (tr.has("max_grad_norm") && tr.at("max_grad_norm").as_double() < 0)
+      tr.at("max_grad_norm").fail("expected a number >= 0 (0 turns clipping off)");
+    r.train.max_grad_norm = tr.get_double("max_grad_norm", 1.0);
+    r.train.log_every = tr.get_positive_int("log_every", 10);
+    if (r.train.steps && r.train.warmup_steps > r.train.steps)
+      tr.at("warmup_steps")
+          .fail("warmup_steps " + std::to_string(r.train.warmup_steps) + " is longer than the " +
+                std::to_string(r.train.steps) + " steps");
+  });
+
+  collect([&] {
+    const auto& ev = section(p, "eval");
+    ev.check_keys({"every", "batches", "metrics"});
+    r.eval.every = non_negative(ev, "every", 0);
+    r.eval.batches = non_negative(ev, "batches", 0);
+    const std::vector<std::string> lm = {"loss", "perplexity", "accuracy"},
+                                   cls = {"loss", "accuracy", "f1"};
+    const auto& allowed = r.task.kind == "sequence_classification" ? cls : lm;
+    r.eval.metrics =
+        ev.get_strings("metrics", r.task.kind == "sequence_classification"
+                                      ? std::vector<std::string>{"loss", "accuracy", "f1"}
+                                      : std::vector<std::string>{"loss", "perplexity"});
+    if (ev.has("metrics"))
+      for (std::size_t i = 0; i < r.eval.metrics.size(); ++i) {
+        const auto& node = ev.at("metrics").kind() == Params::Kind::list
+                               ? ev.at("metrics").items()[i]
+                               : ev.at("metrics");
+        node.as_choice(allowed);
+      }
+  });
+
+  collect([&] {
+    const auto& g = section(p, "generate");
+    g.check_keys({"prompt", "max_new_tokens"});
+    r.generate.prompt = g.get_string("prompt", "");
+    r.generate.max_new_tokens = g.get_positive_int("max_new_tokens", 48);
+  });
+
+  collect([&] {
+    const auto& o = section(p, "output");
+    o.check_keys({"dir", "save_adapter"});
+    r.output.dir =
+        o.has("dir") ? fs::path(o.at("dir").as_string()) : fs::path("runs") / file.stem();
+    // A run folder's own recipe.yaml, its output.dir not overridden, is that run folder wherever
+    // graft is started (output.dir is relative to where the run was started).
+    if (dir != file.parent_path() && o.has("dir") && o.at("dir").source().file == file.string())
+      r.output.dir = file.parent_path();
+    r.output.save_adapter = o.get_bool("save_adapter", true);
+  });
+
+  collect([&] {
+    const auto& c = section(p, "checkpoint");
+    c.check_keys({"every", "keep"});
+    r.checkpoint.every = non_negative(c, "every", 0);
+    r.checkpoint.keep = c.get_positive_int("keep", 2);
+  });
+
+  if (!errors.empty()) {
+    const std::size_t limit = 10;
+    std::string all;
+    for (std::size_t i = 0; i < errors.size() && i < limit; ++i) all += (i ? "\n" : "") + errors[i];
+    if (errors.size() > limit)
+      all += "\n(and " + std::to_string(errors.size() - limit) + " more problems)";
+    throw ParamError(all);
+  }
   return r;
 }
 
