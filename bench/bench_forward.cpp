@@ -81,6 +81,7 @@ double median_seconds(int repeat, F&& fn) {
 
 int main(int argc, char** argv) {
   graft::wait_passively(argv);
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each figure as it is measured, even into a pipe
   std::int64_t d = 512, layers = 8, heads = 8, seq = 256, batch = 8;
   int threads = 0, repeat = 5;
   bool matmul_only = false, hooks = false;
@@ -169,6 +170,7 @@ int main(int argc, char** argv) {
   model->eval();
   auto ids = torch::randint(c.vocab_size, {batch, seq}, torch::kLong);
   graft::ForwardInput in{ids, {}, {}, {}};
+  std::fprintf(stderr, "(timing the forward: %d runs after a warm-up)\n", repeat);
   const double fwd_s = median_seconds(repeat, [&] { model->forward(in, nullptr); });
 
   const double fwd_gflops = mm_flops / fwd_s / 1e9;  // the same products, inside the forward

@@ -8,9 +8,11 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <set>
 #include <thread>
 
 #include "recipes/workspace.h"
+#include "sweep/svg.h"
 #include "test_config.h"
 
 using namespace graft;
@@ -412,4 +414,38 @@ TEST_CASE("--launcher slurm writes a job array whose task i runs trial i") {
                     w.dir / "sub.log") == 1);
     CHECK(read(w.dir / "sub.log").find("submit it by hand with: sbatch") != std::string::npos);
   }
+}
+
+TEST_CASE("report plots: 19+ series stay distinguishable, and a line's seed spread is a band") {
+  svg::Chart chart;
+  chart.title = "t";
+  for (int i = 0; i < 24; ++i) {
+    svg::Series s;
+    s.name = "series " + std::to_string(i);
+    s.x = {1, 2, 3};
+    s.y = {1.0 + i, 2.0 + i, 3.0 + i};
+    s.err = {0.5, 0.5, 0.5};
+    chart.series.push_back(s);
+  }
+  const auto out = svg::render(chart);
+  // Each legend entry: a short line with its colour and dash pattern; all 24 differ.
+  std::set<std::string> styles;
+  std::size_t at = 0, entries = 0;
+  while ((at = out.find("stroke-width=\"2\"", at)) != std::string::npos) {
+    const auto begin = out.rfind("<line", at), end = out.find("/>", at);
+    auto line = out.substr(begin, end - begin);
+    line = line.substr(line.find("stroke=\""));  // style only, not position
+    styles.insert(line);
+    ++entries;
+    ++at;
+  }
+  CHECK(entries == 24);
+  CHECK(styles.size() == 24);
+  // One translucent band per series, and no error bars on lines.
+  std::size_t bands = 0;
+  for (at = 0; (at = out.find("fill-opacity=\"0.15\"", at)) != std::string::npos; ++at) ++bands;
+  CHECK(bands == 24);
+  chart.series.resize(1);
+  chart.series[0].line = false;  // points keep their error bars
+  CHECK(svg::render(chart).find("fill-opacity") == std::string::npos);
 }

@@ -54,7 +54,8 @@ std::vector<double> ticks(double lo, double hi) {
       break;
     }
   std::vector<double> out;
-  for (double t = std::ceil(lo / step) * step; t <= hi + step * 1e-9; t += step)
+  // The first tick even where lo / step lands a rounding error above a whole number.
+  for (double t = std::ceil(lo / step - 1e-9) * step; t <= hi + step * 1e-9; t += step)
     out.push_back(std::abs(t) < step * 1e-9 ? 0.0 : t);
   return out;
 }
@@ -149,6 +150,19 @@ std::string render(const Chart& c) {
         if (!std::isfinite(s.y[i])) continue;
         path += (path.empty() ? "M" : " L") + num(px(s.x[i])) + "," + num(py(s.y[i]));
       }
+      // A line's spread (the std over seeds) as a band around it; points get error bars.
+      if (s.line && !s.err.empty()) {
+        std::string upper, lower;
+        for (std::size_t i = 0; i < s.y.size(); ++i) {
+          if (!std::isfinite(s.y[i])) continue;
+          const double e = std::isfinite(s.err[i]) ? s.err[i] : 0;
+          upper += (upper.empty() ? "M" : " L") + num(px(s.x[i])) + "," + num(py(s.y[i] + e));
+          lower = " L" + num(px(s.x[i])) + "," + num(py(s.y[i] - e)) + lower;
+        }
+        if (!upper.empty())
+          o << "<path d=\"" << upper << lower << " Z\" fill=\"" << stroke
+            << "\" fill-opacity=\"0.15\" stroke=\"none\"/>\n";
+      }
       if (s.line && !path.empty())
         o << "<path d=\"" << path << "\" fill=\"none\" stroke=\"" << stroke
           << "\" stroke-width=\"1.8\"" << (dash.empty() ? "" : " stroke-dasharray=\"" + dash + "\"")
@@ -156,7 +170,7 @@ std::string render(const Chart& c) {
       for (std::size_t i = 0; i < s.y.size(); ++i) {
         if (!std::isfinite(s.y[i])) continue;
         const double x = px(s.x[i]), y = py(s.y[i]);
-        if (!s.err.empty() && std::isfinite(s.err[i]) && s.err[i] > 0)
+        if (!s.line && !s.err.empty() && std::isfinite(s.err[i]) && s.err[i] > 0)
           o << "<path d=\"M" << num(x) << "," << num(py(s.y[i] - s.err[i])) << " L" << num(x) << ","
             << num(py(s.y[i] + s.err[i])) << " M" << num(x - 4) << "," << num(py(s.y[i] - s.err[i]))
             << " L" << num(x + 4) << "," << num(py(s.y[i] - s.err[i])) << " M" << num(x - 4) << ","
