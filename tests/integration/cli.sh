@@ -208,6 +208,16 @@ if [[ -d $root/data/sentiment ]]; then
     train.log_every=3 eval.batches=3 "output.dir=$work/sentiment"
   [[ -f $work/sentiment/adapter/task_head.safetensors ]] ||
     { echo "FAIL: the sentiment run saved no task head"; fail=1; }
+  # The task head outside eval: classify labels texts; forward adds its logits.
+  check "classify with the task head" 0 "^[01]	0\.[0-9]{4}	Terrible\. A waste of time\.$" -- \
+    "$graft" classify --model "$model" --adapter "$work/sentiment/adapter" \
+    --text "I loved it." --text "Terrible. A waste of time."
+  check "classify without a classifier" 2 "no classifier and no --adapter folder holds a task_head" -- \
+    "$graft" classify --model "$model" --text "I loved it."
+  "$graft" forward --model "$model" --adapter "$work/sentiment/adapter" --tokens 1,5,9 --tokens 1,7 \
+    --out "$work/cls.safetensors" >/dev/null
+  python3 -c "import json,struct,sys; f=open(sys.argv[1],'rb'); n=struct.unpack('<Q',f.read(8))[0]; h=json.loads(f.read(n)); sys.exit(0 if h['task_logits']['shape']==[2,2] else 1)" \
+    "$work/cls.safetensors" || { echo "FAIL: forward with a classification adapter wrote no [2, 2] task_logits"; fail=1; }
 else
   echo "skip the sentiment run: data/sentiment is absent (scripts/fetch-data.sh)"
 fi

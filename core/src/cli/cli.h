@@ -29,6 +29,7 @@ int run_eval(const Args& args);
 int run_sweep(const Args& args);
 int run_report(const Args& args);
 int run_ls(const Args& args);
+int run_classify(const Args& args);
 int run_cp(const Args& args);
 
 /// Parses "1,5,9" into integers; `what` names the option in errors.

@@ -1,10 +1,12 @@
 // graft generate, graft inspect, graft forward.
 #include <graft/adapter.h>
 #include <graft/generate.h>
+#include <graft/io/file.h>
 #include <graft/io/gguf.h>
 #include <graft/io/safetensors.h>
 #include <graft/load.h>
 #include <graft/plugin.h>
+#include <graft/task_head.h>
 #include <torch/torch.h>
 
 #include <filesystem>
@@ -203,6 +205,94 @@ int run_inspect(const Args& args) {
   return 0;
 }
 
+namespace {
+
+// The task head of the --adapter folders (at most one has one), for the model's width.
+std::optional<TaskHeadWeights> adapter_task_head(const po::variables_map& vm, const Model& model) {
+  std::optional<TaskHeadWeights> head;
+  if (!vm.count("adapter")) return head;
+  for (const auto& dir : vm["adapter"].as<std::vector<std::string>>()) {
+    auto h = read_task_head(dir, model.config().hidden_size);
+    if (h && head)
+      throw UsageError("more than one --adapter folder holds a " + std::string(kTaskHeadFile));
+    if (h) head = std::move(h);
+  }
+  return head;
+}
+
+}  // namespace
+
+int run_classify(const Args& args) {
+  po::options_description desc("options");
+  desc.add_options()("model,m", po::value<std::string>()->required(),
+                     "GGUF file, Hugging Face folder or model name")(
+      "text", po::value<std::vector<std::string>>(), "a text to classify (repeatable)")(
+      "file", po::value<std::string>(), "a file of texts, one per line")(
+      "max-length", po::value<std::int64_t>()->default_value(128),
+      "tokens per text, as the recipe's task.max_length (longer texts are cut)");
+  add_adapter_option(desc);
+  po::variables_map vm;
+  if (!parse(args, desc, vm,
+             "usage: graft classify --model M [--adapter DIR] (--text T ... | --file F)\n"
+             "Prints each text's label and its probability, with the model's classifier or the\n"
+             "task head a classification recipe saved beside its adapter."))
+    return 0;
+  std::vector<std::string> texts;
+  if (vm.count("text")) texts = vm["text"].as<std::vector<std::string>>();
+  if (vm.count("file")) {
+    std::istringstream in(io::read_text_file(vm["file"].as<std::string>()));
+    for (std::string line; std::getline(in, line);)
+      if (!line.empty()) texts.push_back(line);
+  }
+  if (texts.empty()) throw UsageError("give --text (repeatable) or --file");
+  const auto max_length = vm["max-length"].as<std::int64_t>();
+  if (max_length < 2) throw UsageError("--max-length: expected at least 2 tokens");
+
+  set_threads(vm["threads"].as<int>());
+  auto loaded = load_model(vm["model"].as<std::string>());
+  auto adapters = apply_adapters(vm, *loaded.model);
+  const auto head = adapter_task_head(vm, *loaded.model);
+  if (!head && !loaded.model->config().num_labels)
+    throw UsageError("the model has no classifier and no --adapter folder holds a " +
+                     std::string(kTaskHeadFile) +
+                     " (train one with a sequence_classification recipe)");
+  if (!loaded.tokenizer) throw Error(loaded.path.string() + ": the model carries no tokenizer");
+  const auto& tok = *loaded.tokenizer;
+  const auto pad = std::max<std::int64_t>(tok.pad_id(), 0);
+  torch::NoGradGuard no_grad;
+  constexpr std::size_t kBatch = 16;
+  for (std::size_t start = 0; start < texts.size(); start += kBatch) {
+    const auto n = std::min(kBatch, texts.size() - start);
+    std::vector<std::vector<std::int64_t>> ids;
+    std::int64_t T = 1;
+    for (std::size_t i = 0; i < n; ++i) {
+      auto e = tok.encode(texts[start + i], true);
+      if (static_cast<std::int64_t>(e.size()) > max_length) e.resize(max_length);
+      T = std::max<std::int64_t>(T, static_cast<std::int64_t>(e.size()));
+      ids.push_back(std::move(e));
+    }
+    auto input = torch::full({static_cast<std::int64_t>(n), T}, pad, torch::kLong);
+    auto mask = torch::zeros_like(input);
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::size_t t = 0; t < ids[i].size(); ++t) {
+        input[static_cast<std::int64_t>(i)][static_cast<std::int64_t>(t)] = ids[i][t];
+        mask[static_cast<std::int64_t>(i)][static_cast<std::int64_t>(t)] = 1;
+      }
+    auto out = loaded.model->forward({input, mask, {}, {}}, nullptr);
+    auto logits =
+        head ? head->logits(pooled_for_classification(*loaded.model, out, mask)) : out.logits;
+    auto probs = torch::softmax(logits.to(torch::kFloat), -1);
+    auto best = probs.argmax(-1);
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto k = best[static_cast<std::int64_t>(i)].item<std::int64_t>();
+      std::cout << k << "\t" << std::fixed << std::setprecision(4)
+                << probs[static_cast<std::int64_t>(i)][k].item<float>() << "\t" << texts[start + i]
+                << "\n";
+    }
+  }
+  return 0;
+}
+
 int run_forward(const Args& args) {
   po::options_description desc("options");
   desc.add_options()("model,m", po::value<std::string>()->required(),
@@ -276,6 +366,10 @@ int run_forward(const Args& args) {
       {"input_ids", ids}, {"attention_mask", mask}, {"hidden", out.hidden.contiguous()}};
   if (out.logits.defined()) tensors["logits"] = out.logits.contiguous();
   if (out.pooled.defined()) tensors["pooled"] = out.pooled.contiguous();
+  // A classification adapter's head: its class logits beside the model's own outputs.
+  if (const auto head = adapter_task_head(vm, *loaded.model))
+    tensors["task_logits"] =
+        head->logits(pooled_for_classification(*loaded.model, out, mask)).contiguous();
   io::write_safetensors(
       vm["out"].as<std::string>(), tensors,
       {{"model", loaded.path.string()}, {"family", loaded.model->config().family}});

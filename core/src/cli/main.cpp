@@ -45,6 +45,8 @@ const Command kCommands[] = {
     {"ls", "list the shipped recipes and the building blocks they include", graft::cli::run_ls},
     {"cp", "copy a shipped recipe or building block to edit it", graft::cli::run_cp},
     {"generate", "continue a prompt with a model (greedy or sampled)", graft::cli::run_generate},
+    {"classify", "label texts with a classifier: the model's own or an adapter's task head",
+     graft::cli::run_classify},
     {"inspect", "show a model file's family, configuration, tensors and sites",
      graft::cli::run_inspect},
     {"forward", "run one forward pass and write logits and hidden states to safetensors",

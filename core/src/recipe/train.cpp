@@ -8,6 +8,7 @@
 #include <graft/io/safetensors.h>
 #include <graft/load.h>
 #include <graft/plugin.h>
+#include <graft/task_head.h>
 #include <graft/train.h>
 #include <graft/version.h>
 #include <sys/resource.h>
@@ -47,7 +48,7 @@ struct TaskHeadImpl : torch::nn::Module {
 };
 TORCH_MODULE(TaskHead);
 
-const char* kHeadFile = "task_head.safetensors";
+const char* kHeadFile = kTaskHeadFile;
 
 c10::ScalarType dtype_of(const std::string& name) {
   if (name == "bfloat16") return torch::kBFloat16;
@@ -120,13 +121,7 @@ at::Tensor task_logits(Session& s, const Batch& b) {
   auto out = s.model().forward({b.input_ids, b.attention_mask, {}, {}}, nullptr);
   if (!s.classification) return out.logits;
   if (s.model_head) return out.logits;
-  at::Tensor pooled;
-  if (s.model().causal()) {
-    auto last = b.attention_mask.sum(1) - 1;  // right padding: the last real token
-    pooled = out.hidden.index({torch::arange(out.hidden.size(0), last.options()), last});
-  } else {
-    pooled = out.pooled.defined() ? out.pooled : out.hidden.select(1, 0);
-  }
+  const auto pooled = pooled_for_classification(s.model(), out, b.attention_mask);
   return s.head->linear(pooled.to(s.head->linear->weight.dtype()));
 }
 
