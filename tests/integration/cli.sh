@@ -125,6 +125,13 @@ for want in 'many.yaml:2:[0-9]+: task.max_seq_len: unknown key \(did you mean "m
 done
 check "an override's error names the command line" 1 "^graft: error: command line: methods\[0\].rank: unknown key \(did you mean \"r\"\?\)" -- \
   "$graft" validate "$work/good.yaml" 'methods[0].rank=4'
+# validate reads the data as the run would: a JSONL field that is not there, a classification task
+# without a record format.
+printf '{"txt": "good movie", "label": 1}\n{"txt": "bad movie", "label": 0}\n' >"$work/cls.jsonl"
+printf 'model: {path: stories260K}\ntask: {kind: sequence_classification, train: cls.jsonl, format: jsonl}\nmethods: [{name: lora}]\n' >"$work/cls.yaml"
+check "validate reads the data" 1 "cls.jsonl:1: has no field \"text\" \(it has label, txt\)" -- "$graft" validate "$work/cls.yaml"
+check "validate: classification needs a record format" 1 "sequence_classification needs labelled records: set task.format" -- \
+  "$graft" validate "$work/cls.yaml" task.format=text
 # Resuming: a changed override is named; the run folder's own recipe.yaml resumes the run from
 # anywhere, its data still found beside the original recipe.
 own=(run good.yaml train.steps=6 train.warmup_steps=0 train.log_every=1 eval.every=0 output.dir=own)

@@ -44,6 +44,12 @@ struct RunOptions {
 /// checkpoint holds no progress and is started again.
 nlohmann::json run_recipe(const Recipe& recipe, const RunOptions& options);
 
+/// Everything `run_recipe` checks before its first step, without training or writing: the model
+/// (device, dtype, tokenizer), the methods attached in order, lengths against the model's
+/// positions, and the data read and tokenized as training reads it. Returns the numbers of
+/// training and eval examples; throws the error the run would stop with.
+nlohmann::json validate_recipe(const Recipe& recipe);
+
 /// The run folder's newest complete checkpoint (checkpoints/step-N holding trainer.json), or an
 /// empty path when it has none.
 std::filesystem::path latest_checkpoint(const std::filesystem::path& run);

@@ -81,32 +81,13 @@ int run_validate(const Args& args) {
   if (!parse(args, desc, vm, "usage: graft validate recipe.yaml [key.path=value ...]", &pos))
     return 0;
   const auto recipe = read(vm);
-  // The model and the methods too: sites, widths and conflicting claims are checked by
-  // attaching (nothing is trained or written).
-  LoadOptions lo;
-  lo.family = recipe.model.family;
-  LoadedModel loaded;
-  try {
-    loaded = load_model(recipe.model.path, lo);
-  } catch (const FileError&) {
-    throw;
-  } catch (const Error& e) {
-    recipe.params.at("model").at("path").fail(e.what());
-  }
-  for (const auto& item : recipe.methods.items()) {
-    auto m = make_method(item.at("name").as_string(), item);
-    try {
-      m->attach(*loaded.model);
-    } catch (const ParamError&) {
-      throw;
-    } catch (const Error& e) {
-      item.fail(e.what());
-    }
-    m.release();  // stays attached so that later methods meet its claims
-  }
+  // As the run would start: the model, the methods attached in order (sites, widths,
+  // conflicting claims), lengths, and the data read and tokenized. Nothing is trained or written.
+  const auto counts = validate_recipe(recipe);
   std::cout << recipe.file.string() << ": valid (" << recipe.methods.items().size() << " method"
             << (recipe.methods.items().size() == 1 ? "" : "s") << ", " << recipe.task.train.size()
-            << " training file" << (recipe.task.train.size() == 1 ? "" : "s") << ", output "
+            << " training file" << (recipe.task.train.size() == 1 ? "" : "s") << ", "
+            << counts["train_examples"].get<std::size_t>() << " training examples, output "
             << recipe.output.dir.string() << ")\n";
   return 0;
 }

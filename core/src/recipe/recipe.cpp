@@ -436,7 +436,9 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
     r.task.format = t.get_choice("format", {"text", "tsv", "csv", "jsonl", "json"},
                                  r.task.kind == "instruction" ? "jsonl" : "text");
     if (r.task.kind != "causal_lm" && r.task.format == "text")
-      t.at("format").fail(r.task.kind + " needs labelled records: use tsv, csv, jsonl or json");
+      (t.has("format") ? t.at("format") : t)
+          .fail(r.task.kind +
+                " needs labelled records: set task.format to tsv, csv, jsonl or json");
     r.task.train = data_files(t, "train", dir);
     r.task.eval = data_files(t, "eval", dir);
     if (t.has("eval_fraction")) {

@@ -116,6 +116,24 @@ void attach_methods(Session& s, const Recipe& r) {
   }
 }
 
+// Models with learned position tables (bert, gpt2) cannot read past them: task.max_length plus
+// what methods put in front (prefix or prompt tokens) must fit.
+void check_lengths(Session& s, const Recipe& r) {
+  const auto& c = s.model().config();
+  if (c.family == "llama" || c.max_positions <= 0) return;  // rotary positions: no table
+  const auto needed = r.task.max_length + s.model().prefix_length();
+  if (needed > c.max_positions) {
+    const auto& task = r.params.at("task");
+    (task.has("max_length") ? task.at("max_length") : task)
+        .fail("max_length " + std::to_string(r.task.max_length) +
+              (s.model().prefix_length()
+                   ? " plus " + std::to_string(s.model().prefix_length()) + " virtual tokens"
+                   : std::string()) +
+              " is more than the " + std::to_string(c.max_positions) +
+              " positions this model has learned");
+  }
+}
+
 // The logits the task's loss reads: [B, T, V] for language modelling, [B, labels] otherwise.
 at::Tensor task_logits(Session& s, const Batch& b) {
   auto out = s.model().forward({b.input_ids, b.attention_mask, {}, {}}, nullptr);
@@ -607,6 +625,14 @@ bool check_run_folder(const fs::path& run, const std::string& recipe_text, const
 
 }  // namespace
 
+json validate_recipe(const Recipe& r) {
+  Session s = open_session(r);
+  attach_methods(s, r);
+  check_lengths(s, r);
+  const auto data = load_task_data(r.task, *s.loaded.tokenizer, r.seed);
+  return {{"train_examples", data.train.size()}, {"eval_examples", data.eval.size()}};
+}
+
 json run_recipe(const Recipe& r, const RunOptions& o) {
   const auto run = r.output.dir;
   const auto recipe_text = to_yaml(r.params);
@@ -620,6 +646,7 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
   for (const auto& t : s.model().parameters())
     if (seen.insert(t.unsafeGetTensorImpl()).second) n_model += t.numel();
   attach_methods(s, r);
+  check_lengths(s, r);
   const auto& tok = *s.loaded.tokenizer;
   auto data = load_task_data(r.task, tok, r.seed);
   const auto B = r.train.batch_size, accum = r.train.gradient_accumulation;
