@@ -5,15 +5,7 @@ set -uo pipefail
 graft=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
 shared=$2
 root=$(cd "$(dirname "$0")/../.." && pwd)
-# The real model where graft looks for it: $GRAFT_MODELS, ../shared/models, the checkout's models/.
-models=
-IFS=: read -r -a search <<<"${GRAFT_MODELS:-}"
-for dir in "${search[@]}" "$shared/models" "$root/models"; do
-  if [[ -n $dir && -f $dir/stories260K/stories260K.gguf ]]; then
-    models=$dir
-    break
-  fi
-done
+source "$root/tests/integration/models.sh"
 model=$models/stories260K/stories260K.gguf
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -16,14 +16,7 @@ shared=$2
 root=$(cd "$(dirname "$0")/../.." && pwd)
 build=$(cd "$(dirname "$graft")" && pwd)
 
-models=
-IFS=: read -r -a search <<<"${GRAFT_MODELS:-}"
-for dir in "${search[@]}" "$shared/models" "$root/models"; do
-  if [[ -n $dir && -f $dir/stories260K/stories260K.gguf ]]; then
-    models=$dir
-    break
-  fi
-done
+source "$root/tests/integration/models.sh"
 if [[ -z $models ]]; then
   echo "SKIPPED: stories260K is in none of \$GRAFT_MODELS, $shared/models, $root/models"
   exit 77

@@ -61,21 +61,40 @@ TEST_CASE("pre-tokenisation follows the GPT-2, Llama 3 and Qwen2 patterns") {
   }
 }
 
-TEST_CASE("SentencePiece BPE merges by score and falls back to bytes") {
+namespace {
+
+// <unk>, <s>, </s> and the 256 byte pieces <0x00>..<0xFF> (ids 3..258), for vocabularies built
+// in a test; `add` appends a piece with its score and GGUF token type.
+SentencePieceVocab byte_vocab() {
   SentencePieceVocab v;
+  auto add = [&](const std::string& p, int type) {
+    v.pieces.push_back(p);
+    v.scores.push_back(0);
+    v.types.push_back(type);
+  };
+  add("<unk>", 2);
+  add("<s>", 3);
+  add("</s>", 3);
+  for (int b = 0; b < 256; ++b) {
+    char name[8];
+    std::snprintf(name, sizeof name, "<0x%02X>", b);
+    add(name, 6);
+  }
+  v.unk = 0;
+  v.bos = 1;
+  v.eos = 2;
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("SentencePiece BPE merges by score and falls back to bytes") {
+  SentencePieceVocab v = byte_vocab();
   auto add = [&](const std::string& p, float score, int type) {
     v.pieces.push_back(p);
     v.scores.push_back(score);
     v.types.push_back(type);
   };
-  add("<unk>", 0, 2);
-  add("<s>", 0, 3);
-  add("</s>", 0, 3);
-  for (int b = 0; b < 256; ++b) {
-    char name[8];
-    std::snprintf(name, sizeof name, "<0x%02X>", b);
-    add(name, 0, 6);
-  }
   const std::int64_t base = static_cast<std::int64_t>(v.pieces.size());
   add("\xE2\x96\x81", -5, 1);  // base + 0: "▁"
   add("a", -5, 1);             // base + 1
@@ -91,9 +110,6 @@ TEST_CASE("SentencePiece BPE merges by score and falls back to bytes") {
   add("\xE2\x96\x81"
       "c",
       -3, 1);  // base + 7: "▁c"
-  v.bos = 1;
-  v.eos = 2;
-  v.unk = 0;
   auto tok = make_sentencepiece_bpe(v);
   // "ab c" -> "▁ab▁c": "▁a" (-1) merges before "ab" (-2), then "▁ab" (-0.5), then "▁c".
   CHECK(tok->encode("ab c") == Ids{1, base + 6, base + 7});
@@ -325,20 +341,12 @@ std::shared_ptr<Tokenizer> through_tokenizer_json(const Tokenizer& tok,
 TEST_CASE("SentencePiece vocabularies written as tokenizer.json read back the same") {
   TempDir dir;
   SUBCASE("a vocabulary whose scores order the merges against their length") {
-    SentencePieceVocab v;
+    SentencePieceVocab v = byte_vocab();
     auto add = [&](const std::string& p, float score, int type) {
       v.pieces.push_back(p);
       v.scores.push_back(score);
       v.types.push_back(type);
     };
-    add("<unk>", 0, 2);
-    add("<s>", 0, 3);
-    add("</s>", 0, 3);
-    for (int b = 0; b < 256; ++b) {
-      char name[8];
-      std::snprintf(name, sizeof name, "<0x%02X>", b);
-      add(name, 0, 6);
-    }
     for (const auto& [piece, score] :
          std::vector<std::pair<std::string, float>>{{"\xE2\x96\x81", -5},
                                                     {"a", -5},
@@ -357,9 +365,6 @@ TEST_CASE("SentencePiece vocabularies written as tokenizer.json read back the sa
                                                     {"bc", -0.7},
                                                     {"abc", -0.6}})
       add(piece, score, 1);
-    v.bos = 1;
-    v.eos = 2;
-    v.unk = 0;
     auto tok = make_sentencepiece_bpe(v);
     auto back = through_tokenizer_json(*tok, dir.path());
     check_same_tokenizer(*tok, *back);
