@@ -68,6 +68,17 @@ check "generate" 0 "^Once upon a time, there was a little girl named Lily" -- \
 check "generate from a prompt" 0 "^Lily and Ben" -- \
   "$graft" generate --model "$model" --prompt "Lily and Ben" --max-new-tokens 20 --temperature 0.8 --seed 3
 check "inspect" 0 "parameters: 260,032" -- "$graft" inspect "$model"
+check "inspect lists the sites" 0 "^  attn.q +layers 0-4 +64 -> 64" -- "$graft" inspect "$model"
+# A GGUF graft cannot run (another architecture) is still described, with the reason.
+python3 - "$model" "$work/other-arch.gguf" <<'PY'
+import sys
+data = open(sys.argv[1], "rb").read()
+key = b"general.architecture"
+at = data.index(key) + len(key) + 4 + 8  # the value's type, then its length
+assert data[at:at + 5] == b"llama"
+open(sys.argv[2], "wb").write(data[:at] + b"llamx" + data[at + 5:])
+PY
+check "inspect a GGUF graft cannot run" 0 "graft cannot run this model: .*llamx" -- "$graft" inspect "$work/other-arch.gguf"
 check "inspect tensors" 0 "blk.0.attn_q.weight +\[64, 64\] +F32" -- "$graft" inspect "$model"
 check "forward" 0 "logits \[2, 3, 512\], hidden \[2, 3, 64\]" -- \
   "$graft" forward --model "$model" --tokens 1,5,9 --tokens 1,7 --padding left --out "$work/f.safetensors"

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
+#include <map>
 #include <sstream>
 
 #include "cli/options.h"
@@ -190,14 +191,49 @@ int run_inspect(const Args& args) {
     }
   }
   set_threads(vm["threads"].as<int>());
-  auto loaded = load_model(path.string());
+  LoadedModel loaded;
+  try {
+    loaded = load_model(path.string());
+  } catch (const Error& e) {
+    // Still a description: what the file holds, and why graft cannot run it.
+    std::cout << "graft cannot run this model: " << e.what() << "\n";
+    print_tensors(rows);
+    return 0;
+  }
   const auto& c = loaded.model->config();
   std::int64_t params = 0;
   for (const auto& p : loaded.model->parameters()) params += p.numel();
   std::cout << "family: " << c.family << " (" << c.architecture << ")\n"
             << "config: " << c.to_json().dump() << "\n"
             << "parameters: " << with_commas(params) << "\n"
-            << "sites: " << loaded.model->sites().size() << "\n";
+            << "sites: " << loaded.model->sites().size()
+            << " (the points methods attach to, with the layers that have them)\n";
+  // One line per point, in the model's order: "attn.q  layers 0-7  64 -> 64".
+  std::vector<std::string> points;
+  std::map<std::string, std::vector<const Site*>> by_point;
+  for (const auto& s : loaded.model->sites()) {
+    if (!by_point.count(s.point)) points.push_back(s.point);
+    by_point[s.point].push_back(&s);
+  }
+  for (const auto& point : points) {
+    const auto& all = by_point[point];
+    std::int64_t lo = -1, hi = -1;
+    for (const auto* s : all)
+      if (s->layer >= 0) {
+        lo = lo < 0 ? s->layer : std::min(lo, s->layer);
+        hi = std::max(hi, s->layer);
+      }
+    std::ostringstream layers;
+    if (lo < 0)
+      layers << "model";
+    else if (lo == hi)
+      layers << "layer " << lo;
+    else
+      layers << "layers " << lo << "-" << hi;
+    std::cout << "  " << std::left << std::setw(12) << point << "  " << std::setw(12)
+              << layers.str() << "  " << all.front()->in_features << " -> "
+              << all.front()->out_features << "\n";
+  }
   if (loaded.tokenizer)
     std::cout << "tokenizer: " << loaded.tokenizer->vocab_size() << " tokens (bos "
               << loaded.tokenizer->bos_id() << ", eos " << loaded.tokenizer->eos_id() << ")\n";
