@@ -135,6 +135,12 @@ printf 'model: {path: stories260K}\ntask: {kind: sequence_classification, train:
 check "validate reads the data" 1 "cls.jsonl:1: has no field \"text\" \(it has label, txt\)" -- "$graft" validate "$work/cls.yaml"
 check "validate: classification needs a record format" 1 "sequence_classification needs labelled records: set task.format" -- \
   "$graft" validate "$work/cls.yaml" task.format=text
+# Instruction records whose prompt fills max_length teach nothing: counted, and a split left
+# empty is refused.
+python3 -c "import json; print('\n'.join(json.dumps({'prompt': ' '.join(['word'] * 200), 'response': 'hi'}) for _ in range(3)))" >"$work/inst.jsonl"
+printf 'model: {path: stories260K}\ntask: {kind: instruction, train: inst.jsonl, max_length: 64}\nmethods: [{name: lora}]\n' >"$work/inst.yaml"
+check "instruction prompts that leave no response" 1 "inst.jsonl: holds no training examples after tokenizing \(3 records dropped: a prompt of task.max_length \(64\) tokens or more leaves no response\)" -- \
+  "$graft" validate "$work/inst.yaml"
 # Resuming: a changed override is named; the run folder's own recipe.yaml resumes the run from
 # anywhere, its data still found beside the original recipe.
 own=(run good.yaml train.steps=6 train.warmup_steps=0 train.log_every=1 eval.every=0 output.dir=own)

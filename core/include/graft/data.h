@@ -24,7 +24,8 @@ struct Example {
 struct TaskData {
   std::vector<Example> train, eval;
   std::int64_t documents = 0;  ///< records or documents read
-  std::int64_t dropped = 0;    ///< records without a label (JSON null) or dropped by the rule
+  std::int64_t dropped = 0;    ///< records dropped: no label (JSON null), the label rule, or
+                               ///< (instruction) a prompt leaving no response
 };
 
 /// Reads, tokenizes and splits the task's data. A malformed record is a FileError naming the
@@ -43,5 +44,8 @@ Batch make_batch(const std::vector<Example>& examples, const std::vector<std::si
 /// A deterministic permutation of 0..n-1 for `seed` and `epoch` (splitmix64 Fisher-Yates: the
 /// same on every platform).
 std::vector<std::size_t> shuffled(std::size_t n, std::uint64_t seed, std::uint64_t epoch);
+
+/// Why a task of this kind drops records (for TaskData::dropped), in words.
+std::string dropped_reason(const TaskSpec& task);
 
 }  // namespace graft

@@ -184,11 +184,18 @@ std::vector<Example> lm_examples(const std::vector<Record>& docs, const TaskSpec
   return out;
 }
 
+// Prompt (with BOS) then response (without BOS, with EOS), joined as token ids with nothing
+// between; the loss is taken on the response only, cut at max_length. A prompt of max_length
+// tokens or more leaves no response to learn from: such records are counted and dropped.
 std::vector<Example> instruction_examples(const std::vector<Record>& docs, const TaskSpec& task,
-                                          const Tokenizer& tok) {
+                                          const Tokenizer& tok, std::int64_t* dropped) {
   std::vector<Example> out;
   for (const auto& d : docs) {
     auto prompt = tok.encode(field(d, task.prompt_field), true);
+    if (static_cast<std::int64_t>(prompt.size()) >= task.max_length) {
+      ++*dropped;
+      continue;
+    }
     auto response = tok.encode(field(d, task.response_field), false);
     if (tok.eos_id() >= 0) response.push_back(tok.eos_id());
     Example e;
@@ -224,6 +231,13 @@ std::vector<Example> classification_examples(const std::vector<Record>& docs, co
 }
 
 }  // namespace
+
+std::string dropped_reason(const TaskSpec& task) {
+  if (task.kind == "instruction")
+    return "a prompt of task.max_length (" + std::to_string(task.max_length) +
+           ") tokens or more leaves no response";
+  return "no label, or the label rule";
+}
 
 std::vector<std::size_t> shuffled(std::size_t n, std::uint64_t seed, std::uint64_t epoch) {
   std::vector<std::size_t> idx(n);
@@ -264,14 +278,23 @@ TaskData load_task_data(const TaskSpec& task, const Tokenizer& tok, std::uint64_
   }
   auto examples = [&](const std::vector<Record>& records) {
     if (task.kind == "causal_lm") return lm_examples(records, task, tok);
-    if (task.kind == "instruction") return instruction_examples(records, task, tok);
+    if (task.kind == "instruction") return instruction_examples(records, task, tok, &data.dropped);
     return classification_examples(records, task, tok, &data.dropped);
   };
   data.train = examples(train_records);
   data.eval = examples(eval_records);
+  const auto why = [&] {
+    return data.dropped ? " (" + std::to_string(data.dropped) +
+                              " records dropped: " + dropped_reason(task) + ")"
+                        : std::string();
+  };
+  if (!eval_records.empty() && data.eval.empty())
+    throw FileError(
+        task.eval.empty() ? std::string("task.eval_fraction") : task.eval.front().string(),
+        "holds no eval examples after tokenizing" + why());
   if (data.train.empty())
     throw FileError(task.train.empty() ? std::string("task.train") : task.train.front().string(),
-                    "holds no training examples after tokenizing");
+                    "holds no training examples after tokenizing" + why());
   return data;
 }
 

@@ -702,7 +702,7 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
       << s.loaded.path.filename().string() << ", " << data.train.size() << " train / "
       << data.eval.size() << " eval examples"
       << (data.dropped ? " (" + std::to_string(data.dropped) +
-                             " records dropped: no label, or the label rule)"
+                             " records dropped: " + dropped_reason(r.task) + ")"
                        : "")
       << ", " << total << " steps\n";
   log << trainable_summary(s.model(), raw) << "\n";
