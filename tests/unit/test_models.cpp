@@ -5,6 +5,7 @@
 #include <graft/io/gguf.h>
 #include <graft/io/safetensors.h>
 #include <graft/load.h>
+#include <graft/task_head.h>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -16,6 +17,7 @@
 #include "models/families.h"
 #include "numeric.h"
 #include "support.h"
+#include "tiny_models.h"
 
 using namespace graft;
 using graft::test::TempDir;
@@ -653,4 +655,20 @@ TEST_CASE("a llama GGUF file loads with identical outputs, and bad configs are c
 TEST_CASE("a model name that is not found says where graft looked") {
   CHECK_THROWS_WITH_AS(resolve_model("no-such-model-xyz"), doctest::Contains("GRAFT_MODELS"),
                        Error);
+}
+
+TEST_CASE("a classifier reads each row's last real token, whichever side is padded") {
+  auto llama = graft::test::tiny_model("llama");
+  auto bert = graft::test::tiny_model("bert");
+  ForwardOutput out;
+  out.hidden = torch::arange(2 * 3 * 2, torch::kFloat).reshape({2, 3, 2});  // [batch, seq, d]
+  // Row 0 right-padded (tokens at 0, 1), row 1 left-padded (tokens at 1, 2).
+  const auto mask = torch::tensor({1, 1, 0, 0, 1, 1}, torch::kLong).reshape({2, 3});
+  auto pooled = pooled_for_classification(*llama, out, mask);
+  CHECK(torch::equal(pooled[0], out.hidden[0][1]));
+  CHECK(torch::equal(pooled[1], out.hidden[1][2]));
+  // An encoder reads its pooler output where it has one, else the first position.
+  CHECK(torch::equal(pooled_for_classification(*bert, out, mask), out.hidden.select(1, 0)));
+  out.pooled = torch::ones({2, 2});
+  CHECK(torch::equal(pooled_for_classification(*bert, out, mask), out.pooled));
 }
