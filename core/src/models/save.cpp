@@ -25,10 +25,8 @@ io::TensorMap parameters_of(const Model& model, c10::ScalarType dtype, std::int6
   io::TensorMap t;
   for (const auto& p : model.named_parameters(true)) {
     auto v = p.value().detach().to(torch::kCPU);
-    if (dtype != c10::ScalarType::Undefined && v.is_floating_point() && v.dim() >= min_dim)
-      v = v.to(dtype);
-    else if (dtype != c10::ScalarType::Undefined && v.is_floating_point())
-      v = v.to(torch::kFloat);
+    if (dtype != c10::ScalarType::Undefined && v.is_floating_point())
+      v = v.to(v.dim() >= min_dim ? dtype : torch::kFloat);
     t[p.key()] = v.contiguous();
   }
   return t;

@@ -238,15 +238,14 @@ std::vector<std::pair<std::string, std::string>> SentencePieceBpe::hf_files() co
     into.push_back({{"SpecialToken", {{"id", v_.pieces[id]}, {"type_id", type_id}}}});
     specials[v_.pieces[id]] = {{"id", v_.pieces[id]}, {"ids", {id}}, {"tokens", {v_.pieces[id]}}};
   };
-  for (int type_id : {0, 1}) {
-    const char* seq = type_id == 0 ? "A" : "B";
-    for (json* into :
-         type_id == 0 ? std::vector<json*>{&single, &pair} : std::vector<json*>{&pair}) {
-      special(v_.add_bos, bos_, type_id, *into);
-      into->push_back({{"Sequence", {{"id", seq}, {"type_id", type_id}}}});
-      special(v_.add_eos, eos_, type_id, *into);
-    }
-  }
+  auto sequence = [&](const char* id, int type_id, json& into) {
+    special(v_.add_bos, bos_, type_id, into);
+    into.push_back({{"Sequence", {{"id", id}, {"type_id", type_id}}}});
+    special(v_.add_eos, eos_, type_id, into);
+  };
+  sequence("A", 0, single);
+  sequence("A", 0, pair);
+  sequence("B", 1, pair);
   const json tokenizer = {{"version", "1.0"},
                           {"truncation", nullptr},
                           {"padding", nullptr},
