@@ -87,8 +87,13 @@ Adapter::Adapter(const AdapterConfig& c, std::int64_t d, std::int64_t k, bool de
 
 at::Tensor Adapter::transform(const at::Tensor& out, const at::Tensor& in) {
   const auto& x = c_.reads_input ? in : out;
+  // In the activations' dtype (bfloat16 models), the float32 parameters cast to it.
+  auto norm = [&](torch::nn::LayerNorm& ln, const at::Tensor& t) {
+    return torch::layer_norm(t, {t.size(-1)}, ln->weight.to(t.dtype()), ln->bias.to(t.dtype()),
+                             ln->options.eps());
+  };
   auto h = c_.dropout > 0 ? drop(x) : x;
-  if (ln_before) h = ln_before(h);
+  if (ln_before) h = norm(ln_before, h);
   h = down(h);
   if (c_.non_linearity == "relu") {
     h = torch::relu(h);
@@ -100,9 +105,11 @@ at::Tensor Adapter::transform(const at::Tensor& out, const at::Tensor& in) {
     h = torch::silu(h);
   }
   h = up(h);
-  if (ln_after) h = ln_after(h);
+  if (ln_after) h = norm(ln_after, h);
   h = h * c_.scaling;
-  if (gate) h = h * torch::sigmoid(gate(x)).mean(1, true);  // [batch, 1, 1]
+  if (gate)  // [batch, 1, 1]
+    h = h * torch::sigmoid(torch::linear(x, gate->weight.to(x.dtype()), gate->bias.to(x.dtype())))
+                .mean(1, true);
   return out + h.to(out.dtype());
 }
 

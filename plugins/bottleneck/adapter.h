@@ -43,8 +43,13 @@ class Adapter : public SublayerTransform {
   at::Tensor transform(const at::Tensor& out, const at::Tensor& in) override;
 
  protected:
-  virtual at::Tensor down(const at::Tensor& h) { return torch::linear(h, down_weight, down_bias); }
-  virtual at::Tensor up(const at::Tensor& h) { return torch::linear(h, up_weight, up_bias); }
+  // The parameters stay float32; the adapter computes in the dtype of the model's activations.
+  virtual at::Tensor down(const at::Tensor& h) {
+    return torch::linear(h, down_weight.to(h.dtype()), down_bias.to(h.dtype()));
+  }
+  virtual at::Tensor up(const at::Tensor& h) {
+    return torch::linear(h, up_weight.to(h.dtype()), up_bias.to(h.dtype()));
+  }
 
  public:
   at::Tensor down_weight, down_bias, up_weight, up_bias;  ///< [k, d], [k], [d, k], [d]

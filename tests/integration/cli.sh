@@ -135,6 +135,19 @@ printf 'model: {path: stories260K}\ntask: {kind: sequence_classification, train:
 check "validate reads the data" 1 "cls.jsonl:1: has no field \"text\" \(it has label, txt\)" -- "$graft" validate "$work/cls.yaml"
 check "validate: classification needs a record format" 1 "sequence_classification needs labelled records: set task.format" -- \
   "$graft" validate "$work/cls.yaml" task.format=text
+# A dtype: bfloat16 trains every method (the hybrid has lora, gates, prefix and a bottleneck
+# adapter); float16 validates where libtorch multiplies float16 matrices on the CPU (2.x) and
+# is refused naming the key where it does not (1.13).
+if [[ -d $root/data/sotu ]]; then
+  check "bfloat16 trains a hybrid" 0 "run folder: " -- "$graft" run "$root/recipes/hybrids/unipelt.yaml" \
+    model.dtype=bfloat16 train.steps=2 train.warmup_steps=0 eval.batches=1 output.dir="$work/bf16"
+fi
+if out=$("$graft" validate "$root/recipes/quickstart.yaml" model.dtype=float16 2>&1); then
+  echo "ok   float16 validates (libtorch multiplies float16 on this CPU)"
+else
+  check "float16 without float16 matrix products" 1 "^graft: error: command line: model.dtype: float16 matrix products are not available on cpu" -- \
+    "$graft" validate "$root/recipes/quickstart.yaml" model.dtype=float16
+fi
 # Instruction records whose prompt fills max_length teach nothing: counted, and a split left
 # empty is refused.
 python3 -c "import json; print('\n'.join(json.dumps({'prompt': ' '.join(['word'] * 200), 'response': 'hi'}) for _ in range(3)))" >"$work/inst.jsonl"

@@ -556,3 +556,68 @@ TEST_CASE("an adapter refuses a base model it was not trained on") {
   CHECK_THROWS_WITH_AS(load_adapter(dir.path() / "nope", *model),
                        doctest::Contains("not an adapter folder"), FileError);
 }
+
+// peft's recipe for half-precision models: the base computes in bfloat16 while the methods keep
+// float32 parameters (its autocast_adapter_dtype), so that small updates are not rounded away.
+TEST_CASE("every method trains a bfloat16 model with float32 parameters") {
+  load_test_plugins();
+  auto all = cases();
+  all[1] = with_rank_pattern(all[1]);
+  for (const auto& c : all) {
+    for (const std::string family : {"llama", "gpt2", "bert"}) {
+      CAPTURE(c.label);
+      CAPTURE(family);
+      torch::manual_seed(5);
+      auto model = tiny_model(family, 11);
+      model->to(torch::kBFloat16);
+      std::set<const void*> base;
+      for (const auto& t : model->parameters()) base.insert(t.unsafeGetTensorImpl());
+      std::vector<std::unique_ptr<Method>> owned;
+      std::vector<Method*> methods;
+      for (const auto& [name, settings] : c.methods) {
+        owned.push_back(make_method(name, settings));
+        methods.push_back(owned.back().get());
+        methods.back()->attach(*model);
+      }
+      for (auto* m : methods)
+        if (m->needs_calibration()) m->calibrate(*model, [&] { return loss(*model); });
+      const auto attached = snapshot(*model);
+      std::vector<at::Tensor> train;
+      std::set<const void*> trained;
+      for (auto* m : methods)
+        for (const auto& [name, t] : m->trainable_parameters()) {
+          // Parameters of the base trained in place keep its dtype; a method's own are float32.
+          const auto expected =
+              base.count(t.unsafeGetTensorImpl()) ? torch::kBFloat16 : torch::kFloat;
+          CHECK_MESSAGE(bool(t.scalar_type() == expected), name << " is " << t.scalar_type());
+          trained.insert(t.unsafeGetTensorImpl());
+          train.push_back(t);
+        }
+      CHECK(bool(outputs(*model).scalar_type() == torch::kBFloat16));
+      torch::optim::AdamW opt(train, torch::optim::AdamWOptions(1e-2).weight_decay(0.0));
+      for (auto* m : methods) m->set_training(true);
+      const double before = loss(*model).item<double>();
+      for (int step = 0; step < 5; ++step) {
+        opt.zero_grad();
+        loss(*model).backward();
+        opt.step();
+      }
+      const double after = loss(*model).item<double>();
+      for (auto* m : methods) m->set_training(false);
+      CHECK(std::isfinite(after));
+      CHECK(after < before);
+      for (const auto& p : model->named_parameters(true))
+        if (!trained.count(p.value().unsafeGetTensorImpl()))
+          CHECK_MESSAGE(torch::equal(p.value(), attached.at(p.key())), "base changed: " << p.key());
+      const auto trained_out = outputs(*model);
+      CHECK(bool(trained_out.scalar_type() == torch::kBFloat16));
+
+      TempDir dir;
+      save_adapter(dir.path(), *model, methods);
+      auto fresh = tiny_model(family, 11);
+      fresh->to(torch::kBFloat16);
+      auto loaded = load_adapter(dir.path(), *fresh);
+      CHECK(torch::equal(outputs(*fresh), trained_out));
+    }
+  }
+}

@@ -40,11 +40,12 @@ at::Tensor LinearImpl::hooked(const at::Tensor& x) {
   const auto w = effective_weight();
   at::Tensor in = x;
   for (const auto& s : hooks_->scales)
-    if (s->side() == LinearScale::Side::input) in = in * s->scale();
+    if (s->side() == LinearScale::Side::input) in = in * s->scale().to(in.dtype());
   auto y = bias.defined() ? torch::linear(in, w, bias) : torch::linear(in, w);
-  for (const auto& d : hooks_->deltas) y = y + d->delta(in, *this);
+  // A method's parameters may be float32 over a bfloat16 model: the output keeps the model's dtype.
+  for (const auto& d : hooks_->deltas) y = y + d->delta(in, *this).to(y.dtype());
   for (const auto& s : hooks_->scales)
-    if (s->side() == LinearScale::Side::output) y = y * s->scale();
+    if (s->side() == LinearScale::Side::output) y = y * s->scale().to(y.dtype());
   return y;
 }
 

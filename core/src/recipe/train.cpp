@@ -56,6 +56,18 @@ c10::ScalarType dtype_of(const std::string& name) {
   return torch::kFloat;
 }
 
+// Whether libtorch multiplies matrices of `dtype` on `device` (libtorch 1.13 has no float16
+// matrix product on CPU): asked of libtorch itself with a 1x1 product.
+bool matmul_supported(c10::ScalarType dtype, const torch::Device& device) {
+  try {
+    const auto one = torch::ones({1, 1}, torch::TensorOptions().dtype(dtype).device(device));
+    (void)torch::linear(one, one);
+    return true;
+  } catch (const c10::Error&) {
+    return false;
+  }
+}
+
 // Everything a run or an evaluation works with.
 struct Session {
   LoadedModel loaded;
@@ -77,6 +89,10 @@ Session open_session(const Recipe& r) {
   LoadOptions lo;
   lo.family = r.model.family;
   lo.dtype = dtype_of(r.model.dtype);
+  if (!matmul_supported(lo.dtype, s.device))
+    r.params.at("model").at("dtype").fail(
+        r.model.dtype + " matrix products are not available on " + s.device.str() +
+        " in this libtorch (" + TORCH_VERSION + "); use bfloat16 or float32 there");
   lo.device = s.device;
   try {
     s.loaded = load_model(r.model.path, lo);
@@ -630,6 +646,13 @@ json validate_recipe(const Recipe& r) {
   attach_methods(s, r);
   check_lengths(s, r);
   const auto data = load_task_data(r.task, *s.loaded.tokenizer, r.seed);
+  // One training example forward and backward through the model and its methods, as the first
+  // step would (a dtype or device a method cannot compute in fails here, not mid-run).
+  const auto first = to_device(make_batch(data.train, {0}, s.pad_id, s.classification), s.device);
+  for (auto& m : s.methods)
+    if (m->needs_calibration()) m->calibrate(s.model(), [&] { return task_loss(s, first).loss; });
+  set_training(s, true);
+  task_loss(s, first).loss.backward();
   return {{"train_examples", data.train.size()}, {"eval_examples", data.eval.size()}};
 }
 
