@@ -154,6 +154,15 @@ python3 -c "import json; print('\n'.join(json.dumps({'prompt': ' '.join(['word']
 printf 'model: {path: stories260K}\ntask: {kind: instruction, train: inst.jsonl, max_length: 64}\nmethods: [{name: lora}]\n' >"$work/inst.yaml"
 check "instruction prompts that leave no response" 1 "inst.jsonl: holds no training examples after tokenizing \(3 records dropped: a prompt of task.max_length \(64\) tokens or more leaves no response\)" -- \
   "$graft" validate "$work/inst.yaml"
+# Chat templates: stories260K carries none, so `chat` is refused naming the key; a named
+# format renders the records (Llama 2's needs only the BOS and EOS tokens it has).
+printf '{"prompt": "Name a colour.", "response": "Blue."}\n{"prompt": "Name a fruit.", "response": "Apple."}\n' >"$work/chat.jsonl"
+printf 'model: {path: stories260K}\ntask: {kind: instruction, train: chat.jsonl, eval_fraction: 0, template: chat}\nmethods: [{name: lora}]\n' >"$work/chat.yaml"
+check "chat template: the model has none" 1 "task.template: .*stories260K.gguf has no chat template: name the format instead \(chatml, llama2, llama3\)" -- \
+  "$graft" validate "$work/chat.yaml"
+check "chat template: a named format" 0 ": valid \(.*2 training examples" -- "$graft" validate "$work/chat.yaml" task.template=llama2 'task.system=Be brief.'
+check "chat template: a format whose tokens the vocabulary lacks" 1 "task.template: the chatml chat format needs the token <\|im_start\|>" -- \
+  "$graft" validate "$work/chat.yaml" task.template=chatml
 # Resuming: a changed override is named; the run folder's own recipe.yaml resumes the run from
 # anywhere, its data still found beside the original recipe.
 own=(run good.yaml train.steps=6 train.warmup_steps=0 train.log_every=1 eval.every=0 output.dir=own)

@@ -1,8 +1,11 @@
+#include <graft/chat.h>
+#include <graft/data.h>
 #include <graft/error.h>
 #include <graft/io/gguf.h>
 #include <graft/tokenizer.h>
 
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "support.h"
@@ -391,4 +394,141 @@ TEST_CASE("SentencePiece vocabularies written as tokenizer.json read back the sa
       CHECK(tok->decode(tok->encode(text)) == back->decode(back->encode(text)));
     }
   }
+}
+
+// Chat templates, checked against renderings that Jinja (python3-jinja2 3.1, with transformers'
+// settings trim_blocks and lstrip_blocks and its raise_exception) made from the same template
+// texts, as tokenizer_config.json files hold them.
+TEST_CASE("chat templates render as transformers' apply_chat_template does") {
+  const std::map<std::string, std::string> jinja = {
+    {"chatml", "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"},
+    {"qwen2", "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"},
+    {"llama2", "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"},
+    {"llama3", "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"},
+  };
+  const std::map<std::string, std::vector<ChatMessage>> conversations = {
+      {"user", {{"user", "  Hi there\n"}}},
+      {"system_user", {{"system", "Be brief."}, {"user", "What is 2+2?"}}},
+      {"turns", {{"system", "Be brief."}, {"user", "Hi"}, {"assistant", " Hello! "}, {"user", "Bye"}}},
+      {"answered", {{"user", "Name a colour."}, {"assistant", "Blue."}}},
+  };
+  const std::map<std::string, std::pair<std::string, std::string>> bos_eos = {
+      {"chatml", {"", "<|im_end|>"}},
+      {"qwen2", {"", "<|im_end|>"}},
+      {"llama2", {"<s>", "</s>"}},
+      {"llama3", {"<|begin_of_text|>", "<|eot_id|>"}}};
+  struct Rendering {
+    const char* jinja;
+    const char* conversation;
+    bool generation_prompt;
+    const char* text;
+  };
+  const Rendering renderings[] = {
+    {"chatml", "user", false, "<|im_start|>user\n  Hi there\n<|im_end|>\n"},
+    {"chatml", "user", true, "<|im_start|>user\n  Hi there\n<|im_end|>\n<|im_start|>assistant\n"},
+    {"chatml", "system_user", false, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"},
+    {"chatml", "system_user", true, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"},
+    {"chatml", "turns", false, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n Hello! <|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"},
+    {"chatml", "turns", true, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n Hello! <|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"},
+    {"chatml", "answered", false, "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n"},
+    {"chatml", "answered", true, "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n<|im_start|>assistant\n"},
+    {"qwen2", "user", false, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n  Hi there\n<|im_end|>\n"},
+    {"qwen2", "user", true, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n  Hi there\n<|im_end|>\n<|im_start|>assistant\n"},
+    {"qwen2", "system_user", false, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"},
+    {"qwen2", "system_user", true, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"},
+    {"qwen2", "turns", false, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n Hello! <|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"},
+    {"qwen2", "turns", true, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n Hello! <|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"},
+    {"qwen2", "answered", false, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n"},
+    {"qwen2", "answered", true, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n<|im_start|>assistant\n"},
+    {"llama2", "user", false, "<s>[INST] Hi there [/INST]"},
+    {"llama2", "user", true, "<s>[INST] Hi there [/INST]"},
+    {"llama2", "system_user", false, "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is 2+2? [/INST]"},
+    {"llama2", "system_user", true, "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is 2+2? [/INST]"},
+    {"llama2", "turns", false, "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] Bye [/INST]"},
+    {"llama2", "turns", true, "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] Bye [/INST]"},
+    {"llama2", "answered", false, "<s>[INST] Name a colour. [/INST] Blue. </s>"},
+    {"llama2", "answered", true, "<s>[INST] Name a colour. [/INST] Blue. </s>"},
+    {"llama3", "user", false, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"},
+    {"llama3", "user", true, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"},
+    {"llama3", "system_user", false, "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"},
+    {"llama3", "system_user", true, "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"},
+    {"llama3", "turns", false, "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>"},
+    {"llama3", "turns", true, "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"},
+    {"llama3", "answered", false, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nName a colour.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nBlue.<|eot_id|>"},
+    {"llama3", "answered", true, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nName a colour.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nBlue.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"},
+  };
+  for (const auto& r : renderings) {
+    CAPTURE(r.jinja);
+    CAPTURE(r.conversation);
+    CAPTURE(r.generation_prompt);
+    const auto chat = ChatTemplate::recognise(jinja.at(r.jinja));
+    const auto& [bos, eos] = bos_eos.at(r.jinja);
+    CHECK(chat.render(conversations.at(r.conversation), r.generation_prompt, bos, eos) == r.text);
+  }
+  CHECK(ChatTemplate::recognise(jinja.at("qwen2")).default_system() ==
+        "You are a helpful assistant.");
+  CHECK(ChatTemplate::named("llama3").name() == "llama3");
+  // Llama 2 raises on roles out of order; so does graft.
+  CHECK_THROWS_WITH_AS(ChatTemplate::named("llama2").render(
+                           {{"user", "a"}, {"user", "b"}}, false, "<s>", "</s>"),
+                       doctest::Contains("roles alternating user/assistant"), Error);
+  // Another template (here: ChatML with its whitespace changed) is refused, never approximated.
+  auto other = jinja.at("chatml");
+  other.replace(other.find("{{'"), 3, "{{ '");
+  CHECK_THROWS_WITH_AS(ChatTemplate::recognise(other),
+                       doctest::Contains("is not one graft renders"), Error);
+  CHECK_THROWS_WITH_AS(ChatTemplate::named("vicuna"),
+                       doctest::Contains("expected one of chatml, llama2, llama3"), Error);
+}
+
+TEST_CASE("chat text is tokenized with its special tokens whole, the text between plainly") {
+  TempDir dir;
+  json vocab = json::object();
+  for (int b = 0; b < 256; ++b) vocab[byte_char(b)] = b;
+  json j = {{"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", json::array()}}},
+            {"added_tokens",
+             {{{"id", 256}, {"content", "<|endoftext|>"}, {"special", true}},
+              {{"id", 257}, {"content", "<|im_start|>"}, {"special", true}},
+              {{"id", 258}, {"content", "<|im_end|>"}, {"special", true}}}},
+            {"normalizer", nullptr},
+            {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}}},
+            {"post_processor", {{"type", "ByteLevel"}}},
+            {"decoder", {{"type", "ByteLevel"}}}};
+  write_json(dir / "tokenizer.json", j);
+  auto tok = load_tokenizer_json(dir / "tokenizer.json");
+  const auto chat = ChatTemplate::named("chatml");
+  auto plain = [&](const std::string& s) { return tok->encode(s, false); };
+  Ids want = {257};
+  for (const auto& part : {plain("user\nHi"), Ids{258}, plain("\n"), Ids{257}, plain("assistant\n")})
+    want.insert(want.end(), part.begin(), part.end());
+  CHECK(chat.encode(*tok, {{"user", "Hi"}}, true) == want);
+  CHECK(chat.end_of_turn("<|endoftext|>") == "<|im_end|>");
+  // A format whose special tokens the vocabulary lacks is refused by name.
+  CHECK_THROWS_WITH_AS(ChatTemplate::named("llama3").encode(*tok, {{"user", "Hi"}}, true),
+                       doctest::Contains("needs the token <|start_header_id|>"), Error);
+
+  // Instruction data with the template: the conversation's tokens, scored after the prompt.
+  std::ofstream(dir / "i.jsonl") << R"({"prompt": "Name a colour.", "response": "Blue."})" << "\n";
+  TaskSpec task;
+  task.kind = "instruction";
+  task.format = "jsonl";
+  task.train = {dir / "i.jsonl"};
+  task.eval_fraction = 0;
+  task.chat_template = "chatml";
+  task.system = "Be brief.";
+  const auto data = load_task_data(task, *tok, 0, &chat);
+  REQUIRE(data.train.size() == 1);
+  const auto& e = data.train[0];
+  const std::vector<ChatMessage> prompt = {{"system", "Be brief."}, {"user", "Name a colour."}};
+  auto full = prompt;
+  full.push_back({"assistant", "Blue."});
+  CHECK(e.ids == chat.encode(*tok, full, false));
+  const auto n = chat.encode(*tok, prompt, true).size();
+  REQUIRE(e.labels.size() == e.ids.size());
+  for (std::size_t i = 0; i < e.ids.size(); ++i)
+    CHECK(e.labels[i] == (i < n ? -100 : e.ids[i]));
+  CHECK(tok->decode(Ids(e.ids.begin() + static_cast<std::ptrdiff_t>(n), e.ids.end()), false) ==
+        "Blue.<|im_end|>\n");
+  // Without the template resolved, the task is refused rather than joined plainly.
+  CHECK_THROWS_AS(load_task_data(task, *tok, 0), Error);
 }

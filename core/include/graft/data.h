@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <graft/chat.h>
 #include <graft/recipe.h>
 #include <graft/tokenizer.h>
 
@@ -29,8 +30,10 @@ struct TaskData {
 };
 
 /// Reads, tokenizes and splits the task's data. A malformed record is a FileError naming the
-/// file and line.
-TaskData load_task_data(const TaskSpec& task, const Tokenizer& tokenizer, std::uint64_t seed);
+/// file and line. An instruction task with a chat template (task.chat_template other than
+/// "none") renders its records with `chat`, which must then be given.
+TaskData load_task_data(const TaskSpec& task, const Tokenizer& tokenizer, std::uint64_t seed,
+                        const ChatTemplate* chat = nullptr);
 
 /// A padded batch: input_ids and attention_mask [B, T] (right padding), labels [B, T] for
 /// language modelling (-100 on padding) or [B] for classification.

@@ -24,6 +24,10 @@ struct LoadedModel {
   std::shared_ptr<Tokenizer> tokenizer;  ///< null when the checkpoint carries none
   std::filesystem::path path;            ///< the file or folder it came from
   std::string format;                    ///< "gguf" or "hf"
+  /// The Jinja chat template the checkpoint carries (tokenizer_config.json's chat_template, or
+  /// its template named "default" when it holds several; GGUF tokenizer.chat_template); empty
+  /// when it has none.
+  std::string chat_template;
 };
 
 /// Folders searched for a model given by name, in order: each entry of $GRAFT_MODELS

@@ -50,6 +50,10 @@ struct TaskSpec {
   std::vector<std::string> columns;  ///< tsv/csv column names when the file has no header
   std::string text_field = "text", label_field = "label";
   std::string prompt_field = "prompt", response_field = "response";
+  /// instruction: how prompt and response are joined. "none": as token ids, nothing between;
+  /// "chat": the model's chat template; or a chat format by name (chatml, llama2, llama3).
+  std::string chat_template = "none";
+  std::string system;  ///< chat templates: a system message put before every prompt (or none)
   std::string label_rule = "none";  ///< none, sign (>0 -> 1, <0 -> 0, 0 dropped)
   std::int64_t num_labels = 2;
   std::int64_t max_length = 128;

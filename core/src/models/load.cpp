@@ -40,6 +40,28 @@ fs::path model_in_folder(const fs::path& dir) {
   throw Error(dir.string() + ": holds several .gguf files; name the one to use");
 }
 
+// tokenizer_config.json's chat_template: a string, or a list of {name, template} of which the
+// one named "default" is what transformers applies.
+std::string chat_template_of(const fs::path& config) {
+  if (!fs::exists(config)) return "";
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(io::read_text_file(config));
+  } catch (const nlohmann::json::exception& e) {
+    throw FileError(config.string(), std::string("malformed JSON: ") + e.what());
+  }
+  if (!j.is_object() || !j.contains("chat_template") || j["chat_template"].is_null()) return "";
+  const auto& t = j["chat_template"];
+  if (t.is_string()) return t.get<std::string>();
+  if (t.is_array())
+    for (const auto& e : t)
+      if (e.is_object() && e.value("name", "") == "default" && e.contains("template") &&
+          e["template"].is_string())
+        return e["template"].get<std::string>();
+  if (t.is_array()) return "";
+  throw FileError(config.string(), "chat_template: expected a string or a list of templates");
+}
+
 }  // namespace
 
 fs::path resolve_model(const std::string& arg) {
@@ -84,6 +106,7 @@ LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
     }
     if (fs::exists(out.path / "tokenizer.json"))
       out.tokenizer = load_tokenizer_json(out.path / "tokenizer.json");
+    out.chat_template = chat_template_of(out.path / "tokenizer_config.json");
   } else {
     out.format = "gguf";
     io::GgufFile file(out.path);
@@ -103,6 +126,8 @@ LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
       tensors.erase(head);
     }
     if (file.find("tokenizer.ggml.model")) out.tokenizer = tokenizer_from_gguf(file);
+    if (auto* t = file.find("tokenizer.chat_template"))
+      out.chat_template = t->as_string("tokenizer.chat_template");
   }
   if (!options.family.empty() && options.family != config.family)
     throw FileError(where, "is a " + config.family + " model, but the family \"" + options.family +

@@ -184,25 +184,44 @@ std::vector<Example> lm_examples(const std::vector<Record>& docs, const TaskSpec
   return out;
 }
 
-// Prompt (with BOS) then response (without BOS, with EOS), joined as token ids with nothing
-// between; the loss is taken on the response only, cut at max_length. A prompt of max_length
+// Without a chat template: prompt (with BOS) then response (without BOS, with EOS), joined as
+// token ids with nothing between. With one: the conversation (the task's system message, the
+// prompt as the user's turn, the response as the assistant's) rendered and tokenized as
+// transformers' apply_chat_template(tokenize=True) does; the prompt is the same conversation
+// without the answer, with the generation prompt, and what the two share at the start is not
+// scored. The loss is taken on the response only, cut at max_length. A prompt of max_length
 // tokens or more leaves no response to learn from: such records are counted and dropped.
 std::vector<Example> instruction_examples(const std::vector<Record>& docs, const TaskSpec& task,
-                                          const Tokenizer& tok, std::int64_t* dropped) {
+                                          const Tokenizer& tok, const ChatTemplate* chat,
+                                          std::int64_t* dropped) {
   std::vector<Example> out;
   for (const auto& d : docs) {
-    auto prompt = tok.encode(field(d, task.prompt_field), true);
-    if (static_cast<std::int64_t>(prompt.size()) >= task.max_length) {
+    Example e;
+    std::size_t prompt_size = 0;
+    if (chat) {
+      std::vector<ChatMessage> messages;
+      if (!task.system.empty()) messages.push_back({"system", task.system});
+      messages.push_back({"user", field(d, task.prompt_field)});
+      const auto prompt = chat->encode(tok, messages, true);
+      messages.push_back({"assistant", field(d, task.response_field)});
+      e.ids = chat->encode(tok, messages, false);
+      while (prompt_size < std::min(prompt.size(), e.ids.size()) &&
+             prompt[prompt_size] == e.ids[prompt_size])
+        ++prompt_size;
+    } else {
+      e.ids = tok.encode(field(d, task.prompt_field), true);
+      prompt_size = e.ids.size();
+      const auto response = tok.encode(field(d, task.response_field), false);
+      e.ids.insert(e.ids.end(), response.begin(), response.end());
+      if (tok.eos_id() >= 0) e.ids.push_back(tok.eos_id());
+    }
+    if (static_cast<std::int64_t>(prompt_size) >= task.max_length ||
+        prompt_size == e.ids.size()) {
       ++*dropped;
       continue;
     }
-    auto response = tok.encode(field(d, task.response_field), false);
-    if (tok.eos_id() >= 0) response.push_back(tok.eos_id());
-    Example e;
-    e.ids = prompt;
-    e.ids.insert(e.ids.end(), response.begin(), response.end());
-    e.labels.assign(prompt.size(), -100);  // the loss is taken on the response only
-    e.labels.insert(e.labels.end(), response.begin(), response.end());
+    e.labels = e.ids;  // the loss is taken on the response only
+    std::fill(e.labels.begin(), e.labels.begin() + static_cast<std::ptrdiff_t>(prompt_size), -100);
     if (static_cast<std::int64_t>(e.ids.size()) > task.max_length) {
       e.ids.resize(task.max_length);
       e.labels.resize(task.max_length);
@@ -247,7 +266,10 @@ std::vector<std::size_t> shuffled(std::size_t n, std::uint64_t seed, std::uint64
   return idx;
 }
 
-TaskData load_task_data(const TaskSpec& task, const Tokenizer& tok, std::uint64_t seed) {
+TaskData load_task_data(const TaskSpec& task, const Tokenizer& tok, std::uint64_t seed,
+                        const ChatTemplate* chat) {
+  if (task.chat_template != "none" && !chat)
+    throw Error("task.template: " + task.chat_template + " needs the chat template resolved");
   auto read_all = [&](const std::vector<fs::path>& files) {
     std::vector<Record> records;
     for (const auto& f : files) {
@@ -278,7 +300,8 @@ TaskData load_task_data(const TaskSpec& task, const Tokenizer& tok, std::uint64_
   }
   auto examples = [&](const std::vector<Record>& records) {
     if (task.kind == "causal_lm") return lm_examples(records, task, tok);
-    if (task.kind == "instruction") return instruction_examples(records, task, tok, &data.dropped);
+    if (task.kind == "instruction")
+      return instruction_examples(records, task, tok, chat, &data.dropped);
     return classification_examples(records, task, tok, &data.dropped);
   };
   data.train = examples(train_records);

@@ -1,4 +1,5 @@
 // Recipes: YAML into settings trees with sources, includes, overrides, and the validated schema.
+#include <graft/chat.h>
 #include <graft/error.h>
 #include <graft/io/file.h>
 #include <graft/plugin.h>
@@ -428,7 +429,7 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
     const auto& t = section(p, "task");
     t.check_keys({"kind", "train", "eval", "eval_fraction", "format", "columns", "text_field",
                   "label_field", "prompt_field", "response_field", "label_rule", "num_labels",
-                  "max_length", "packing", "max_documents"});
+                  "max_length", "packing", "max_documents", "template", "system"});
     r.task.kind =
         t.get_choice("kind", {"causal_lm", "sequence_classification", "instruction"}, "causal_lm");
     if (!t.has("train"))
@@ -451,6 +452,19 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
     r.task.label_field = t.get_string("label_field", "label");
     r.task.prompt_field = t.get_string("prompt_field", "prompt");
     r.task.response_field = t.get_string("response_field", "response");
+    {
+      auto formats = ChatTemplate::names();
+      formats.insert(formats.begin(), {"none", "chat"});
+      r.task.chat_template = t.get_choice("template", formats, "none");
+    }
+    r.task.system = t.get_string("system", "");
+    if (r.task.kind != "instruction")
+      for (const auto* key : {"template", "system"})
+        if (t.has(key))
+          t.at(key).fail("applies to instruction tasks (task.kind: instruction), not " +
+                         r.task.kind);
+    if (t.has("system") && r.task.chat_template == "none")
+      t.at("system").fail("a system message needs a chat template: set task.template");
     r.task.label_rule = t.get_choice("label_rule", {"none", "sign"}, "none");
     r.task.num_labels = t.get_positive_int("num_labels", 2);
     if (r.task.kind == "sequence_classification" && r.task.num_labels < 2)

@@ -1,6 +1,7 @@
 // Running recipes: the training loop, evaluation, checkpoints, resume and the run folder.
 #include <ATen/CPUGeneratorImpl.h>
 #include <graft/adapter.h>
+#include <graft/chat.h>
 #include <graft/data.h>
 #include <graft/error.h>
 #include <graft/generate.h>
@@ -20,6 +21,7 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <optional>
 #include <cstdio>
 #include <fstream>
 #include <iomanip>
@@ -77,6 +79,7 @@ struct Session {
   bool model_head = false;  // the model's own classifier has the task's width
   std::int64_t pad_id = 0;
   torch::Device device = torch::kCPU;
+  std::optional<ChatTemplate> chat;  // instruction tasks with task.template
   Model& model() { return *loaded.model; }
 };
 
@@ -110,7 +113,37 @@ Session open_session(const Recipe& r) {
   s.model_head = s.classification && c.num_labels == r.task.num_labels;
   if (!s.classification && c.family == "bert")
     r.params.at("task").at("kind").fail("bert models are encoders: use sequence_classification");
+  if (r.task.chat_template != "none") {
+    const auto& key = r.params.at("task").at("template");
+    try {
+      if (r.task.chat_template != "chat") {
+        s.chat = ChatTemplate::named(r.task.chat_template);
+      } else if (s.loaded.chat_template.empty()) {
+        std::string names;
+        for (const auto& n : ChatTemplate::names()) names += (names.empty() ? "" : ", ") + n;
+        key.fail(s.loaded.path.string() + " has no chat template: name the format instead (" +
+                 names + ")");
+      } else {
+        s.chat = ChatTemplate::recognise(s.loaded.chat_template);
+      }
+    } catch (const ParamError&) {
+      throw;
+    } catch (const Error& e) {
+      key.fail(s.loaded.path.string() + ": " + e.what());
+    }
+  }
   return s;
+}
+
+TaskData task_data(const Session& s, const Recipe& r) {
+  if (!s.chat) return load_task_data(r.task, *s.loaded.tokenizer, r.seed);
+  try {
+    return load_task_data(r.task, *s.loaded.tokenizer, r.seed, &*s.chat);
+  } catch (const FileError&) {
+    throw;
+  } catch (const Error& e) {  // the format needs a token the vocabulary lacks
+    r.params.at("task").at("template").fail(e.what());
+  }
 }
 
 void attach_methods(Session& s, const Recipe& r) {
@@ -257,17 +290,30 @@ std::string sample(Session& s, const Recipe& r) {
   if (r.generate.prompt.empty()) return {};
   torch::NoGradGuard no_grad;
   set_training(s, false);
-  auto ids = s.loaded.tokenizer->encode(r.generate.prompt, true);
+  const auto& tok = *s.loaded.tokenizer;
   GenerationOptions g;
   g.max_new_tokens = r.generate.max_new_tokens;
-  if (s.loaded.tokenizer->eos_id() >= 0) g.stop_ids = {s.loaded.tokenizer->eos_id()};
+  if (tok.eos_id() >= 0) g.stop_ids = {tok.eos_id()};
+  std::vector<std::int64_t> ids;
+  if (s.chat) {  // the prompt as the user's turn; the answer stops at the end of its turn
+    std::vector<ChatMessage> messages;
+    if (!r.task.system.empty()) messages.push_back({"system", r.task.system});
+    messages.push_back({"user", r.generate.prompt});
+    ids = s.chat->encode(tok, messages, true);
+    const auto end = tok.id(s.chat->end_of_turn(tok.eos_id() >= 0 ? tok.token(tok.eos_id()) : ""));
+    if (end >= 0) g.stop_ids.push_back(end);
+  } else {
+    ids = tok.encode(r.generate.prompt, true);
+  }
   auto out =
       generate(s.model(), torch::tensor(ids, torch::kLong).view({1, -1}).to(s.device), {}, g);
-  // Decoded together with the prompt, so that the first new token keeps its leading space.
+  // Decoded together with the prompt, so that the first new token keeps its leading space (a
+  // chat's answer starts a turn: decoded alone).
+  if (s.chat) ids.clear();
   auto row = out[0].cpu();
   for (std::int64_t i = 0; i < row.size(0); ++i)
     if (row[i].item<std::int64_t>() >= 0) ids.push_back(row[i].item<std::int64_t>());
-  return s.loaded.tokenizer->decode(ids);
+  return tok.decode(ids);
 }
 
 std::vector<std::pair<std::string, at::Tensor>> trainable(Session& s) {
@@ -645,7 +691,7 @@ json validate_recipe(const Recipe& r) {
   Session s = open_session(r);
   attach_methods(s, r);
   check_lengths(s, r);
-  const auto data = load_task_data(r.task, *s.loaded.tokenizer, r.seed);
+  const auto data = task_data(s, r);
   // One training example forward and backward through the model and its methods, as the first
   // step would (a dtype or device a method cannot compute in fails here, not mid-run).
   const auto first = to_device(make_batch(data.train, {0}, s.pad_id, s.classification), s.device);
@@ -670,8 +716,7 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
     if (seen.insert(t.unsafeGetTensorImpl()).second) n_model += t.numel();
   attach_methods(s, r);
   check_lengths(s, r);
-  const auto& tok = *s.loaded.tokenizer;
-  auto data = load_task_data(r.task, tok, r.seed);
+  auto data = task_data(s, r);
   const auto B = r.train.batch_size, accum = r.train.gradient_accumulation;
   const auto per_epoch = static_cast<std::int64_t>((data.train.size() + B - 1) / B);
   const auto total = r.train.steps > 0
@@ -903,7 +948,7 @@ json evaluate_recipe(const Recipe& r, const std::vector<std::string>& adapters) 
                 << " among the adapters: the classification head is "
                    "untrained (random)\n";
   }
-  auto data = load_task_data(r.task, *s.loaded.tokenizer, r.seed);
+  auto data = task_data(s, r);
   const auto& eval = data.eval.empty() ? data.train : data.eval;
   return {{"metrics", evaluate(s, eval, r.train.batch_size, r.eval.batches, r.eval.metrics)},
           {"examples", eval.size()},
