@@ -391,25 +391,28 @@ TEST_CASE("resume is exact for methods with training-only state: prefix MLP, cal
   }
 }
 
-TEST_CASE("an instruction recipe uses the model's chat template, refused when graft cannot render it") {
+TEST_CASE(
+    "an instruction recipe uses the model's chat template, refused when graft cannot render it") {
   Workspace w;
   InDir in(w.dir);
   write(w.dir / "data/i.jsonl", R"({"prompt": "Name a colour.", "response": "Blue."})"
                                 "\n"
                                 R"({"prompt": "Name a fruit.", "response": "Apple."})"
                                 "\n");
-  write(w.dir / "chat.yaml", "include: lm.yaml\ntask:\n  kind: instruction\n  train: "
-                             "data/i.jsonl\n  eval: []\n  eval_fraction: 0\n  template: chat\n  max_length: 64\n");
-  const char* none = "chat.yaml:7:3: task.template: model has no chat template: name the format "
-                    "instead (chatml, llama2, llama3)";
+  write(w.dir / "chat.yaml",
+        "include: lm.yaml\ntask:\n  kind: instruction\n  train: "
+        "data/i.jsonl\n  eval: []\n  eval_fraction: 0\n  template: chat\n  max_length: 64\n");
+  const char* none =
+      "chat.yaml:7:3: task.template: model has no chat template: name the format "
+      "instead (chatml, llama2, llama3)";
   CHECK_THROWS_WITH_AS(validate_recipe(w.recipe("chat.yaml")), doctest::Contains(none), ParamError);
   // Llama 2's template, as a list entry named "default" (transformers' form for several).
   const std::string llama2 =
       R"({% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %})";
-  write(w.dir / "model/tokenizer_config.json",
-        json{{"chat_template", {{{"name", "tool_use"}, {"template", "x"}},
-                                {{"name", "default"}, {"template", llama2}}}}}
-            .dump());
+  write(w.dir / "model/tokenizer_config.json", json{{"chat_template",
+                                                     {{{"name", "tool_use"}, {"template", "x"}},
+                                                      {{"name", "default"}, {"template", llama2}}}}}
+                                                   .dump());
   const auto counts = validate_recipe(w.recipe("chat.yaml"));
   CHECK(counts.at("train_examples") == 2);
   auto tok = load_model((w.dir / "model").string()).tokenizer;

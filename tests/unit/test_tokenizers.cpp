@@ -401,15 +401,39 @@ TEST_CASE("SentencePiece vocabularies written as tokenizer.json read back the sa
 // texts, as tokenizer_config.json files hold them.
 TEST_CASE("chat templates render as transformers' apply_chat_template does") {
   const std::map<std::string, std::string> jinja = {
-    {"chatml", "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"},
-    {"qwen2", "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"},
-    {"llama2", "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"},
-    {"llama3", "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"},
+      {"chatml",
+       "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+       "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ "
+       "'<|im_start|>assistant\\n' }}{% endif %}"},
+      {"qwen2",
+       "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ "
+       "'<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif "
+       "%}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+       "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif "
+       "%}"},
+      {"llama2",
+       "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set "
+       "system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% "
+       "set system_message = false %}{% endif %}{% for message in loop_messages %}{% if "
+       "(message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation "
+       "roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == "
+       "0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+       "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] "
+       "%}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() "
+       "+ ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + "
+       "eos_token }}{% endif %}{% endfor %}"},
+      {"llama3",
+       "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+       "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | "
+       "trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% "
+       "endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ "
+       "'<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"},
   };
   const std::map<std::string, std::vector<ChatMessage>> conversations = {
       {"user", {{"user", "  Hi there\n"}}},
       {"system_user", {{"system", "Be brief."}, {"user", "What is 2+2?"}}},
-      {"turns", {{"system", "Be brief."}, {"user", "Hi"}, {"assistant", " Hello! "}, {"user", "Bye"}}},
+      {"turns",
+       {{"system", "Be brief."}, {"user", "Hi"}, {"assistant", " Hello! "}, {"user", "Bye"}}},
       {"answered", {{"user", "Name a colour."}, {"assistant", "Blue."}}},
   };
   const std::map<std::string, std::pair<std::string, std::string>> bos_eos = {
@@ -424,38 +448,92 @@ TEST_CASE("chat templates render as transformers' apply_chat_template does") {
     const char* text;
   };
   const Rendering renderings[] = {
-    {"chatml", "user", false, "<|im_start|>user\n  Hi there\n<|im_end|>\n"},
-    {"chatml", "user", true, "<|im_start|>user\n  Hi there\n<|im_end|>\n<|im_start|>assistant\n"},
-    {"chatml", "system_user", false, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"},
-    {"chatml", "system_user", true, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"},
-    {"chatml", "turns", false, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n Hello! <|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"},
-    {"chatml", "turns", true, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n Hello! <|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"},
-    {"chatml", "answered", false, "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n"},
-    {"chatml", "answered", true, "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n<|im_start|>assistant\n"},
-    {"qwen2", "user", false, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n  Hi there\n<|im_end|>\n"},
-    {"qwen2", "user", true, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n  Hi there\n<|im_end|>\n<|im_start|>assistant\n"},
-    {"qwen2", "system_user", false, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"},
-    {"qwen2", "system_user", true, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"},
-    {"qwen2", "turns", false, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n Hello! <|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"},
-    {"qwen2", "turns", true, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n Hello! <|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"},
-    {"qwen2", "answered", false, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n"},
-    {"qwen2", "answered", true, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n<|im_start|>assistant\n"},
-    {"llama2", "user", false, "<s>[INST] Hi there [/INST]"},
-    {"llama2", "user", true, "<s>[INST] Hi there [/INST]"},
-    {"llama2", "system_user", false, "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is 2+2? [/INST]"},
-    {"llama2", "system_user", true, "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is 2+2? [/INST]"},
-    {"llama2", "turns", false, "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] Bye [/INST]"},
-    {"llama2", "turns", true, "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] Bye [/INST]"},
-    {"llama2", "answered", false, "<s>[INST] Name a colour. [/INST] Blue. </s>"},
-    {"llama2", "answered", true, "<s>[INST] Name a colour. [/INST] Blue. </s>"},
-    {"llama3", "user", false, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"},
-    {"llama3", "user", true, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"},
-    {"llama3", "system_user", false, "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"},
-    {"llama3", "system_user", true, "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"},
-    {"llama3", "turns", false, "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>"},
-    {"llama3", "turns", true, "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"},
-    {"llama3", "answered", false, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nName a colour.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nBlue.<|eot_id|>"},
-    {"llama3", "answered", true, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nName a colour.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nBlue.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"},
+      {"chatml", "user", false, "<|im_start|>user\n  Hi there\n<|im_end|>\n"},
+      {"chatml", "user", true, "<|im_start|>user\n  Hi there\n<|im_end|>\n<|im_start|>assistant\n"},
+      {"chatml", "system_user", false,
+       "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"},
+      {"chatml", "system_user", true,
+       "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is "
+       "2+2?<|im_end|>\n<|im_start|>assistant\n"},
+      {"chatml", "turns", false,
+       "<|im_start|>system\nBe "
+       "brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n Hello! "
+       "<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"},
+      {"chatml", "turns", true,
+       "<|im_start|>system\nBe "
+       "brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n Hello! "
+       "<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"},
+      {"chatml", "answered", false,
+       "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n"},
+      {"chatml", "answered", true,
+       "<|im_start|>user\nName a "
+       "colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n<|im_start|>assistant\n"},
+      {"qwen2", "user", false,
+       "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n  Hi "
+       "there\n<|im_end|>\n"},
+      {"qwen2", "user", true,
+       "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n  Hi "
+       "there\n<|im_end|>\n<|im_start|>assistant\n"},
+      {"qwen2", "system_user", false,
+       "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"},
+      {"qwen2", "system_user", true,
+       "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is "
+       "2+2?<|im_end|>\n<|im_start|>assistant\n"},
+      {"qwen2", "turns", false,
+       "<|im_start|>system\nBe "
+       "brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n Hello! "
+       "<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"},
+      {"qwen2", "turns", true,
+       "<|im_start|>system\nBe "
+       "brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n Hello! "
+       "<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"},
+      {"qwen2", "answered", false,
+       "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nName a "
+       "colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n"},
+      {"qwen2", "answered", true,
+       "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nName a "
+       "colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n<|im_start|>assistant\n"},
+      {"llama2", "user", false, "<s>[INST] Hi there [/INST]"},
+      {"llama2", "user", true, "<s>[INST] Hi there [/INST]"},
+      {"llama2", "system_user", false,
+       "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is 2+2? [/INST]"},
+      {"llama2", "system_user", true,
+       "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is 2+2? [/INST]"},
+      {"llama2", "turns", false,
+       "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] Bye [/INST]"},
+      {"llama2", "turns", true,
+       "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] Bye [/INST]"},
+      {"llama2", "answered", false, "<s>[INST] Name a colour. [/INST] Blue. </s>"},
+      {"llama2", "answered", true, "<s>[INST] Name a colour. [/INST] Blue. </s>"},
+      {"llama3", "user", false,
+       "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"},
+      {"llama3", "user", true,
+       "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi "
+       "there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"},
+      {"llama3", "system_user", false,
+       "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe "
+       "brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"},
+      {"llama3", "system_user", true,
+       "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe "
+       "brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is "
+       "2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"},
+      {"llama3", "turns", false,
+       "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe "
+       "brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>"
+       "assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>"
+       "\n\nBye<|eot_id|>"},
+      {"llama3", "turns", true,
+       "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe "
+       "brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>"
+       "assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>"
+       "\n\nBye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"},
+      {"llama3", "answered", false,
+       "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nName a "
+       "colour.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nBlue.<|eot_id|>"},
+      {"llama3", "answered", true,
+       "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nName a "
+       "colour.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nBlue.<|eot_id|><|start_"
+       "header_id|>assistant<|end_header_id|>\n\n"},
   };
   for (const auto& r : renderings) {
     CAPTURE(r.jinja);
@@ -469,9 +547,9 @@ TEST_CASE("chat templates render as transformers' apply_chat_template does") {
         "You are a helpful assistant.");
   CHECK(ChatTemplate::named("llama3").name() == "llama3");
   // Llama 2 raises on roles out of order; so does graft.
-  CHECK_THROWS_WITH_AS(ChatTemplate::named("llama2").render(
-                           {{"user", "a"}, {"user", "b"}}, false, "<s>", "</s>"),
-                       doctest::Contains("roles alternating user/assistant"), Error);
+  CHECK_THROWS_WITH_AS(
+      ChatTemplate::named("llama2").render({{"user", "a"}, {"user", "b"}}, false, "<s>", "</s>"),
+      doctest::Contains("roles alternating user/assistant"), Error);
   // Another template (here: ChatML with its whitespace changed) is refused, never approximated.
   auto other = jinja.at("chatml");
   other.replace(other.find("{{'"), 3, "{{ '");
@@ -499,7 +577,8 @@ TEST_CASE("chat text is tokenized with its special tokens whole, the text betwee
   const auto chat = ChatTemplate::named("chatml");
   auto plain = [&](const std::string& s) { return tok->encode(s, false); };
   Ids want = {257};
-  for (const auto& part : {plain("user\nHi"), Ids{258}, plain("\n"), Ids{257}, plain("assistant\n")})
+  for (const auto& part :
+       {plain("user\nHi"), Ids{258}, plain("\n"), Ids{257}, plain("assistant\n")})
     want.insert(want.end(), part.begin(), part.end());
   CHECK(chat.encode(*tok, {{"user", "Hi"}}, true) == want);
   CHECK(chat.end_of_turn("<|endoftext|>") == "<|im_end|>");
@@ -508,7 +587,8 @@ TEST_CASE("chat text is tokenized with its special tokens whole, the text betwee
                        doctest::Contains("needs the token <|start_header_id|>"), Error);
 
   // Instruction data with the template: the conversation's tokens, scored after the prompt.
-  std::ofstream(dir / "i.jsonl") << R"({"prompt": "Name a colour.", "response": "Blue."})" << "\n";
+  std::ofstream(dir / "i.jsonl") << R"({"prompt": "Name a colour.", "response": "Blue."})"
+                                 << "\n";
   TaskSpec task;
   task.kind = "instruction";
   task.format = "jsonl";
@@ -525,8 +605,7 @@ TEST_CASE("chat text is tokenized with its special tokens whole, the text betwee
   CHECK(e.ids == chat.encode(*tok, full, false));
   const auto n = chat.encode(*tok, prompt, true).size();
   REQUIRE(e.labels.size() == e.ids.size());
-  for (std::size_t i = 0; i < e.ids.size(); ++i)
-    CHECK(e.labels[i] == (i < n ? -100 : e.ids[i]));
+  for (std::size_t i = 0; i < e.ids.size(); ++i) CHECK(e.labels[i] == (i < n ? -100 : e.ids[i]));
   CHECK(tok->decode(Ids(e.ids.begin() + static_cast<std::ptrdiff_t>(n), e.ids.end()), false) ==
         "Blue.<|im_end|>\n");
   // Without the template resolved, the task is refused rather than joined plainly.

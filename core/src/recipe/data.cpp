@@ -215,8 +215,7 @@ std::vector<Example> instruction_examples(const std::vector<Record>& docs, const
       e.ids.insert(e.ids.end(), response.begin(), response.end());
       if (tok.eos_id() >= 0) e.ids.push_back(tok.eos_id());
     }
-    if (static_cast<std::int64_t>(prompt_size) >= task.max_length ||
-        prompt_size == e.ids.size()) {
+    if (static_cast<std::int64_t>(prompt_size) >= task.max_length || prompt_size == e.ids.size()) {
       ++*dropped;
       continue;
     }

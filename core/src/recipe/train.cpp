@@ -21,11 +21,11 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
-#include <optional>
 #include <cstdio>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -93,9 +93,9 @@ Session open_session(const Recipe& r) {
   lo.family = r.model.family;
   lo.dtype = dtype_of(r.model.dtype);
   if (!matmul_supported(lo.dtype, s.device))
-    r.params.at("model").at("dtype").fail(
-        r.model.dtype + " matrix products are not available on " + s.device.str() +
-        " in this libtorch (" + TORCH_VERSION + "); use bfloat16 or float32 there");
+    r.params.at("model").at("dtype").fail(r.model.dtype + " matrix products are not available on " +
+                                          s.device.str() + " in this libtorch (" + TORCH_VERSION +
+                                          "); use bfloat16 or float32 there");
   lo.device = s.device;
   try {
     s.loaded = load_model(r.model.path, lo);

@@ -18,6 +18,7 @@ struct Known {
   std::string_view jinja;
 };
 
+// clang-format off
 constexpr Known kKnown[] = {
     {"ChatML", "chatml", "",
      R"({% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %})"},
@@ -29,6 +30,7 @@ constexpr Known kKnown[] = {
     {"Llama 3 instruct", "llama3", "",
      R"({% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %})"},
 };
+// clang-format on
 
 // Python's str.strip() and Jinja's trim over ASCII whitespace.
 std::string strip(const std::string& s) {
@@ -72,7 +74,8 @@ std::string ChatTemplate::render(const std::vector<ChatMessage>& messages,
   if (name_ == "chatml") {
     if (!default_system_.empty() && !messages.empty() && messages[0].role != "system")
       out += "<|im_start|>system\n" + default_system_ + "<|im_end|>\n";
-    for (const auto& m : messages) out += "<|im_start|>" + m.role + "\n" + m.content + "<|im_end|>\n";
+    for (const auto& m : messages)
+      out += "<|im_start|>" + m.role + "\n" + m.content + "<|im_end|>\n";
     if (add_generation_prompt) out += "<|im_start|>assistant\n";
   } else if (name_ == "llama2") {
     // The system message goes inside the first user turn; turns alternate user, assistant.
@@ -87,8 +90,7 @@ std::string ChatTemplate::render(const std::vector<ChatMessage>& messages,
         throw Error("the llama2 chat format needs roles alternating user/assistant/...; message " +
                     std::to_string(i + 1) + " is \"" + m.role + "\"");
       auto content = m.content;
-      if (i == first && first == 1)
-        content = "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + content;
+      if (i == first && first == 1) content = "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + content;
       if (m.role == "user")
         out += bos + "[INST] " + strip(content) + " [/INST]";
       else if (m.role == "assistant")
