@@ -235,8 +235,16 @@ if [[ -d $root/data/sotu ]]; then
     { echo "FAIL: the f32 folder generates other text than the GGUF it came from"; fail=1; }
   check "merge --dtype f16 to GGUF keeps vectors f32" 0 "blk.0.attn_norm.weight +\[64\] +F32" -- \
     bash -c "'$graft' merge --model '$model' --adapter '$work/lora.gguf' --out '$work/m16.gguf' --dtype f16 >/dev/null && '$graft' inspect '$work/m16.gguf' | grep -E 'blk.0.attn_(norm|q).weight' | sort | tr '\n' ' ' | grep 'F16'"
-  check "merge --dtype q8" 2 "--dtype: expected f32, f16 or bf16" -- "$graft" merge \
+  check "merge --dtype q8" 2 "--dtype: expected f32, f16, bf16 or q8_0" -- "$graft" merge \
     --model "$model" --adapter "$work/lora.gguf" --out "$work/q8.gguf" --dtype q8
+  # Q8_0: the matrices whose rows are a multiple of 32 long (stories260K's ffn_down rows are
+  # 172 long: kept F32, as are the vectors); the file generates.
+  check "merge --dtype q8_0 to GGUF" 0 "wrote .*q8.gguf \(GGUF: [0-9]+ F32, [0-9]+ Q8_0 tensors\)" -- "$graft" merge \
+    --model "$model" --adapter "$work/lora.gguf" --out "$work/q8.gguf" --dtype q8_0
+  check "the Q8_0 GGUF generates" 0 "^The Congress" -- "$graft" generate \
+    --model "$work/q8.gguf" --prompt "The Congress" --max-new-tokens 8
+  check "merge --dtype q8_0 to a folder" 2 "--dtype q8_0: a GGUF type" -- "$graft" merge \
+    --model "$model" --adapter "$work/lora.gguf" --out "$work/q8-hf" --dtype q8_0
 else
   echo "skip the quickstart run: data/sotu is absent (scripts/fetch-data.sh)"
 fi

@@ -251,3 +251,47 @@ TEST_CASE("a GGUF model carries its tokenizer, or is not written") {
   CHECK(tokens.back() == "[PAD" + std::to_string(model->config().vocab_size - 1) + "]");
   CHECK(padded.at("tokenizer.ggml.token_type").as_ints("").back() == 5);
 }
+
+TEST_CASE("a merged model written with Q8_0 matrices loads within Q8_0's rounding of the merge") {
+  load_plugins();
+  auto config = graft::test::tiny_config("llama");
+  config.hidden_size = 32;  // rows of 32: quantised; ffn_down's rows of 24 are not
+  config.head_dim = 8;
+  config.architecture = "LlamaForCausalLM";
+  auto model = make_model(config);
+  init_random(*model, 4, 0.3);
+  model->eval();
+  for (auto& p : model->parameters()) p.set_requires_grad(false);
+  model->set_tokenizer(graft::test::toy_tokenizer(config.vocab_size));
+  auto lora = random_lora(*model, "all-linear");
+  lora->merge(*model);
+  TempDir dir;
+  save_gguf_model(*model, dir / "q.gguf", {}, c10::ScalarType::Undefined, true);
+  io::GgufFile file(dir / "q.gguf");
+  CHECK(file.at("general.file_type").i == 7);
+  for (const auto& t : file.tensors()) {
+    CAPTURE(t.name);
+    const bool matrix = t.shape.size() == 2 && t.shape.back() % 32 == 0;
+    CHECK(t.type == (matrix ? 8u : 0u));
+  }
+  CHECK(file.find_tensor("blk.0.ffn_down.weight")->type == 0);
+  CHECK(file.find_tensor("blk.0.attn_q.weight")->type == 8);
+
+  // Each weight within half a Q8_0 step of its block (d = max|block| / 127, stored as f16) of
+  // the merged weight; what was not quantised is exact.
+  auto loaded = load_model((dir / "q.gguf").string());
+  const auto want = model->named_parameters(true);
+  for (const auto& p : loaded.model->named_parameters(true)) {
+    CAPTURE(p.key());
+    const auto& w = want[p.key()];
+    if (w.dim() != 2 || w.size(-1) % 32) {
+      CHECK(torch::equal(p.value(), w));
+      continue;
+    }
+    const auto blocks = w.reshape({-1, 32});
+    const auto d = std::get<0>(blocks.abs().max(1, true)) / 127;
+    const auto bound = d / 2 + 127 * d * std::ldexp(1.0, -11) + 1e-30;
+    CHECK(((p.value().reshape({-1, 32}) - blocks).abs() <= bound).all().item<bool>());
+    CHECK_FALSE(torch::equal(p.value(), w));  // it was quantised
+  }
+}

@@ -3,6 +3,8 @@
 #include <graft/io/gguf.h>
 #include <torch/torch.h>
 
+#include <cmath>
+#include <cstring>
 #include <fstream>
 
 #include "support.h"
@@ -159,6 +161,44 @@ TEST_CASE("gguf: Q8_0 and Q4_0 tensors are dequantised") {
     CHECK(u[0][j].item<float>() == 2.0f * (j - 8));
     CHECK(u[0][j + 16].item<float>() == 2.0f * (15 - j - 8));
   }
+}
+
+TEST_CASE("gguf: Q8_0 written as llama.cpp's reference quantiser writes it") {
+  TempDir dir;
+  // One block by hand: values j - 16 have max |x| 16, so d = 16/127 and q = round(x * 127/16):
+  // -16 -> -127, 1 -> round(7.9375) = 8, 15 -> round(119.0625) = 119.
+  auto block = torch::arange(-16, 16, torch::kFloat).view({1, 32});
+  const auto bytes = io::quantize_q8_0(block);
+  REQUIRE(bytes.size() == 34);
+  std::uint16_t dbits;
+  std::memcpy(&dbits, bytes.data(), 2);
+  CHECK(dbits == c10::Half(16.0f / 127.0f).x);
+  CHECK(static_cast<std::int8_t>(bytes[2 + 0]) == -127);
+  CHECK(static_cast<std::int8_t>(bytes[2 + 17]) == 8);
+  CHECK(static_cast<std::int8_t>(bytes[2 + 31]) == 119);
+  CHECK(static_cast<std::int8_t>(bytes[2 + 16]) == 0);
+
+  // Written and read back: each value within half a step (d / 2) of the original, plus the f16
+  // rounding of d (relative 2^-11) times |q| <= 127.
+  torch::manual_seed(3);
+  io::TensorMap t = {{"m", torch::randn({3, 64}) * 5}, {"v", torch::randn({7})}};
+  t["m"][1].zero_();  // a block of zeros has d = 0
+  io::write_gguf(dir / "q.gguf", {{"general.architecture", io::gguf_string("llama")}}, t, 32,
+                 {"m"});
+  io::GgufFile f(dir / "q.gguf");
+  CHECK(f.find_tensor("m")->type == 8);
+  CHECK(f.find_tensor("v")->type == 0);
+  CHECK(torch::equal(f.load("v"), t["v"]));
+  const auto back = f.load("m");
+  const auto blocks = t["m"].view({-1, 32});
+  const auto d = std::get<0>(blocks.abs().max(1, true)) / 127;
+  const auto bound = d / 2 + 127 * d * std::ldexp(1.0, -11) + 1e-30;
+  CHECK(((back.view({-1, 32}) - blocks).abs() <= bound).all().item<bool>());
+  CHECK(torch::equal(back[1], t["m"][1]));
+  CHECK_THROWS_WITH_AS(
+      io::write_gguf(dir / "bad.gguf", {}, {{"w", torch::ones({2, 40})}}, 32, {"w"}),
+      doctest::Contains("Q8_0 needs rows a multiple of 32 long, not 40"), FileError);
+  CHECK_FALSE(std::filesystem::exists(dir / "bad.gguf"));
 }
 
 TEST_CASE("gguf: corrupted files give one clear error") {

@@ -58,10 +58,11 @@ void save_hf_model(const Model& model, const std::filesystem::path& dir,
 /// with the architecture metadata from its configuration and the tokenizer and general.*
 /// metadata copied from `source` when that is a GGUF file. `dtype` (float, half or bfloat16)
 /// converts the matrices; vectors (norms, biases) stay float32, as llama.cpp's converter keeps
-/// them.
+/// them. With `q8_0`, every matrix whose rows are a multiple of 32 long is written as Q8_0 (as
+/// llama.cpp's `llama-quantize ... Q8_0` does); the others in `dtype`.
 void save_gguf_model(const Model& model, const std::filesystem::path& file,
                      const std::filesystem::path& source = {},
-                     c10::ScalarType dtype = c10::ScalarType::Undefined);
+                     c10::ScalarType dtype = c10::ScalarType::Undefined, bool q8_0 = false);
 
 /// Builds a model of `config.family` with uninitialised weights (for tests, benchmarks and
 /// training from scratch); init_random() then fills them reproducibly.

@@ -1,9 +1,11 @@
 // graft merge and graft export-adapter.
 #include <graft/adapter.h>
+#include <graft/io/gguf.h>
 #include <graft/load.h>
 #include <torch/torch.h>
 
 #include <iostream>
+#include <map>
 
 #include "cli/options.h"
 
@@ -17,7 +19,8 @@ int run_merge(const Args& args) {
       "out,o", po::value<std::string>()->required(), "output: a folder, or a .gguf file")(
       "format", po::value<std::string>(), "hf or gguf (default: gguf when --out ends in .gguf)")(
       "dtype", po::value<std::string>(),
-      "f32, f16 or bf16: the written tensors' type (default: the model's; GGUF vectors stay f32)");
+      "f32, f16, bf16, or q8_0 for GGUF: the written matrices' type (default: the model's; GGUF "
+      "vectors stay f32)");
   po::variables_map vm;
   if (!parse(args, desc, vm, "usage: graft merge --model M --adapter DIR --out OUT")) return 0;
   const std::string out = vm["out"].as<std::string>();
@@ -27,6 +30,7 @@ int run_merge(const Args& args) {
   if (format != "hf" && format != "gguf")
     throw UsageError("--format: expected hf or gguf, got \"" + format + "\"");
   auto dtype = c10::ScalarType::Undefined;
+  bool q8_0 = false;
   if (vm.count("dtype")) {
     const auto d = vm["dtype"].as<std::string>();
     if (d == "f32")
@@ -35,8 +39,12 @@ int run_merge(const Args& args) {
       dtype = torch::kHalf;
     else if (d == "bf16")
       dtype = torch::kBFloat16;
+    else if (d == "q8_0" && format == "gguf")
+      q8_0 = true;
+    else if (d == "q8_0")
+      throw UsageError("--dtype q8_0: a GGUF type; a Hugging Face folder holds f32, f16 or bf16");
     else
-      throw UsageError("--dtype: expected f32, f16 or bf16, got \"" + d + "\"");
+      throw UsageError("--dtype: expected f32, f16, bf16 or q8_0, got \"" + d + "\"");
   }
   if (std::filesystem::exists(out) &&
       !(std::filesystem::is_directory(out) && std::filesystem::is_empty(out)))
@@ -50,14 +58,22 @@ int run_merge(const Args& args) {
   for (auto& m : methods) m->merge(*loaded.model);
   if (format == "gguf") {
     save_gguf_model(*loaded.model, out,
-                    loaded.format == "gguf" ? loaded.path : std::filesystem::path(), dtype);
+                    loaded.format == "gguf" ? loaded.path : std::filesystem::path(), dtype, q8_0);
   } else {
     save_hf_model(*loaded.model, out, loaded.format == "hf" ? loaded.path : std::filesystem::path(),
                   dtype);
   }
+  std::string what = " (Hugging Face folder)";
+  if (format == "gguf") {  // what each tensor was written as, read back from the file
+    std::map<std::string, int> types;
+    for (const auto& t : io::GgufFile(out).tensors()) ++types[io::ggml_type_name(t.type)];
+    what.clear();
+    for (const auto& [type, n] : types)
+      what += (what.empty() ? " (GGUF: " : ", ") + std::to_string(n) + " " + type;
+    what += " tensors)";
+  }
   std::cout << "merged " << methods.size() << " method(s) into " << loaded.path.string()
-            << "; wrote " << out << (format == "gguf" ? " (GGUF)" : " (Hugging Face folder)")
-            << "\n";
+            << "; wrote " << out << what << "\n";
   if (format == "hf" && !std::filesystem::exists(std::filesystem::path(out) / "tokenizer.json"))
     std::cout << "note: the model's tokenizer has no Hugging Face form graft writes; the folder "
                  "has no tokenizer.json\n";

@@ -3,6 +3,8 @@
 #include <graft/io/gguf.h>
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <sstream>
@@ -478,17 +480,63 @@ void put_value(std::ostream& out, const GgufValue& v, bool with_type) {
 
 }  // namespace
 
+std::vector<std::uint8_t> quantize_q8_0(const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 1 && t.size(-1) % 32 == 0,
+              "Q8_0 needs rows a multiple of 32 long, got shape ", t.sizes());
+  const auto x = t.detach().to(torch::kCPU, torch::kFloat).contiguous();
+  const float* src = x.data_ptr<float>();
+  const auto blocks = static_cast<std::size_t>(x.numel() / 32);
+  std::vector<std::uint8_t> out(blocks * 34);
+  for (std::size_t b = 0; b < blocks; ++b) {
+    const float* v = src + b * 32;
+    float amax = 0;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
+    const float d = amax / 127.0f;
+    const float id = d != 0 ? 1.0f / d : 0.0f;
+    std::uint8_t* blk = out.data() + b * 34;
+    const std::uint16_t dbits = c10::Half(d).x;
+    std::memcpy(blk, &dbits, 2);
+    for (int j = 0; j < 32; ++j)
+      blk[2 + j] = static_cast<std::uint8_t>(static_cast<std::int8_t>(std::round(v[j] * id)));
+  }
+  return out;
+}
+
 void write_gguf(const std::filesystem::path& path,
                 const std::vector<std::pair<std::string, GgufValue>>& metadata,
-                const TensorMap& tensors, std::uint32_t alignment) {
-  std::vector<std::pair<std::string, at::Tensor>> blobs;
+                const TensorMap& tensors, std::uint32_t alignment,
+                const std::set<std::string>& q8_0) {
+  struct Blob {
+    std::string name;
+    at::Tensor tensor;
+    std::uint32_t type;
+    std::vector<std::uint8_t> quantised;  // Q8_0 blocks
+    std::uint64_t bytes() const {
+      return type == 8 ? quantised.size() : tensor.numel() * tensor.element_size();
+    }
+  };
+  std::vector<Blob> blobs;
+  for (const auto& name : q8_0)
+    if (!tensors.count(name))
+      throw FileError(path.string(), "no tensor '" + name + "' to write as Q8_0");
   for (const auto& [name, t] : tensors) {
     auto c = t.detach().to(torch::kCPU).contiguous();
     if (c.scalar_type() != torch::kFloat && c.scalar_type() != torch::kHalf &&
         c.scalar_type() != torch::kBFloat16)
       throw FileError(path.string(),
                       "tensor '" + name + "': only F32, F16 and BF16 can be written");
-    blobs.emplace_back(name, std::move(c));
+    if (q8_0.count(name)) {
+      if (c.dim() < 1 || c.size(-1) % 32)
+        throw FileError(path.string(), "tensor '" + name +
+                                           "': Q8_0 needs rows a multiple of 32 long, not " +
+                                           std::to_string(c.dim() ? c.size(-1) : 0));
+      blobs.push_back({name, c, 8, quantize_q8_0(c)});
+      continue;
+    }
+    const std::uint32_t type = c.scalar_type() == torch::kFloat  ? 0
+                               : c.scalar_type() == torch::kHalf ? 1
+                                                                 : 30;
+    blobs.push_back({name, std::move(c), type, {}});
   }
   auto pad = [&](std::ostream& out, std::uint64_t pos) {
     for (std::uint64_t k = pos; k % alignment; ++k) out.put('\0');
@@ -509,22 +557,21 @@ void write_gguf(const std::filesystem::path& path,
       put_value(out, gguf_int(alignment), true);
     }
     std::uint64_t offset = 0;
-    for (const auto& [name, t] : blobs) {
-      put_string(out, name);
+    for (const auto& b : blobs) {
+      const auto& t = b.tensor;
+      put_string(out, b.name);
       put<std::uint32_t>(out, static_cast<std::uint32_t>(t.dim()));
       for (int64_t d = t.dim() - 1; d >= 0; --d) put<std::uint64_t>(out, t.size(d));
-      std::uint32_t type = t.scalar_type() == torch::kFloat  ? 0
-                           : t.scalar_type() == torch::kHalf ? 1
-                                                             : 30;
-      put<std::uint32_t>(out, type);
+      put<std::uint32_t>(out, b.type);
       put<std::uint64_t>(out, offset);
-      offset += (t.numel() * t.element_size() + alignment - 1) / alignment * alignment;
+      offset += (b.bytes() + alignment - 1) / alignment * alignment;
     }
     pad(out, static_cast<std::uint64_t>(out.tellp()));
-    for (const auto& [name, t] : blobs) {
-      const std::uint64_t bytes = t.numel() * t.element_size();
-      out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(bytes));
-      pad(out, bytes);
+    for (const auto& b : blobs) {
+      const void* data =
+          b.type == 8 ? static_cast<const void*>(b.quantised.data()) : b.tensor.data_ptr();
+      out.write(static_cast<const char*>(data), static_cast<std::streamsize>(b.bytes()));
+      pad(out, b.bytes());
     }
   });
 }

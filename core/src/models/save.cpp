@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <random>
+#include <set>
 
 #include "models/families.h"
 #include "util/file.h"
@@ -111,7 +112,7 @@ void save_hf_model(const Model& model, const fs::path& out, const fs::path& sour
 }
 
 void save_gguf_model(const Model& model, const fs::path& file, const fs::path& source,
-                     c10::ScalarType dtype) {
+                     c10::ScalarType dtype, bool q8_0) {
   check_empty_target(file);
   const auto& c = model.config();
   auto tensors = models::to_gguf(c, parameters_of(model, dtype, 2));
@@ -152,7 +153,18 @@ void save_gguf_model(const Model& model, const fs::path& file, const fs::path& s
           k != "general.file_type")
         meta.emplace_back(k, v);
   }
-  io::write_gguf(file, meta, tensors);
+  std::set<std::string> quantised;
+  if (q8_0)
+    for (const auto& [name, t] : tensors)
+      if (t.dim() == 2 && t.size(-1) % 32 == 0) quantised.insert(name);
+  // llama.cpp's llama_ftype: what most matrices are (ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q8_0 7,
+  // MOSTLY_BF16 32).
+  const auto matrices = tensors.at("token_embd.weight").scalar_type();
+  meta.push_back({"general.file_type", io::gguf_int(q8_0                           ? 7
+                                                    : matrices == torch::kHalf     ? 1
+                                                    : matrices == torch::kBFloat16 ? 32
+                                                                                   : 0)});
+  io::write_gguf(file, meta, tensors, 32, quantised);
 }
 
 }  // namespace graft

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -106,10 +107,17 @@ class GgufFile {
 };
 
 /// Writes a GGUF v3 file (F32, F16 and BF16 tensors; `shape` order as in GgufTensorInfo)
-/// atomically. Used by tests to make fixtures and by exporters.
+/// atomically. Used by tests to make fixtures and by exporters. The tensors named in `q8_0` are
+/// written quantised to Q8_0 as llama.cpp's reference quantiser does (blocks of 32 along a row:
+/// d = max|x| / 127 stored as f16, q = round(x / d)); their rows must be a multiple of 32 long.
 void write_gguf(const std::filesystem::path& path,
                 const std::vector<std::pair<std::string, GgufValue>>& metadata,
-                const TensorMap& tensors, std::uint32_t alignment = 32);
+                const TensorMap& tensors, std::uint32_t alignment = 32,
+                const std::set<std::string>& q8_0 = {});
+
+/// `t` (float, rows a multiple of 32 long) as llama.cpp's Q8_0 blocks: per 32 values, an f16
+/// scale then 32 int8.
+std::vector<std::uint8_t> quantize_q8_0(const at::Tensor& t);
 
 /// Convenience constructors for metadata values.
 GgufValue gguf_int(std::int64_t v, GgufType type = GgufType::u32);
