@@ -23,5 +23,7 @@ cmake -S "$work/src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_
 cmake --build "$work/build" -j "${GRAFT_JOBS:-$(nproc)}" >/dev/null
 (cd "$work/build" && ctest --output-on-failure | tail -3)
 "$graft" methods --plugin-dir "$work/build" | grep -E "^example_scale +0\.1\.0" >/dev/null
-"$graft" methods | grep -E "^lora " >/dev/null   # the installed plugins are found from the prefix
+# The installed graft loads its own prefix's plugins, not the build tree's it was installed from.
+"$graft" methods | grep -A1 -E "^lora " | grep -q "$work/prefix/lib/graft/plugins/libgraft_lora.so" ||
+  { echo "FAIL: the installed graft does not load lora from its own prefix:"; "$graft" methods | grep -A1 -E "^lora "; exit 1; }
 echo "ok   the installed graft lists the out-of-tree plugin and its own"

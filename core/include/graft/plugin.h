@@ -56,7 +56,8 @@ struct RegisteredMethod {
 };
 
 /// Folders searched for plugins (libgraft_*.so), in order: `extra` (--plugin-dir), each entry of
-/// $GRAFT_PLUGIN_PATH, the build's plugin folder, the installed plugin folder.
+/// $GRAFT_PLUGIN_PATH, then this graft's own plugins: LIBDIR/graft/plugins beside the running
+/// libgraft_core.so for an installation, the build tree's plugins folder for a build.
 std::vector<std::filesystem::path> plugin_search_path(
     const std::vector<std::filesystem::path>& extra = {});
 

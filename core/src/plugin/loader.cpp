@@ -99,14 +99,18 @@ void split_path_list(const char* env, std::vector<fs::path>& out) {
 std::vector<fs::path> plugin_search_path(const std::vector<fs::path>& extra) {
   std::vector<fs::path> dirs = extra;
   split_path_list(std::getenv("GRAFT_PLUGIN_PATH"), dirs);
-  dirs.emplace_back(GRAFT_BUILD_PLUGIN_DIR);
-  dirs.emplace_back(GRAFT_INSTALL_PLUGIN_DIR);
-  // An installation moved elsewhere (cmake --install --prefix): next to libgraft_core.so.
+  // The plugins that belong to this graft, and no other's: an installation's are in
+  // LIBDIR/graft/plugins beside the libgraft_core.so that is running (wherever the prefix was
+  // moved); a graft run from its build tree has its build's plugins folder. An installed graft
+  // never loads a build tree's plugins (another version, perhaps), nor the reverse.
   Dl_info info{};
+  fs::path own = GRAFT_BUILD_PLUGIN_DIR;
   if (::dladdr(reinterpret_cast<void*>(&load_plugin_file), &info) && info.dli_fname) {
-    auto dir = fs::path(info.dli_fname).parent_path() / "graft" / "plugins";
-    if (std::find(dirs.begin(), dirs.end(), dir) == dirs.end()) dirs.push_back(dir);
+    auto installed = fs::path(info.dli_fname).parent_path() / "graft" / "plugins";
+    std::error_code ec;
+    if (fs::is_directory(installed, ec)) own = fs::weakly_canonical(installed, ec);
   }
+  if (std::find(dirs.begin(), dirs.end(), own) == dirs.end()) dirs.push_back(own);
   return dirs;
 }
 
