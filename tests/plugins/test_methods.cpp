@@ -3,6 +3,7 @@
 // the regenerated Fastfood projection, gradient-selected sparse entries, and the clear refusals.
 #include <graft/adapter.h>
 #include <graft/generate.h>
+#include <graft/io/file.h>
 #include <graft/io/safetensors.h>
 #include <graft/load.h>
 #include <graft/peft.h>
@@ -372,4 +373,41 @@ TEST_CASE("the trainable counts the plugin READMEs give for stories260K") {
     CHECK(n == expected);
     m->detach(*loaded.model);
   }
+}
+
+TEST_CASE("an adapter names the plugins it needs: a missing one, or another major version") {
+  load_test_plugins();
+  auto model = tiny_model("llama", 3);
+  auto lora = make_method("lora", params({{"r", "2"}}));
+  lora->attach(*model);
+  TempDir dir;
+  save_adapter(dir.path(), *model, {lora.get()});
+  lora->detach(*model);
+  const auto cfg_path = dir.path() / "adapter_config.json";
+  auto cfg = nlohmann::json::parse(io::read_text_file(cfg_path));
+  std::string lora_version;
+  for (const auto& r : load_plugins())
+    for (const auto& m : r.methods)
+      if (m == "lora") lora_version = r.version;
+  CHECK(cfg["methods"][0]["plugin"] == nlohmann::json{{"name", "lora"}, {"version", lora_version}});
+  auto rewrite = [&](const std::string& name, const std::string& version) {
+    auto c = cfg;
+    c["methods"][0]["name"] = name;
+    c["methods"][0]["plugin"] = {{"name", name}, {"version", version}};
+    std::ofstream(cfg_path) << c.dump();
+  };
+  rewrite("lora_ext", "1.2.0");
+  CHECK_THROWS_WITH_AS(
+      load_adapter(dir.path(), *model),
+      doctest::Contains("methods[0]: method \"lora_ext\" needs the plugin lora_ext "
+                        "1.2.0, which is not among the loaded plugins"),
+      FileError);
+  const auto major = std::to_string(std::stoi(lora_version) + 1);
+  rewrite("lora", major + ".0.0");
+  const auto other =
+      "was saved by plugin lora " + major + ".0.0, but the loaded plugin lora is " + lora_version;
+  CHECK_THROWS_WITH_AS(load_adapter(dir.path(), *model), doctest::Contains(other.c_str()),
+                       FileError);
+  rewrite("lora", lora_version);
+  CHECK(load_adapter(dir.path(), *model).size() == 1);
 }

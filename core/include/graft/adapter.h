@@ -3,7 +3,8 @@
 //
 //   DIR/adapter_config.json   {"format": "graft-adapter", "format_version": 1, "graft_version",
 //                              "base_model": {family, architecture, widths...},
-//                              "methods": [{"name": <method>, "config": {...}}, ...]}
+//                              "methods": [{"name": <method>, "plugin": {"name", "version"},
+//                                           "config": {...}}, ...]}
 //   DIR/adapter.safetensors   "<method index>.<tensor name>" for each method's state
 #pragma once
 
@@ -25,7 +26,8 @@ void save_adapter(const std::filesystem::path& dir, const Model& model,
 /// loads their state. `dir` may also hold a foreign format a plugin reads (a Hugging Face peft
 /// adapter). A base model that does not match the one the adapter was trained on (other
 /// family, other widths, missing sites, other shapes) is an error naming the file, the mismatch
-/// and the fix.
+/// and the fix. A method whose plugin is not loaded is an error naming the plugin (and version)
+/// the adapter recorded; a loaded plugin of another major version is refused.
 std::vector<std::unique_ptr<Method>> load_adapter(const std::filesystem::path& dir, Model& model);
 
 /// Writes an adapter's attached methods in a format: "graft", or a foreign one ("peft", "gguf")

@@ -49,6 +49,35 @@ bool is_graft_adapter(const fs::path& dir) {
   }
 }
 
+// The major part of a version "MAJOR.MINOR.PATCH".
+std::string major_of(const std::string& version) { return version.substr(0, version.find('.')); }
+
+// A method saved with the plugin that provided it ({"name", "version"}) needs that plugin: when
+// no loaded plugin registers the method, the error names the plugin to install; a plugin of
+// another major version is refused (its state may mean something else).
+void check_plugin(const json& entry, const std::string& path, const std::string& where) {
+  const auto plugin = entry.value("plugin", json());
+  if (!plugin.is_object()) return;  // format 1 and 2 adapters before graft recorded it
+  const auto name = entry.value("name", ""), wanted = plugin.value("name", "?"),
+             version = plugin.value("version", "?");
+  for (const auto& r : registered_methods()) {
+    if (r.info.name != name) continue;
+    for (const auto& rec : load_plugins())
+      if (rec.file == r.file && !r.file.empty() && major_of(rec.version) != major_of(version))
+        throw FileError(where, path + ": method \"" + name + "\" was saved by plugin " + wanted +
+                                   " " + version + ", but the loaded plugin " + rec.name + " is " +
+                                   rec.version + " (" + r.file.string() +
+                                   "); load the adapter with a plugin of version " +
+                                   major_of(version) + ".x");
+    return;
+  }
+  throw FileError(where, path + ": method \"" + name + "\" needs the plugin " + wanted + " " +
+                             version +
+                             ", which is not among the loaded plugins ('graft methods' "
+                             "lists them); install it, or add its folder with --plugin-dir or "
+                             "GRAFT_PLUGIN_PATH");
+}
+
 }  // namespace
 
 void save_adapter_as(const std::string& format, const fs::path& path, const Model& model,
@@ -108,7 +137,14 @@ void save_adapter(const fs::path& dir, const Model& model, const std::vector<Met
               {"methods", json::array()}};
   io::TensorMap tensors;
   for (std::size_t i = 0; i < methods.size(); ++i) {
-    cfg["methods"].push_back({{"name", methods[i]->name()}, {"config", methods[i]->config()}});
+    // The plugin that provides the method, so that a graft without it can say which it needs.
+    json plugin;
+    for (const auto& r : registered_methods())
+      if (r.info.name == methods[i]->name() && !r.file.empty())
+        for (const auto& rec : load_plugins())
+          if (rec.file == r.file) plugin = {{"name", rec.name}, {"version", rec.version}};
+    cfg["methods"].push_back(
+        {{"name", methods[i]->name()}, {"plugin", plugin}, {"config", methods[i]->config()}});
     for (const auto& [key, t] : methods[i]->state())
       tensors[std::to_string(i) + "." + key] = t.detach();
   }
@@ -162,6 +198,7 @@ std::vector<std::unique_ptr<Method>> load_adapter(const fs::path& dir, Model& mo
   const auto& list = cfg.value("methods", json::array());
   for (std::size_t i = 0; i < list.size(); ++i) {
     const auto name = list[i].value("name", "");
+    check_plugin(list[i], "methods[" + std::to_string(i) + "]", where);
     const std::string path = "methods[" + std::to_string(i) + "].config";
     auto params = params_from_json(list[i].value("config", json::object()), where, path);
     auto method = make_method(name, params);
