@@ -123,7 +123,9 @@ inline nlohmann::json config(const std::string& peft_type, const Model& model,
       {"inference_mode", true},
       {"modules_to_save",
        saved.modules_to_save.empty() ? nlohmann::json() : nlohmann::json(saved.modules_to_save)},
-      {"base_model_name_or_path", nullptr},
+      {"base_model_name_or_path", model.config().name_or_path.empty()
+                                      ? nlohmann::json()
+                                      : nlohmann::json(model.config().name_or_path)},
       {"revision", nullptr}};
 }
 

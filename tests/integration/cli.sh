@@ -141,6 +141,18 @@ check "validate: classification needs a record format" 1 "sequence_classificatio
 if [[ -d $root/data/sotu ]]; then
   check "bfloat16 trains a hybrid" 0 "run folder: " -- "$graft" run "$root/recipes/hybrids/unipelt.yaml" \
     model.dtype=bfloat16 train.steps=2 train.warmup_steps=0 eval.batches=1 output.dir="$work/bf16"
+  # A hybrid's export: peft has no parallel adapter, so the MAM adapter is refused naming what
+  # peft holds; --method exports that alone.
+  "$graft" run "$root/recipes/hybrids/mam.yaml" train.steps=1 train.warmup_steps=0 eval.batches=1 \
+    output.dir="$work/mam" >/dev/null 2>&1
+  check "export a hybrid peft cannot hold" 1 "no place for parallel.*the \"peft\" format holds prefix_tuning: export those alone with --method" -- \
+    "$graft" export-adapter --model stories260K --adapter "$work/mam/adapter" --format peft --out "$work/mam-peft"
+  check "export one method of a hybrid" 0 "wrote .*mam-peft \(peft\)" -- "$graft" export-adapter \
+    --model stories260K --adapter "$work/mam/adapter" --format peft --out "$work/mam-peft" --method prefix_tuning
+  grep -q '"base_model_name_or_path": ".*stories260K.gguf"' "$work/mam-peft/adapter_config.json" ||
+    { echo "FAIL: the peft export does not name its base model"; fail=1; }
+  check "export --method the adapter lacks" 2 "--method lora: the adapter holds prefix_tuning, parallel" -- \
+    "$graft" export-adapter --model stories260K --adapter "$work/mam/adapter" --format peft --out "$work/x" --method lora
 fi
 if out=$("$graft" validate "$root/recipes/quickstart.yaml" model.dtype=float16 2>&1); then
   echo "ok   float16 validates (libtorch multiplies float16 on this CPU)"

@@ -4,9 +4,11 @@
 #include <graft/adapter.h>
 #include <graft/io/file.h>
 #include <graft/io/safetensors.h>
+#include <graft/load.h>
 #include <graft/plugin.h>
 #include <torch/torch.h>
 
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "method_params.h"
@@ -229,4 +231,77 @@ TEST_CASE(
         save_adapter_as("peft", dir.path(), *model, {some[0].get(), some[1].get()}),
         doctest::Contains("neither"), Error);
   }
+}
+
+TEST_CASE(
+    "a hybrid adapter exports to peft one folder per method, or names what peft cannot hold") {
+  require_lora();
+  auto model = tiny_model("llama", 6);
+  auto lora = make_method("lora", params({{"r", "2"}}));
+  auto ia3 = make_method("ia3", params({}));
+  lora->attach(*model);
+  ia3->attach(*model);
+  {
+    torch::NoGradGuard ng;
+    for (auto* m : {lora.get(), ia3.get()})
+      for (auto& [name, t] : m->trainable_parameters()) t.add_(torch::randn_like(t) * 0.3);
+  }
+  const auto trained = out_of(*model);
+  TempDir dir;
+  save_adapter_as("peft", dir.path(), *model, {lora.get(), ia3.get()});
+  for (const std::string sub : {"lora", "ia3"}) {
+    auto cfg = nlohmann::json::parse(io::read_text_file(dir / sub / "adapter_config.json"));
+    CHECK(cfg["peft_type"] == (sub == "lora" ? "LORA" : "IA3"));
+  }
+  auto fresh = tiny_model("llama", 6);
+  auto a = load_adapter(dir / "lora", *fresh);
+  auto b = load_adapter(dir / "ia3", *fresh);
+  GRAFT_CHECK_CLOSE(out_of(*fresh), trained, graft::test::forward_tolerance(*fresh, trained, 5));
+  // One file cannot hold two methods.
+  CHECK_THROWS_WITH_AS(save_adapter_as("peft", dir / "x.gguf", *model, {lora.get(), ia3.get()}),
+                       doctest::Contains("need a folder, one sub-folder each; the \"peft\" format "
+                                         "holds lora, ia3: export those alone with --method"),
+                       Error);
+
+  // A bottleneck adapter has no place in peft: named, with the methods that can go.
+  auto pfeiffer = make_method("pfeiffer", params({}));
+  pfeiffer->attach(*model);
+  TempDir other;
+  CHECK_THROWS_WITH_AS(
+      save_adapter_as("peft", other.path(), *model, {lora.get(), ia3.get(), pfeiffer.get()}),
+      doctest::Contains("no place for pfeiffer"), Error);
+  CHECK_THROWS_WITH_AS(
+      save_adapter_as("peft", other.path(), *model, {lora.get(), ia3.get(), pfeiffer.get()}),
+      doctest::Contains("holds lora, ia3: export those alone with --method"), Error);
+}
+
+TEST_CASE("peft exports record the base model as peft does: base_model_name_or_path") {
+  require_lora();
+  TempDir dir;
+  auto base = tiny_model("llama", 2);
+  base->set_tokenizer(graft::test::toy_tokenizer(base->config().vocab_size));
+  save_hf_model(*base, dir / "base");
+  auto export_from = [&](const std::filesystem::path& folder) {
+    auto loaded = load_model(folder.string());
+    auto lora = make_method("lora", params({{"r", "2"}}));
+    lora->attach(*loaded.model);
+    const auto out = dir / ("peft-" + folder.filename().string());
+    save_adapter_as("peft", out, *loaded.model, {lora.get()});
+    return nlohmann::json::parse(io::read_text_file(out / "adapter_config.json"))
+        .at("base_model_name_or_path");
+  };
+  CHECK(export_from(dir / "base") == std::filesystem::absolute(dir / "base").string());
+  // A folder whose config.json names its hub id (transformers writes _name_or_path).
+  std::filesystem::copy(dir / "base", dir / "hub");
+  auto config = nlohmann::json::parse(io::read_text_file(dir / "hub" / "config.json"));
+  config["_name_or_path"] = "org/tiny-llama";
+  std::ofstream(dir / "hub" / "config.json") << config.dump();
+  CHECK(export_from(dir / "hub") == "org/tiny-llama");
+  // A model made in memory has no origin: null, as before.
+  auto lora = make_method("lora", params({{"r", "2"}}));
+  lora->attach(*base);
+  save_adapter_as("peft", dir / "mem", *base, {lora.get()});
+  CHECK(nlohmann::json::parse(io::read_text_file(dir / "mem" / "adapter_config.json"))
+            .at("base_model_name_or_path")
+            .is_null());
 }

@@ -31,8 +31,12 @@ void save_adapter(const std::filesystem::path& dir, const Model& model,
 std::vector<std::unique_ptr<Method>> load_adapter(const std::filesystem::path& dir, Model& model);
 
 /// Writes an adapter's attached methods in a format: "graft", or a foreign one ("peft", "gguf")
-/// registered by the plugin of one of them, which writes the others where the format has a
-/// place for them. A format none of the methods has is an error listing the formats they have.
+/// registered by the plugins of the methods. One method of the format is written at `path`, the
+/// other methods beside it where the format has a place for them (peft's modules_to_save);
+/// several are written one sub-folder each (`path/<method>`, as peft saves several adapters),
+/// the others beside the first. A method the format has no place for is an error naming the
+/// methods the format holds (to export alone); a format none of the methods has is an error
+/// listing the formats they have.
 void save_adapter_as(const std::string& format, const std::filesystem::path& path,
                      const Model& model, const std::vector<Method*>& methods);
 

@@ -50,6 +50,10 @@ struct ModelConfig {
   std::int64_t pad_token_id = -1;
   std::int64_t bos_token_id = -1;
   std::int64_t eos_token_id = -1;
+  /// Where the model came from, as peft's base_model_name_or_path records it: config.json's
+  /// _name_or_path (a hub id) when it has one, else the folder or file it was loaded from; empty
+  /// for a model built in memory.
+  std::string name_or_path;
 
   nlohmann::json to_json() const;
 };

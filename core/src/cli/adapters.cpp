@@ -6,6 +6,7 @@
 
 #include <iostream>
 #include <map>
+#include <set>
 
 #include "cli/options.h"
 
@@ -87,7 +88,9 @@ int run_export_adapter(const Args& args) {
       "adapter", po::value<std::vector<std::string>>()->required(), "adapter folder")(
       "format", po::value<std::string>()->required(),
       "graft or a format a plugin registers (peft, gguf, ...)")(
-      "out,o", po::value<std::string>()->required(), "output folder (peft, graft) or .gguf file");
+      "out,o", po::value<std::string>()->required(), "output folder (peft, graft) or .gguf file")(
+      "method", po::value<std::vector<std::string>>(),
+      "export only the methods of this name (repeatable; default: all the adapter holds)");
   po::variables_map vm;
   if (!parse(
           args, desc, vm,
@@ -100,9 +103,21 @@ int run_export_adapter(const Args& args) {
   set_threads(vm["threads"].as<int>());
   auto loaded = load_model(vm["model"].as<std::string>());
   auto methods = apply_adapters(vm, *loaded.model);
-  std::vector<Method*> all;
-  for (auto& m : methods) all.push_back(m.get());
-  save_adapter_as(vm["format"].as<std::string>(), out, *loaded.model, all);
+  std::vector<Method*> chosen;
+  std::set<std::string> named;
+  if (vm.count("method"))
+    for (const auto& n : vm["method"].as<std::vector<std::string>>()) named.insert(n);
+  std::string held;
+  for (auto& m : methods) {
+    held += (held.empty() ? "" : ", ") + m->name();
+    if (named.empty() || named.count(m->name())) chosen.push_back(m.get());
+  }
+  for (const auto& n : named) {
+    bool found = false;
+    for (auto* m : chosen) found |= m->name() == n;
+    if (!found) throw UsageError("--method " + n + ": the adapter holds " + held);
+  }
+  save_adapter_as(vm["format"].as<std::string>(), out, *loaded.model, chosen);
   std::cout << "wrote " << out << " (" << vm["format"].as<std::string>() << ")\n";
   return 0;
 }

@@ -96,6 +96,11 @@ LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
       throw FileError(config_path.string(), std::string("malformed JSON: ") + e.what());
     }
     config = models::config_from_hf(j, config_path.string());
+    config.name_or_path = j.is_object() && j.contains("_name_or_path") &&
+                                  j["_name_or_path"].is_string() &&
+                                  !j["_name_or_path"].get<std::string>().empty()
+                              ? j["_name_or_path"].get<std::string>()
+                              : fs::absolute(out.path).string();
     const auto checkpoint = io::read_safetensors_model(out.path);
     try {
       tensors = models::from_hf(config, checkpoint);
@@ -111,6 +116,7 @@ LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
     out.format = "gguf";
     io::GgufFile file(out.path);
     config = models::config_from_gguf(file);
+    config.name_or_path = fs::absolute(out.path).string();
     try {
       tensors = models::from_gguf(config, file.load_all());
     } catch (const FileError&) {

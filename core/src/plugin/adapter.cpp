@@ -5,6 +5,7 @@
 #include <graft/plugin.h>
 #include <graft/version.h>
 
+#include <map>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -86,27 +87,59 @@ void save_adapter_as(const std::string& format, const fs::path& path, const Mode
     save_adapter(path, model, methods);
     return;
   }
+  // The methods with a writer for the format, each with it; the others go beside the first
+  // (peft keeps whole modules and biases beside a method), if its writer has a place for them.
   std::set<std::string> known = {"graft"};
+  std::vector<std::pair<Method*, AdapterFormat>> writers;
+  std::vector<Method*> others;
   std::string names;
   for (auto* method : methods) {
     names += (names.empty() ? "" : " + ") + method->name();
+    bool found = false;
     for (const auto& f : adapter_formats()) {
       if (f.method != method->name() || !f.write) continue;
-      if (f.name == format) {
-        // The format's own method first, the others in their order.
-        std::vector<Method*> ordered = {method};
-        for (auto* other : methods)
-          if (other != method) ordered.push_back(other);
-        f.write(ordered, model, path);
-        return;
-      }
       known.insert(f.name);
+      if (f.name == format && !found) {
+        writers.emplace_back(method, f);
+        found = true;
+      }
+    }
+    if (!found) others.push_back(method);
+  }
+  if (writers.empty()) {
+    std::string list;
+    for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
+    throw Error(names + ": cannot write the \"" + format + "\" adapter format (formats: " + list +
+                ")");
+  }
+  const auto one_by_one = [&](const std::string& why) {
+    std::string held;
+    for (const auto& [m, f] : writers) held += (held.empty() ? "" : ", ") + m->name();
+    return Error(why + "; the \"" + format + "\" format holds " + held +
+                 ": export those alone with --method");
+  };
+  // Several methods of the format: one folder each, named by the method, as peft saves several
+  // adapters of one model.
+  std::map<std::string, int> seen;
+  for (std::size_t i = 0; i < writers.size(); ++i) {
+    auto [method, f] = writers[i];
+    std::vector<Method*> group = {method};
+    if (i == 0) group.insert(group.end(), others.begin(), others.end());
+    auto where = path;
+    if (writers.size() > 1) {
+      if (path.has_extension())
+        throw one_by_one(path.string() + ": " + std::to_string(writers.size()) + " methods (" +
+                         names + ") need a folder, one sub-folder each");
+      const int n = seen[method->name()]++;
+      where = path / (method->name() + (n ? "-" + std::to_string(n + 1) : ""));
+    }
+    try {
+      f.write(group, model, where);
+    } catch (const Error& e) {
+      if (others.empty() || i > 0) throw;
+      throw one_by_one(e.what());
     }
   }
-  std::string list;
-  for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
-  throw Error(names + ": cannot write the \"" + format + "\" adapter format (formats: " + list +
-              ")");
 }
 
 Params params_from_json(const json& j, const std::string& file, const std::string& path) {
