@@ -366,6 +366,34 @@ std::map<std::string, at::Tensor> snapshot(Model& m) {
   return s;
 }
 
+// The case's methods made and attached to `model` in order, calibrated where they need it.
+std::vector<std::unique_ptr<Method>> attach_case(const Case& c, Model& model) {
+  std::vector<std::unique_ptr<Method>> owned;
+  for (const auto& [name, settings] : c.methods) {
+    owned.push_back(make_method(name, settings));
+    owned.back()->attach(model);
+  }
+  for (auto& m : owned)
+    if (m->needs_calibration()) m->calibrate(model, [&] { return loss(model); });
+  return owned;
+}
+
+// Five AdamW steps on `train` with the methods in training mode: the loss before and after.
+std::pair<double, double> train_steps(Model& model, const std::vector<Method*>& methods,
+                                      const std::vector<at::Tensor>& train) {
+  torch::optim::AdamW opt(train, torch::optim::AdamWOptions(1e-2).weight_decay(0.0));
+  for (auto* m : methods) m->set_training(true);
+  const double before = loss(model).item<double>();
+  for (int step = 0; step < 5; ++step) {
+    opt.zero_grad();
+    loss(model).backward();
+    opt.step();
+  }
+  const double after = loss(model).item<double>();
+  for (auto* m : methods) m->set_training(false);
+  return {before, after};
+}
+
 }  // namespace
 
 TEST_CASE("method matrix") {
@@ -381,15 +409,9 @@ TEST_CASE("method matrix") {
       const auto base_out = outputs(*model);
       const auto base = snapshot(*model);
       const auto terms = forward_terms(model->config(), kSeq + kMaxVirtual);
-      std::vector<std::unique_ptr<Method>> owned;
+      const auto owned = attach_case(c, *model);
       std::vector<Method*> methods;
-      for (const auto& [name, settings] : c.methods) {
-        owned.push_back(make_method(name, settings));
-        methods.push_back(owned.back().get());
-        methods.back()->attach(*model);
-      }
-      for (auto* m : methods)
-        if (m->needs_calibration()) m->calibrate(*model, [&] { return loss(*model); });
+      for (const auto& m : owned) methods.push_back(m.get());
       const auto attached = snapshot(*model);  // the base as the methods left it (NF4 releases)
 
       // 1. trainable parameters by formula
@@ -413,16 +435,7 @@ TEST_CASE("method matrix") {
         GRAFT_CHECK_CLOSE(outputs(*model), base_out, reorder_tolerance(base_out, terms));
 
       // 3. gradients only into the methods' parameters; the loss goes down
-      torch::optim::AdamW opt(train, torch::optim::AdamWOptions(1e-2).weight_decay(0.0));
-      for (auto* m : methods) m->set_training(true);
-      const double before = loss(*model).item<double>();
-      for (int step = 0; step < 5; ++step) {
-        opt.zero_grad();
-        loss(*model).backward();
-        opt.step();
-      }
-      const double after = loss(*model).item<double>();
-      for (auto* m : methods) m->set_training(false);
+      const auto [before, after] = train_steps(*model, methods, train);
       CHECK(after < before);
       for (const auto& p : model->named_parameters(true)) {
         if (trained.count(p.value().unsafeGetTensorImpl())) continue;
@@ -572,15 +585,9 @@ TEST_CASE("every method trains a bfloat16 model with float32 parameters") {
       model->to(torch::kBFloat16);
       std::set<const void*> base;
       for (const auto& t : model->parameters()) base.insert(t.unsafeGetTensorImpl());
-      std::vector<std::unique_ptr<Method>> owned;
+      const auto owned = attach_case(c, *model);
       std::vector<Method*> methods;
-      for (const auto& [name, settings] : c.methods) {
-        owned.push_back(make_method(name, settings));
-        methods.push_back(owned.back().get());
-        methods.back()->attach(*model);
-      }
-      for (auto* m : methods)
-        if (m->needs_calibration()) m->calibrate(*model, [&] { return loss(*model); });
+      for (const auto& m : owned) methods.push_back(m.get());
       const auto attached = snapshot(*model);
       std::vector<at::Tensor> train;
       std::set<const void*> trained;
@@ -594,16 +601,7 @@ TEST_CASE("every method trains a bfloat16 model with float32 parameters") {
           train.push_back(t);
         }
       CHECK(bool(outputs(*model).scalar_type() == torch::kBFloat16));
-      torch::optim::AdamW opt(train, torch::optim::AdamWOptions(1e-2).weight_decay(0.0));
-      for (auto* m : methods) m->set_training(true);
-      const double before = loss(*model).item<double>();
-      for (int step = 0; step < 5; ++step) {
-        opt.zero_grad();
-        loss(*model).backward();
-        opt.step();
-      }
-      const double after = loss(*model).item<double>();
-      for (auto* m : methods) m->set_training(false);
+      const auto [before, after] = train_steps(*model, methods, train);
       CHECK(std::isfinite(after));
       CHECK(after < before);
       for (const auto& p : model->named_parameters(true))
