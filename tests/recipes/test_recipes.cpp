@@ -3,6 +3,7 @@
 // classification with a task head, instruction masking, and evaluation of a saved adapter.
 #include <graft/adapter.h>
 #include <graft/data.h>
+#include <graft/io/safetensors.h>
 #include <torch/torch.h>
 
 #include <csignal>
@@ -127,10 +128,22 @@ TEST_CASE("the same recipe and seed give bit-identical metrics and adapter, and 
   auto stop = w.quiet();
   stop.stop_at = 3;
   CHECK(run_recipe(c, stop).at("stopped_at") == 3);
-  CHECK(fs::exists("runs/c/checkpoints/step-000003/optimizer.pt"));
+  // Training state is safetensors and JSON only: nothing a pickle loader would read.
+  for (const auto& e : fs::directory_iterator("runs/c/checkpoints/step-000003"))
+    CHECK_MESSAGE((e.path().extension() == ".safetensors" || e.path().extension() == ".json"),
+                  e.path());
+  CHECK(fs::exists("runs/c/checkpoints/step-000003/optimizer.safetensors"));
   CHECK_FALSE(fs::exists("runs/c/adapter"));
   auto resume = w.quiet();
   resume.resume = true;
+  // A checkpoint holding a pickle (an earlier graft's optimizer.pt, or a crafted one) is refused
+  // in one line, never opened.
+  write("runs/c/checkpoints/step-000003/optimizer.pt", "PK\x03\x04 a TorchScript zip");
+  CHECK_THROWS_WITH_AS(run_recipe(c, resume),
+                       doctest::Contains("optimizer.pt: a pickle or TorchScript archive, which "
+                                         "can run code when read"),
+                       FileError);
+  fs::remove("runs/c/checkpoints/step-000003/optimizer.pt");
   run_recipe(c, resume);
   CHECK(read("runs/a/metrics.jsonl") == read("runs/c/metrics.jsonl"));
   CHECK(read("runs/a/adapter/adapter.safetensors") == read("runs/c/adapter/adapter.safetensors"));
@@ -426,4 +439,29 @@ TEST_CASE(
         json{{"chat_template", "{{ messages[0]['content'] }}"}}.dump());
   CHECK_THROWS_WITH_AS(validate_recipe(w.recipe("chat.yaml")),
                        doctest::Contains("its chat_template is not one graft renders"), ParamError);
+}
+
+TEST_CASE("resume is exact with SGD's momentum, kept as safetensors") {
+  Workspace w;
+  InDir in(w.dir);
+  const std::vector<std::string> sgd = {"train.optimizer=sgd", "train.momentum=0.9",
+                                        "checkpoint.every=2"};
+  auto with = [&](const std::string& dir) {
+    auto o = sgd;
+    o.push_back("output.dir=" + dir);
+    return w.recipe("lm.yaml", o);
+  };
+  run_recipe(with("runs/whole"), w.quiet());
+  auto stop = w.quiet();
+  stop.stop_at = 3;
+  run_recipe(with("runs/parts"), stop);
+  const auto moments =
+      io::read_safetensors("runs/parts/checkpoints/step-000003/optimizer.safetensors").tensors;
+  CHECK(moments.count("0.momentum"));
+  auto resume = w.quiet();
+  resume.resume = true;
+  run_recipe(with("runs/parts"), resume);
+  CHECK(read("runs/whole/metrics.jsonl") == read("runs/parts/metrics.jsonl"));
+  CHECK(read("runs/whole/adapter/adapter.safetensors") ==
+        read("runs/parts/adapter/adapter.safetensors"));
 }

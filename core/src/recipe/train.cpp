@@ -29,6 +29,7 @@
 #include <set>
 #include <sstream>
 #include <thread>
+#include <type_traits>
 
 #include "build_config.h"
 
@@ -349,6 +350,95 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const TrainSpec& t,
                                                            .weight_decay(t.weight_decay));
 }
 
+// The optimizer's per-parameter state as plain tensors and counts, in the order of its
+// parameters: "<k>.exp_avg", "<k>.exp_avg_sq", "<k>.max_exp_avg_sq" (AdamW), "<k>.momentum"
+// (SGD); the AdamW step counts in `steps` (-1: no state yet). Checkpoints keep it as
+// safetensors + JSON, never as a pickle or TorchScript archive, which can run code when read.
+// The key of a parameter's state: libtorch 1.13 keys it by the TensorImpl's address printed as
+// a string, libtorch 2.x by the address itself.
+template <typename Map>
+typename Map::key_type state_key(const Map&, const at::Tensor& p) {
+  if constexpr (std::is_same_v<typename Map::key_type, std::string>) {
+    std::ostringstream os;
+    os << p.unsafeGetTensorImpl();
+    return os.str();
+  } else {
+    return p.unsafeGetTensorImpl();
+  }
+}
+
+std::vector<at::Tensor> optimizer_params(torch::optim::Optimizer& opt) {
+  std::vector<at::Tensor> out;
+  for (auto& g : opt.param_groups())
+    for (auto& p : g.params()) out.push_back(p);
+  return out;
+}
+
+json optimizer_state(torch::optim::Optimizer& opt, io::TensorMap& tensors) {
+  json steps = json::array();
+  const auto params = optimizer_params(opt);
+  for (std::size_t k = 0; k < params.size(); ++k) {
+    const auto key = std::to_string(k) + ".";
+    auto it = opt.state().find(state_key(opt.state(), params[k]));
+    if (it == opt.state().end()) {
+      steps.push_back(-1);
+      continue;
+    }
+    if (auto* a = dynamic_cast<torch::optim::AdamWParamState*>(it->second.get())) {
+      steps.push_back(a->step());
+      tensors[key + "exp_avg"] = a->exp_avg().detach().cpu();
+      tensors[key + "exp_avg_sq"] = a->exp_avg_sq().detach().cpu();
+      if (a->max_exp_avg_sq().defined())
+        tensors[key + "max_exp_avg_sq"] = a->max_exp_avg_sq().detach().cpu();
+    } else if (auto* m = dynamic_cast<torch::optim::SGDParamState*>(it->second.get())) {
+      steps.push_back(0);
+      if (m->momentum_buffer().defined())
+        tensors[key + "momentum"] = m->momentum_buffer().detach().cpu();
+    } else {
+      throw Error("checkpoint: an optimizer state graft does not know how to save");
+    }
+  }
+  return steps;
+}
+
+void load_optimizer_state(torch::optim::Optimizer& opt, const json& steps,
+                          const io::TensorMap& tensors, const std::string& where) {
+  const auto params = optimizer_params(opt);
+  if (!steps.is_array() || steps.size() != params.size())
+    throw FileError(where, "holds optimizer state for " +
+                               std::to_string(steps.is_array() ? steps.size() : 0) +
+                               " tensors, but the run trains " + std::to_string(params.size()));
+  const bool adamw = dynamic_cast<torch::optim::AdamW*>(&opt) != nullptr;
+  auto tensor = [&](const std::string& name, const at::Tensor& like) {
+    auto it = tensors.find(name);
+    if (it == tensors.end()) throw FileError(where, "lacks optimizer tensor " + name);
+    if (it->second.sizes() != like.sizes())
+      throw FileError(where, "optimizer tensor " + name + " has the wrong shape");
+    return it->second.to(like.device(), like.scalar_type());
+  };
+  opt.state().clear();
+  for (std::size_t k = 0; k < params.size(); ++k) {
+    if (!steps[k].is_number_integer()) throw FileError(where, "malformed optimizer step counts");
+    const auto step = steps[k].get<std::int64_t>();
+    if (step < 0) continue;
+    const auto key = std::to_string(k) + ".";
+    const auto& p = params[k];
+    if (adamw) {
+      auto st = std::make_unique<torch::optim::AdamWParamState>();
+      st->step(step);
+      st->exp_avg(tensor(key + "exp_avg", p));
+      st->exp_avg_sq(tensor(key + "exp_avg_sq", p));
+      if (tensors.count(key + "max_exp_avg_sq"))
+        st->max_exp_avg_sq(tensor(key + "max_exp_avg_sq", p));
+      opt.state()[state_key(opt.state(), p)] = std::move(st);
+    } else {
+      auto st = std::make_unique<torch::optim::SGDParamState>();
+      if (tensors.count(key + "momentum")) st->momentum_buffer(tensor(key + "momentum", p));
+      opt.state()[state_key(opt.state(), p)] = std::move(st);
+    }
+  }
+}
+
 void set_lr(torch::optim::Optimizer& opt, double lr) {
   for (auto& g : opt.param_groups()) g.options().set_lr(lr);
 }
@@ -478,8 +568,11 @@ void save_checkpoint(Session& s, torch::optim::Optimizer& opt, const Position& p
       t["head." + p.key()] = p.value().detach().cpu();
   t["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
   io::write_safetensors(tmp / "state.safetensors", t, {{"format", "graft-checkpoint"}});
-  torch::save(opt, (tmp / "optimizer.pt").string());
+  io::TensorMap moments;
+  const auto steps = optimizer_state(opt, moments);
+  io::write_safetensors(tmp / "optimizer.safetensors", moments, {{"format", "graft-optimizer"}});
   write_json(tmp / "trainer.json", {{"step", pos.step},
+                                    {"optimizer_steps", steps},
                                     {"micro_batches", pos.micro_batches},
                                     {"window_loss", pos.window_loss},
                                     {"window_steps", pos.window_steps},
@@ -513,6 +606,17 @@ namespace {
 // The methods' and the head's state, before the optimizer is built over their tensors (a
 // calibrated method knows what it trains only from its state).
 void load_checkpoint_methods(Session& s, const fs::path& dir) {
+  // Pickles and TorchScript archives run code when they are read: a checkpoint with one (older
+  // graft wrote optimizer.pt; a shared run folder may hold anything) is refused, never opened.
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const auto ext = e.path().extension().string();
+    if (ext == ".pt" || ext == ".pth" || ext == ".bin" || ext == ".pkl" || ext == ".pickle")
+      throw FileError(
+          e.path().string(),
+          "a pickle or TorchScript archive, which can run code when read: graft "
+          "resumes only from safetensors and JSON (an earlier graft wrote optimizer.pt: "
+          "start such a run again with --overwrite)");
+  }
   const auto where = (dir / "state.safetensors").string();
   auto t = io::read_safetensors(where).tensors;
   for (std::size_t i = 0; i < s.methods.size(); ++i) {
@@ -536,8 +640,10 @@ json load_checkpoint_trainer(torch::optim::Optimizer& opt, const fs::path& dir, 
     auto gen = at::detail::getDefaultCPUGenerator();  // a handle to the process's generator
     gen.set_state(t.at("rng.cpu"));
   }
-  torch::load(opt, (dir / "optimizer.pt").string());
   const auto j = json::parse(io::read_text_file(dir / "trainer.json"));
+  const auto moments = dir / "optimizer.safetensors";
+  load_optimizer_state(opt, j.value("optimizer_steps", json()),
+                       io::read_safetensors(moments.string()).tensors, moments.string());
   pos.step = j.at("step").get<std::int64_t>();
   pos.micro_batches = j.at("micro_batches").get<std::int64_t>();
   pos.window_loss = j.value("window_loss", 0.0);
