@@ -465,3 +465,45 @@ TEST_CASE("resume is exact with SGD's momentum, kept as safetensors") {
   CHECK(read("runs/whole/adapter/adapter.safetensors") ==
         read("runs/parts/adapter/adapter.safetensors"));
 }
+
+TEST_CASE("checkpoint pruning touches only graft's checkpoints, by step number, never via a link") {
+  Workspace w;
+  InDir in(w.dir);
+  // A user's folders beside the checkpoints, one sorting after every step name.
+  write("runs/p/checkpoints/notes/todo.txt", "mine");
+  write("runs/p/checkpoints/zzz/keep.txt", "mine");
+  write("runs/p/checkpoints/step-000001-old/trainer.json", "{}");  // not a step name
+  auto r = w.recipe("lm.yaml", {"output.dir=runs/p", "checkpoint.every=2", "checkpoint.keep=1"});
+  auto stop = w.quiet();
+  stop.stop_at = 4;
+  run_recipe(r, stop);
+  CHECK(read("runs/p/checkpoints/notes/todo.txt") == "mine");
+  CHECK(read("runs/p/checkpoints/zzz/keep.txt") == "mine");
+  CHECK(fs::exists("runs/p/checkpoints/step-000001-old/trainer.json"));
+  CHECK(fs::exists("runs/p/checkpoints/step-000004/trainer.json"));  // the newest is kept
+  CHECK_FALSE(fs::exists("runs/p/checkpoints/step-000002"));
+  auto resume = w.quiet();
+  resume.resume = true;
+  CHECK(run_recipe(r, resume).contains("eval_after"));
+
+  // Steps compare as numbers: step 1,000,000 comes after step 999,999.
+  write("runs/n/checkpoints/step-999999/trainer.json", "{}");
+  write("runs/n/checkpoints/step-1000000/trainer.json", "{}");
+  CHECK(latest_checkpoint("runs/n").filename() == "step-1000000");
+
+  // A link in graft's place inside a run folder is refused; what it points at is untouched.
+  write("elsewhere/step-000002/trainer.json", "{}");
+  fs::create_directories("runs/l");
+  fs::create_directory_symlink(fs::absolute("elsewhere"), "runs/l/checkpoints");
+  auto linked = w.recipe("lm.yaml", {"output.dir=runs/l", "checkpoint.every=2"});
+  CHECK_THROWS_WITH_AS(run_recipe(linked, w.quiet()),
+                       doctest::Contains("runs/l/checkpoints: is a symbolic link; inside a run "
+                                         "folder graft writes only files and folders it made"),
+                       FileError);
+  fs::remove("runs/l/checkpoints");
+  fs::create_directory_symlink(fs::absolute("elsewhere"), "runs/l/adapter");
+  CHECK_THROWS_WITH_AS(run_recipe(linked, w.quiet()), doctest::Contains("is a symbolic link"),
+                       FileError);
+  CHECK(fs::exists("elsewhere/step-000002/trainer.json"));
+  CHECK_FALSE(fs::exists("elsewhere/adapter_config.json"));
+}

@@ -26,6 +26,7 @@
 #include <iomanip>
 #include <iostream>
 #include <optional>
+#include <regex>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -545,6 +546,36 @@ struct Position {
   std::int64_t window_steps = 0;   // (kept, so a resumed run logs the same means)
 };
 
+const char* kCheckpointFormat = "graft-checkpoint";
+
+// A symbolic link where graft writes would send its writes (and its deletions) elsewhere.
+void refuse_symlink(const fs::path& p) {
+  if (fs::is_symlink(p))
+    throw FileError(p.string(),
+                    "is a symbolic link; inside a run folder graft writes only files and folders "
+                    "it made: remove the link, or choose another output.dir");
+}
+
+// The checkpoints in a run folder, oldest first by step number: real folders (no links) named
+// step-<digits> that hold a trainer.json. Anything else there is left alone.
+std::vector<std::pair<std::int64_t, fs::path>> checkpoints_in(const fs::path& run) {
+  std::vector<std::pair<std::int64_t, fs::path>> out;
+  const auto dir = run / "checkpoints";
+  refuse_symlink(dir);
+  if (!fs::is_directory(dir)) return out;
+  static const std::regex name(R"(step-([0-9]{1,18}))");
+  for (const auto& e : fs::directory_iterator(dir)) {
+    std::smatch m;
+    const auto file = e.path().filename().string();
+    if (e.is_symlink() || !e.is_directory() || !std::regex_match(file, m, name)) continue;
+    const auto trainer = e.path() / "trainer.json";
+    if (fs::is_symlink(trainer) || !fs::is_regular_file(trainer)) continue;
+    out.emplace_back(std::stoll(m[1].str()), e.path());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 fs::path checkpoint_dir(const fs::path& run, std::int64_t step) {
   std::ostringstream os;
   os << "step-" << std::setw(6) << std::setfill('0') << step;
@@ -571,7 +602,8 @@ void save_checkpoint(Session& s, torch::optim::Optimizer& opt, const Position& p
   io::TensorMap moments;
   const auto steps = optimizer_state(opt, moments);
   io::write_safetensors(tmp / "optimizer.safetensors", moments, {{"format", "graft-optimizer"}});
-  write_json(tmp / "trainer.json", {{"step", pos.step},
+  write_json(tmp / "trainer.json", {{"format", kCheckpointFormat},
+                                    {"step", pos.step},
                                     {"optimizer_steps", steps},
                                     {"micro_batches", pos.micro_batches},
                                     {"window_loss", pos.window_loss},
@@ -580,25 +612,27 @@ void save_checkpoint(Session& s, torch::optim::Optimizer& opt, const Position& p
                                     {"extra", extra}});
   fs::remove_all(dir);
   fs::rename(tmp, dir);
-  // Keep the newest `keep`.
-  std::vector<fs::path> all;
-  for (const auto& e : fs::directory_iterator(run / "checkpoints"))
-    if (e.is_directory() && e.path().extension() != ".tmp") all.push_back(e.path());
-  std::sort(all.begin(), all.end());
-  for (std::size_t i = 0; i + keep < all.size(); ++i) fs::remove_all(all[i]);
+  // Keep the newest `keep` of the checkpoints graft wrote (by their marker; nothing else in the
+  // folder is touched), by step number.
+  auto all = checkpoints_in(run);
+  all.erase(std::remove_if(all.begin(), all.end(),
+                           [](const auto& c) {
+                             try {
+                               return json::parse(io::read_text_file(c.second / "trainer.json"))
+                                          .value("format", "") != kCheckpointFormat;
+                             } catch (const std::exception&) {
+                               return true;  // not one graft wrote
+                             }
+                           }),
+            all.end());
+  for (std::size_t i = 0; i + keep < all.size(); ++i) fs::remove_all(all[i].second);
 }
 
 }  // namespace
 
 fs::path latest_checkpoint(const fs::path& run) {
-  std::vector<fs::path> all;
-  if (fs::is_directory(run / "checkpoints"))
-    for (const auto& e : fs::directory_iterator(run / "checkpoints"))
-      if (e.is_directory() && e.path().extension() != ".tmp" &&
-          fs::exists(e.path() / "trainer.json"))
-        all.push_back(e.path());
-  std::sort(all.begin(), all.end());
-  return all.empty() ? fs::path() : all.back();
+  const auto all = checkpoints_in(run);
+  return all.empty() ? fs::path() : all.back().second;
 }
 
 namespace {
@@ -749,6 +783,7 @@ const char* kRunFiles[] = {"recipe.yaml",  "manifest.json", "metrics.jsonl",
 // overwrite. Returns whether graft's files there are to go (once the new run is ready to write).
 bool check_run_folder(const fs::path& run, const std::string& recipe_text, const RunOptions& o,
                       std::ostream& log) {
+  for (const char* name : kRunFiles) refuse_symlink(run / name);
   const bool has_run = fs::exists(run / "recipe.yaml") || fs::exists(run / "metrics.jsonl");
   const bool finished = fs::exists(run / "summary.json");
   const auto checkpoint = latest_checkpoint(run);
