@@ -650,6 +650,63 @@ TEST_CASE("a llama GGUF file loads with identical outputs, and bad configs are c
   io::write_gguf(dir / "bad.gguf", meta, t);
   CHECK_THROWS_WITH_AS(load_model((dir / "bad.gguf").string()),
                        doctest::Contains("\"mamba\" is not supported"), FileError);
+  // No heads (and no rope dimension to take the head size from): refused, not divided by.
+  meta[0].second = io::gguf_string("llama");
+  meta[3].second = io::gguf_int(0);
+  io::write_gguf(dir / "heads.gguf", meta, t);
+  CHECK_THROWS_WITH_AS(load_model((dir / "heads.gguf").string()),
+                       doctest::Contains("llama.attention.head_count: expected a positive size, "
+                                         "got 0"),
+                       FileError);
+}
+
+TEST_CASE("configurations the forward cannot use are refused naming the key, before any tensor") {
+  using models::config_from_hf;
+  const std::map<std::string, nlohmann::json> good = {
+      {"llama",
+       {{"model_type", "llama"},
+        {"vocab_size", 40},
+        {"hidden_size", 16},
+        {"num_hidden_layers", 2},
+        {"num_attention_heads", 4},
+        {"num_key_value_heads", 2},
+        {"intermediate_size", 24}}},
+      {"gpt2",
+       {{"model_type", "gpt2"}, {"vocab_size", 40}, {"n_embd", 16}, {"n_layer", 2}, {"n_head", 4}}},
+      {"bert",
+       {{"model_type", "bert"},
+        {"vocab_size", 40},
+        {"hidden_size", 16},
+        {"num_hidden_layers", 2},
+        {"num_attention_heads", 4},
+        {"intermediate_size", 24}}}};
+  for (const auto& [family, j] : good) CHECK(config_from_hf(j, "config.json").family == family);
+  struct Bad {
+    std::string family, key;
+    nlohmann::json value;
+    std::string message;
+  };
+  const std::vector<Bad> bad = {
+      {"gpt2", "n_head", 0, "n_head: expected a positive size, got 0"},
+      {"bert", "num_attention_heads", 0, "num_attention_heads: expected a positive size, got 0"},
+      {"llama", "num_attention_heads", 0, "num_attention_heads: expected a positive size, got 0"},
+      {"llama", "num_key_value_heads", 3, "3 key/value heads do not divide the 4 attention heads"},
+      {"llama", "vocab_size", -5, "vocab_size: expected a positive size, got -5"},
+      {"llama", "head_dim", 3, "the head size 3 is odd"},
+      {"llama", "rms_norm_eps", 0, "the norm epsilon must be a positive number"},
+      {"llama", "rope_theta", -1, "the rotary base (rope_theta) must be a positive number"},
+      {"bert", "num_attention_heads", 5, "5 attention heads do not divide the hidden size 16"},
+      {"gpt2", "n_positions", 0, "n_positions: expected a positive size, got 0"},
+      {"bert", "intermediate_size", 4294967296,
+       "intermediate_size: expected a positive size, got 4294967296"}};
+  for (const auto& b : bad) {
+    CAPTURE(b.family);
+    CAPTURE(b.key);
+    auto j = good.at(b.family);
+    j[b.key] = b.value;
+    CHECK_THROWS_WITH_AS(config_from_hf(j, "config.json"),
+                         doctest::Contains(("config.json: " + b.message).c_str()), FileError);
+  }
 }
 
 TEST_CASE("a model name that is not found says where graft looked") {

@@ -3,6 +3,9 @@
 #include <graft/error.h>
 #include <torch/torch.h>
 
+#include <cmath>
+#include <limits>
+
 namespace graft::models {
 
 std::int64_t JsonConfig::integer(const std::string& key) const {
@@ -13,6 +16,15 @@ std::int64_t JsonConfig::integer(const std::string& key) const {
 }
 std::int64_t JsonConfig::integer(const std::string& key, std::int64_t fallback) const {
   return has(key) ? integer(key) : fallback;
+}
+std::int64_t JsonConfig::size(const std::string& key) const {
+  const auto v = integer(key);
+  if (v < 1 || v > std::numeric_limits<std::int32_t>::max())
+    throw FileError(source_, key + ": expected a positive size, got " + std::to_string(v));
+  return v;
+}
+std::int64_t JsonConfig::size(const std::string& key, std::int64_t fallback) const {
+  return has(key) ? size(key) : fallback;
 }
 double JsonConfig::number(const std::string& key, double fallback) const {
   if (!has(key)) return fallback;
@@ -66,17 +78,43 @@ std::shared_ptr<Model> make_model(const ModelConfig& config) {
   throw Error("unknown model family \"" + config.family + "\" (graft has llama, bert, gpt2)");
 }
 
+void check_config(const ModelConfig& m, const std::string& source) {
+  auto fail = [&](const std::string& what) { throw FileError(source, what); };
+  // Each reader refuses sizes below 1; what remains are the relations the forward relies on.
+  if (m.num_heads % m.num_kv_heads)
+    fail(std::to_string(m.num_kv_heads) + " key/value heads do not divide the " +
+         std::to_string(m.num_heads) + " attention heads");
+  if (m.family != "llama" && m.num_heads * m.head_dim != m.hidden_size)
+    fail(std::to_string(m.num_heads) + " attention heads do not divide the hidden size " +
+         std::to_string(m.hidden_size));
+  if (m.family == "llama" && m.head_dim % 2)
+    fail("the head size " + std::to_string(m.head_dim) +
+         " is odd; rotary embeddings rotate pairs of dimensions");
+  if (!(m.norm_eps > 0) || !std::isfinite(m.norm_eps))
+    fail("the norm epsilon must be a positive number, got " + std::to_string(m.norm_eps));
+  if (m.family == "llama" && (!(m.rope_theta > 0) || !std::isfinite(m.rope_theta)))
+    fail("the rotary base (rope_theta) must be a positive number, got " +
+         std::to_string(m.rope_theta));
+  if (m.sliding_window < 0) fail("a negative sliding window");
+}
+
 ModelConfig config_from_hf(const nlohmann::json& j, const std::string& source) {
   if (!j.is_object()) throw FileError(source, "expected a JSON object");
   JsonConfig c(j, source);
   const auto type = c.string("model_type", "");
+  ModelConfig m;
   if (type == "llama" || type == "mistral" || type == "qwen2")
-    return llama_config_from_hf(j, source);
-  if (type == "gpt2") return gpt2_config_from_hf(j, source);
-  if (type == "bert" || type == "roberta") return bert_config_from_hf(j, source);
-  throw FileError(source, "model_type \"" + type +
-                              "\" is not supported (graft reads llama, mistral, qwen2, gpt2, bert "
-                              "and roberta)");
+    m = llama_config_from_hf(j, source);
+  else if (type == "gpt2")
+    m = gpt2_config_from_hf(j, source);
+  else if (type == "bert" || type == "roberta")
+    m = bert_config_from_hf(j, source);
+  else
+    throw FileError(source, "model_type \"" + type +
+                                "\" is not supported (graft reads llama, mistral, qwen2, gpt2, "
+                                "bert and roberta)");
+  check_config(m, source);
+  return m;
 }
 
 io::TensorMap from_hf(const ModelConfig& config, const io::TensorMap& checkpoint) {

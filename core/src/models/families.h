@@ -60,11 +60,20 @@ void write_labels(nlohmann::json& j, const ModelConfig& config);
 
 /// Reads config.json fields with clear errors ("config.json: num_attention_heads: expected an
 /// integer").
+/// Refuses, naming `source`, a configuration whose sizes the forward cannot use together (key/value
+/// heads not dividing the heads, heads not dividing the width, an odd rotary head, a norm epsilon
+/// or rotary base that is not a positive number). The readers call it.
+void check_config(const ModelConfig& config, const std::string& source);
+
 class JsonConfig {
  public:
   JsonConfig(const nlohmann::json& j, std::string source) : j_(j), source_(std::move(source)) {}
   std::int64_t integer(const std::string& key) const;
   std::int64_t integer(const std::string& key, std::int64_t fallback) const;
+  /// A width, count or length: an integer from 1 to 2^31 - 1 (refused naming the key otherwise,
+  /// before anything divides by it or allocates with it).
+  std::int64_t size(const std::string& key) const;
+  std::int64_t size(const std::string& key, std::int64_t fallback) const;
   double number(const std::string& key, double fallback) const;
   bool boolean(const std::string& key, bool fallback) const;
   std::string string(const std::string& key, const std::string& fallback) const;

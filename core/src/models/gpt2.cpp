@@ -132,13 +132,13 @@ ModelConfig gpt2_config_from_hf(const nlohmann::json& j, const std::string& sour
                                 "\" is not supported (graft runs GPT2LMHeadModel and "
                                 "GPT2ForSequenceClassification)");
   }
-  m.vocab_size = c.integer("vocab_size");
-  m.hidden_size = c.integer("n_embd");
-  m.num_layers = c.integer("n_layer");
-  m.num_heads = m.num_kv_heads = c.integer("n_head");
+  m.vocab_size = c.size("vocab_size");
+  m.hidden_size = c.size("n_embd");
+  m.num_layers = c.size("n_layer");
+  m.num_heads = m.num_kv_heads = c.size("n_head");
   m.head_dim = m.hidden_size / m.num_heads;
-  m.intermediate_size = c.integer("n_inner", 4 * m.hidden_size);
-  m.max_positions = c.integer("n_positions", 1024);
+  m.intermediate_size = c.size("n_inner", 4 * m.hidden_size);
+  m.max_positions = c.size("n_positions", 1024);
   m.norm_eps = c.number("layer_norm_epsilon", 1e-5);
   m.hidden_act = c.string("activation_function", "gelu_new");
   m.tie_embeddings = c.boolean("tie_word_embeddings", true);

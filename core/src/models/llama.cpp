@@ -2,6 +2,8 @@
 // grouped-query attention with rotary positions, SwiGLU feed-forward.
 #include <graft/error.h>
 
+#include <limits>
+
 #include "models/common.h"
 #include "models/families.h"
 
@@ -148,14 +150,14 @@ ModelConfig llama_config_from_hf(const nlohmann::json& j, const std::string& sou
                                 "\" is not supported (graft runs *ForCausalLM and "
                                 "*ForSequenceClassification models of this family)");
   }
-  m.vocab_size = c.integer("vocab_size");
-  m.hidden_size = c.integer("hidden_size");
-  m.num_layers = c.integer("num_hidden_layers");
-  m.num_heads = c.integer("num_attention_heads");
-  m.num_kv_heads = c.integer("num_key_value_heads", m.num_heads);
-  m.head_dim = c.integer("head_dim", m.num_heads ? m.hidden_size / m.num_heads : 0);
-  m.intermediate_size = c.integer("intermediate_size");
-  m.max_positions = c.integer("max_position_embeddings", 2048);
+  m.vocab_size = c.size("vocab_size");
+  m.hidden_size = c.size("hidden_size");
+  m.num_layers = c.size("num_hidden_layers");
+  m.num_heads = c.size("num_attention_heads");
+  m.num_kv_heads = c.size("num_key_value_heads", m.num_heads);
+  m.head_dim = c.size("head_dim", m.num_heads ? m.hidden_size / m.num_heads : 0);
+  m.intermediate_size = c.size("intermediate_size");
+  m.max_positions = c.size("max_position_embeddings", 2048);
   m.norm_eps = c.number("rms_norm_eps", 1e-6);
   m.rope_theta = c.number("rope_theta", 10000.0);
   m.rope_style = RopeStyle::half_split;
@@ -188,7 +190,14 @@ ModelConfig config_from_gguf(const io::GgufFile& f) {
                                            "\" is not supported (graft reads llama, mistral "
                                            "and qwen2)");
   auto key = [&](const std::string& k) { return arch + "." + k; };
-  auto integer = [&](const std::string& k) { return f.at(key(k)).as_int(key(k)); };
+  auto integer = [&](const std::string& k) {
+    const auto v = f.at(key(k)).as_int(key(k));
+    // Widths, counts and lengths: positive, before anything divides by them or allocates.
+    if (v < 1 || v > std::numeric_limits<std::int32_t>::max())
+      throw FileError(f.path().string(),
+                      key(k) + ": expected a positive size, got " + std::to_string(v));
+    return v;
+  };
   ModelConfig m;
   m.family = "llama";
   m.architecture = arch == "qwen2"     ? "Qwen2ForCausalLM"
@@ -231,6 +240,7 @@ ModelConfig config_from_gguf(const io::GgufFile& f) {
     throw FileError(f.path().string(),
                     "inconsistent attention shape: " + std::to_string(m.num_heads) + " heads, " +
                         std::to_string(m.num_kv_heads) + " key/value heads");
+  check_config(m, f.path().string());
   return m;
 }
 
