@@ -507,3 +507,21 @@ TEST_CASE("checkpoint pruning touches only graft's checkpoints, by step number, 
   CHECK(fs::exists("elsewhere/step-000002/trainer.json"));
   CHECK_FALSE(fs::exists("elsewhere/adapter_config.json"));
 }
+
+TEST_CASE("hostile recipes: YAML aliases that multiply, includes of devices, are refused quickly") {
+  Workspace w;
+  // Ten levels of nine-fold aliases: 9^10 values if expanded.
+  std::string bomb = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n";
+  for (int i = 1; i <= 10; ++i) {
+    bomb += "a" + std::to_string(i) + ": &a" + std::to_string(i) + " [";
+    for (int k = 0; k < 9; ++k) bomb += std::string(k ? ", " : "") + "*a" + std::to_string(i - 1);
+    bomb += "]\n";
+  }
+  write(w.dir / "bomb.yaml", bomb);
+  // (Expanded, it would not fit in memory: refused as it is read.)
+  CHECK_THROWS_WITH_AS(w.recipe("bomb.yaml"),
+                       doctest::Contains("values once its YAML aliases are expanded"), FileError);
+  write(w.dir / "zero.yaml", "include: /dev/zero\n");
+  CHECK_THROWS_WITH_AS(w.recipe("zero.yaml"), doctest::Contains("/dev/zero: not a regular file"),
+                       FileError);
+}

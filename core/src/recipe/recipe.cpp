@@ -30,8 +30,18 @@ Source source_of(const YAML::Mark& mark, const std::string& file) {
   return Source{file, mark.line + 1, mark.column + 1};
 }
 
+// A recipe is small; YAML aliases that refer to each other multiply (a 1 KB file can stand for
+// ten million values). Reading stops past this many values.
+constexpr std::size_t kMaxYamlValues = 100000;
+// And recipe and sweep files are read up to this size.
+constexpr std::uintmax_t kMaxYamlBytes = 16u << 20;
+
 Params from_yaml(const YAML::Node& node, const std::string& file, const std::string& path,
-                 const YAML::Mark* at = nullptr) {
+                 std::size_t& left, const YAML::Mark* at = nullptr) {
+  if (left-- == 0)
+    throw FileError(file, "holds more than " + std::to_string(kMaxYamlValues) +
+                              " values once its YAML aliases are expanded; a recipe is small "
+                              "(are aliases repeating each other?)");
   const Source src = source_of(at ? *at : node.Mark(), file);
   switch (node.Type()) {
     case YAML::NodeType::Map: {
@@ -44,7 +54,7 @@ Params from_yaml(const YAML::Node& node, const std::string& file, const std::str
               .fail("this key is given twice");
         }
         const auto key_mark = kv.first.Mark();
-        p.set(key, from_yaml(kv.second, file, child_path(path, key), &key_mark));
+        p.set(key, from_yaml(kv.second, file, child_path(path, key), left, &key_mark));
       }
       return p;
     }
@@ -52,7 +62,7 @@ Params from_yaml(const YAML::Node& node, const std::string& file, const std::str
       auto p = Params::list(path, src);
       std::size_t i = 0;
       for (const auto& item : node)
-        p.add(from_yaml(item, file, path + "[" + std::to_string(i++) + "]"));
+        p.add(from_yaml(item, file, path + "[" + std::to_string(i++) + "]", left));
       return p;
     }
     case YAML::NodeType::Scalar:
@@ -329,8 +339,9 @@ const Params& section(const Params& root, const std::string& key) {
 
 Params read_yaml(const fs::path& path) {
   if (!fs::exists(path)) throw FileError(path.string(), "no such file");
-  const auto text = io::read_text_file(path);
-  return from_yaml(parse_yaml(text, path.string()), path.string(), "");
+  const auto text = io::read_text_file(path, kMaxYamlBytes);
+  std::size_t left = kMaxYamlValues;
+  return from_yaml(parse_yaml(text, path.string()), path.string(), "", left);
 }
 
 namespace {
@@ -381,7 +392,8 @@ Params load_recipe(const fs::path& path, const std::vector<std::string>& overrid
       throw ParamError("command line: \"" + o +
                        "\": expected key.path=value, e.g. train.lr=3e-4 or methods[0].r=16");
     const auto key = o.substr(0, eq);
-    auto value = from_yaml(parse_yaml(o.substr(eq + 1), "command line"), "command line", key);
+    std::size_t left = kMaxYamlValues;
+    auto value = from_yaml(parse_yaml(o.substr(eq + 1), "command line"), "command line", key, left);
     if (value.is_null()) value = Params::scalar("", key, Source{"command line", 0, 0});
     p = replace(p, parse_key_path(key, o), 0, value, "", o);
   }

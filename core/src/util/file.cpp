@@ -90,7 +90,15 @@ std::vector<std::filesystem::path> search_path(const std::vector<std::filesystem
   return out;
 }
 
-std::string read_text_file(const std::filesystem::path& path) {
+std::string read_text_file(const std::filesystem::path& path, std::uintmax_t max_bytes) {
+  // Only regular files, of a bounded size: a device (/dev/zero) or a fifo never ends.
+  std::error_code ec;
+  if (std::filesystem::exists(path, ec) && !std::filesystem::is_regular_file(path, ec))
+    throw FileError(path.string(), "not a regular file");
+  const auto size = std::filesystem::file_size(path, ec);
+  if (!ec && size > max_bytes)
+    throw FileError(path.string(), "is " + std::to_string(size) + " bytes; graft reads at most " +
+                                       std::to_string(max_bytes) + " from a file of this kind");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw FileError(path.string(), std::string("cannot open: ") + std::strerror(errno));
   std::ostringstream ss;

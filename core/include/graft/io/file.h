@@ -1,6 +1,7 @@
 // Writing files safely and reading small text files.
 #pragma once
 
+#include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <ostream>
@@ -14,7 +15,9 @@ namespace graft::io {
 void write_atomically(const std::filesystem::path& path,
                       const std::function<void(std::ostream&)>& write);
 
-/// Reads a whole text file; throws graft::FileError when it cannot be read.
-std::string read_text_file(const std::filesystem::path& path);
+/// Reads a whole text file; throws graft::FileError when it cannot be read, is not a regular file
+/// (a device, a fifo) or is larger than `max_bytes`.
+std::string read_text_file(const std::filesystem::path& path,
+                           std::uintmax_t max_bytes = std::uintmax_t{1} << 30);
 
 }  // namespace graft::io
