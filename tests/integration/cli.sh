@@ -26,6 +26,8 @@ check() {  # check NAME EXPECTED_EXIT PATTERN -- command...
 }
 
 check "no command" 2 "usage: graft" -- "$graft"
+check "a relative plugin path entry is skipped" 0 "GRAFT_PLUGIN_PATH entry \"plugins\" is not an absolute folder; skipped" -- \
+  env GRAFT_PLUGIN_PATH=plugins "$graft" methods
 check "unknown command" 2 "unknown command 'frobnicate'" -- "$graft" frobnicate
 check "unknown command, did you mean" 2 "unknown command 'methdos' \(did you mean 'methods'\?\)" -- "$graft" methdos
 check "global options before the command" 0 "^lora " -- "$graft" --threads 1 methods

@@ -48,7 +48,8 @@ std::int64_t kv_width(const ModelConfig& c) { return c.num_kv_heads * c.head_dim
 template <typename Keep, typename PerSite>
 std::int64_t over_sites(const ModelConfig& c, Keep keep, PerSite per_site) {
   std::int64_t n = 0;
-  for (const auto& s : tiny_model(c.family)->sites())
+  const auto model = tiny_model(c.family);  // alive while its sites are read
+  for (const auto& s : model->sites())
     if (keep(s)) n += per_site(s);
   return n;
 }
@@ -322,7 +323,8 @@ Case with_rank_pattern(Case c) {
   c.methods[0].second.set("rank_pattern", pattern);
   c.trainable = [](const ModelConfig& c) {
     std::int64_t n = 0;
-    for (const auto& s : tiny_model(c.family)->sites()) {
+    const auto model = tiny_model(c.family);  // alive while its sites are read
+    for (const auto& s : model->sites()) {
       if (!Model::is_linear_point(s.point) || s.point == "head") continue;
       const std::int64_t r = s.layer == 0 && s.point.rfind("ffn.", 0) == 0 ? 5 : 2;
       n += r * (s.in_features + s.out_features);

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <boost/dll/shared_library.hpp>
 #include <cstdlib>
+#include <iostream>
 #include <map>
 #include <mutex>
 #include <set>
@@ -86,12 +87,24 @@ void forget_formats(const std::vector<std::string>& keys) {
           f.end());
 }
 
+// $GRAFT_PLUGIN_PATH's folders. A relative entry (or an empty one, which the shell convention
+// reads as the current folder) would load code from wherever a command is run: such entries are
+// skipped, with a warning (once per process).
 void split_path_list(const char* env, std::vector<fs::path>& out) {
   if (!env) return;
   std::stringstream ss(env);
   std::string item;
-  while (std::getline(ss, item, ':'))
-    if (!item.empty()) out.emplace_back(item);
+  static bool warned = false;
+  while (std::getline(ss, item, ':')) {
+    if (!item.empty() && fs::path(item).is_absolute()) {
+      out.emplace_back(item);
+    } else if (!warned) {
+      warned = true;
+      std::cerr << "graft: warning: GRAFT_PLUGIN_PATH entry \"" << item
+                << "\" is not an absolute folder; skipped (plugins load only from absolute "
+                   "folders)\n";
+    }
+  }
 }
 
 }  // namespace
