@@ -32,10 +32,12 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
   auto feedforward = Params::list("feedforward_modules", source);
   io::TensorMap state;
   std::vector<std::string> taken;
+  std::set<std::string> modules;
   for (const auto& [key, t] : tensors) {
     const auto module = peft::module_of_tensor(key, ".ia3_l");
     if (module.empty()) continue;
     taken.push_back(key);
+    modules.insert(module);
     auto it = by_module.find(module);
     if (it == by_module.end())
       throw FileError(where, "IA3 on module '" + module + "', which this " + c.family +
@@ -58,6 +60,7 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
     }
   }
   if (state.empty()) throw FileError(where, "holds no ia3_l tensors");
+  peft::check_targets(cfg, model, modules, ".ia3_l", where);
   if (feedforward.items().empty())  // an empty list would mean the default, ffn.down
     feedforward.add(Params::scalar("none", "feedforward_modules", source));
   auto settings = Params::map("", source);

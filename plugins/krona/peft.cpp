@@ -87,6 +87,7 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
     scalings.set(site.name, settings.scalar(alpha / static_cast<double>(r), "alpha_pattern"));
   }
   if (targets.empty()) throw FileError(where, "holds no LoKr tensors");
+  peft::check_targets(cfg, model, modules, " (lokr_w1 or lokr_w1_a)", where);
   settings.set("r", base_r, "r");
   settings.set("decompose_both", cfg.value("decompose_both", false), "decompose_both");
   settings.set("decompose_factor", cfg.value("decompose_factor", std::int64_t{-1}),
@@ -122,7 +123,7 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
         "has no place there");
   const auto& c = model.config();
   io::TensorMap out;
-  std::set<std::string> short_names;
+  std::set<std::string> wrapped_modules;
   std::vector<std::string> wrapped;
   // peft's rank per module: the rank of a decomposed factor, else one at least half the larger
   // side of each factor, so that peft keeps them full as they are here.
@@ -151,7 +152,7 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
     decompose_both |= d->A.decomposed();
     if (!r) r = std::max({d->A.rows, d->A.cols, d->B.rows, d->B.cols});
     modules.emplace_back(where.path, r, d->scaling * static_cast<double>(r));
-    short_names.insert(peft::short_name(where.path));
+    wrapped_modules.insert(where.path);
     wrapped.push_back(where.path);
   }
   if (modules.empty()) throw Error("peft format: the krona method is attached nowhere");
@@ -173,7 +174,7 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
               {"module_dropout", 0.0},
               {"rank_dropout_scale", false},
               {"use_effective_conv2d", false},
-              {"target_modules", std::vector<std::string>(short_names.begin(), short_names.end())},
+              {"target_modules", peft::target_modules(model, wrapped_modules)},
               {"rank_pattern", rank_pattern},
               {"alpha_pattern", alpha_pattern},
               {"init_weights", true}});

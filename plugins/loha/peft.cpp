@@ -45,9 +45,11 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
   std::vector<std::string> targets;
   auto ranks = settings.map("rank_pattern"), alphas = settings.map("alpha_pattern");
   io::TensorMap state;
+  std::set<std::string> modules;
   for (const auto& [key, w1_a] : io::TensorMap(tensors)) {
     const auto module = peft::module_of_tensor(key, ".hada_w1_a");
     if (module.empty()) continue;
+    modules.insert(module);
     auto it = by_module.find(module);
     if (it == by_module.end())
       throw FileError(where, "LoHa on module '" + module + "', which this " + c.family +
@@ -87,6 +89,7 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
     }
   }
   if (targets.empty()) throw FileError(where, "holds no hada_w1_a tensors");
+  peft::check_targets(cfg, model, modules, ".hada_w1_a", where);
   settings.set("r", cfg.value("r", std::int64_t{8}), "r");
   settings.set("alpha", base_alpha, "alpha");
   settings.set_list("targets", targets, "target_modules");
@@ -108,7 +111,7 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
   const auto& c = model.config();
   io::TensorMap out;
   json rank_pattern = json::object(), alpha_pattern = json::object();
-  std::set<std::string> short_names;
+  std::set<std::string> wrapped_modules;
   std::vector<std::string> wrapped;
   for (const auto& [site_name, hook] : loha->hooks()) {
     const Site* site = model.find_site(site_name);
@@ -124,7 +127,7 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
         rows_to(d->w2_a.detach(), *site, c, c.rope_style, RopeStyle::half_split).contiguous();
     out[prefix + ".hada_w1_b"] = d->w1_b.detach().contiguous();
     out[prefix + ".hada_w2_b"] = d->w2_b.detach().contiguous();
-    short_names.insert(peft::short_name(where.path));
+    wrapped_modules.insert(where.path);
     wrapped.push_back(where.path);
     const auto r = d->w1_a.size(1);
     const double alpha = d->scaling * static_cast<double>(r);
@@ -140,7 +143,7 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
               {"rank_dropout", 0.0},
               {"module_dropout", 0.0},
               {"use_effective_conv2d", false},
-              {"target_modules", std::vector<std::string>(short_names.begin(), short_names.end())},
+              {"target_modules", peft::target_modules(model, wrapped_modules)},
               {"rank_pattern", rank_pattern},
               {"alpha_pattern", alpha_pattern},
               {"init_weights", true}});

@@ -28,7 +28,6 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 using peft::kPrefix;
-using peft::short_name;
 
 bool detect_peft(const fs::path& dir) { return peft::is_adapter(dir, "LORA"); }
 
@@ -58,10 +57,12 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
   io::TensorMap state;
   std::vector<std::string> taken;
   const std::string suffix_a = ".lora_A.weight";
+  std::set<std::string> modules;
   for (const auto& [key, a] : tensors) {
     const auto module = peft::module_of_tensor(key, suffix_a);
     if (module.empty()) continue;
     taken.push_back(key);
+    modules.insert(module);
     auto it = by_module.find(module);
     if (it == by_module.end())
       throw FileError(tensors_path, "LoRA on module '" + module + "', which this " + c.family +
@@ -111,6 +112,7 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
     }
   }
   if (targets.empty()) throw FileError(tensors_path, "holds no lora_A tensors");
+  peft::check_targets(cfg, model, modules, suffix_a, tensors_path);
   settings.set_list("targets", targets, "target_modules");
   settings.set("rank_pattern", ranks);
   settings.set("alpha_pattern", alphas);
@@ -132,7 +134,7 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
   const auto& c = model.config();
   io::TensorMap out;
   json rank_pattern = json::object(), alpha_pattern = json::object();
-  std::set<std::string> short_names;
+  std::set<std::string> wrapped_modules;
   std::vector<std::string> wrapped;  // the module paths the LoRA adapts
   // GPT-2's fused q/k/v, gathered per c_attn module: (row offset, A, scaled B).
   std::map<std::string, std::vector<std::tuple<std::int64_t, at::Tensor, at::Tensor>>> fused;
@@ -147,7 +149,7 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
     } else if (auto t = std::dynamic_pointer_cast<DoraTransform>(hook)) {
       a = t->A.detach(), b = t->B.detach(), scaling = t->scaling, magnitude = t->magnitude.detach();
     }
-    short_names.insert(short_name(where.path));
+    wrapped_modules.insert(where.path);
     wrapped.push_back(where.path);
     // peft keeps q and k rows in transformers' order.
     if (site->point == "attn.q" || site->point == "attn.k") {
@@ -199,7 +201,7 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
               {"lora_dropout", s.dropout},
               {"use_rslora", s.rslora},
               {"use_dora", s.dora},
-              {"target_modules", std::vector<std::string>(short_names.begin(), short_names.end())},
+              {"target_modules", peft::target_modules(model, wrapped_modules)},
               {"rank_pattern", rank_pattern},
               {"alpha_pattern", alpha_pattern},
               {"bias", saved.bias},

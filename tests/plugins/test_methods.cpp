@@ -192,6 +192,7 @@ TEST_CASE("peft's IA3 on gpt2's fused c_attn: each third goes to its site") {
   peft::write_adapter(dir.path(),
                       {{"peft_type", "IA3"},
                        {"target_modules", {"c_attn", "mlp.c_proj"}},
+                       {"layers_to_transform", {0}},
                        {"feedforward_modules", {"mlp.c_proj"}}},
                       {{"base_model.model.transformer.h.0.attn.c_attn.ia3_l", fused},
                        {"base_model.model.transformer.h.0.mlp.c_proj.ia3_l",
@@ -410,4 +411,37 @@ TEST_CASE("an adapter names the plugins it needs: a missing one, or another majo
                        FileError);
   rewrite("lora", lora_version);
   CHECK(load_adapter(dir.path(), *model).size() == 1);
+}
+
+TEST_CASE("a peft adapter must hold exactly the modules its target_modules names") {
+  load_test_plugins();
+  auto model = tiny_model("llama", 4);
+  auto ia3 = make_method("ia3", params({}));
+  ia3->attach(*model);
+  TempDir dir;
+  save_adapter_as("peft", dir.path(), *model, {ia3.get()});
+  ia3->detach(*model);
+  const auto cfg = nlohmann::json::parse(io::read_text_file(dir / "adapter_config.json"));
+  auto tensors = io::read_safetensors(dir / "adapter_model.safetensors").tensors;
+  CHECK(load_adapter(dir.path(), *model).size() == 1);
+  // One vector gone: peft would leave that module unscaled; graft refuses the damaged file.
+  const std::string gone = "base_model.model.model.layers.1.self_attn.k_proj.ia3_l";
+  REQUIRE(tensors.count(gone));
+  auto fewer = tensors;
+  fewer.erase(gone);
+  TempDir damaged;
+  peft::write_adapter(damaged.path(), cfg, fewer);
+  auto fresh = tiny_model("llama", 4);
+  CHECK_THROWS_WITH_AS(load_adapter(damaged.path(), *fresh),
+                       doctest::Contains(("lacks '" + gone + "'").c_str()), FileError);
+  // A module that target_modules does not name.
+  auto narrower = cfg;
+  narrower["target_modules"] = {"v_proj", "down_proj"};
+  narrower["feedforward_modules"] = {"down_proj"};
+  TempDir extra;
+  peft::write_adapter(extra.path(), narrower, tensors);
+  CHECK_THROWS_WITH_AS(load_adapter(extra.path(), *fresh),
+                       doctest::Contains("but target_modules [\"v_proj\",\"down_proj\"] does not "
+                                         "name module model.layers.0.self_attn.k_proj"),
+                       FileError);
 }

@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,21 @@ const nlohmann::json* pattern_value(const nlohmann::json& config, const std::str
 
 /// The module's last name component ("q_proj"), as peft's target_modules lists it.
 std::string short_name(const std::string& module);
+
+/// target_modules for a writer: the adapted `modules` (peft paths), each by its short name
+/// ("q_proj") where that name selects no module outside the set, else by its full path, so that
+/// peft wraps exactly these modules.
+std::vector<std::string> target_modules(const Model& model, const std::set<std::string>& modules);
+
+/// The modules that adapter_config.json's target_modules (a list: the name or a dotted suffix; a
+/// string: a regular expression matched whole, or "all-linear"), layers_to_transform and
+/// exclude_modules select among the model's linear modules, as peft selects them. An adapter's
+/// tensors must cover exactly these: `present` (the modules with tensors of `tensor` in the
+/// file) is compared, and a module missing or extra is an error naming it, the tensor and
+/// `source`. Nothing is checked when the file has no target_modules (peft's per-model default).
+void check_targets(const nlohmann::json& config, const Model& model,
+                   const std::set<std::string>& present, const std::string& tensor,
+                   const std::string& source);
 
 /// peft's task type for a model: "SEQ_CLS" for classifiers, "CAUSAL_LM" otherwise.
 std::string task_type(const ModelConfig& config);

@@ -7,6 +7,7 @@
 
 #include <map>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <set>
 
 #include "models/families.h"
@@ -322,6 +323,75 @@ std::string module_of_tensor(const std::string& name, const std::string& suffix)
   auto module = name.substr(0, name.size() - suffix.size());
   if (module.rfind(kPrefix, 0) == 0) module = module.substr(kPrefix.size());
   return module;
+}
+
+std::vector<std::string> target_modules(const Model& model, const std::set<std::string>& modules) {
+  const auto all = index_modules(model);
+  std::set<std::string> out;
+  for (const auto& m : modules) {
+    const auto name = short_name(m);
+    bool exact = true;
+    for (const auto& [other, sites] : all)
+      exact &= short_name(other) != name || modules.count(other) > 0;
+    out.insert(exact ? name : m);
+  }
+  return {out.begin(), out.end()};
+}
+
+void check_targets(const nlohmann::json& config, const Model& model,
+                   const std::set<std::string>& present, const std::string& tensor,
+                   const std::string& source) {
+  const auto targets = config.value("target_modules", nlohmann::json());
+  if (targets.is_null()) return;
+  // A list matches a module by its path or a dotted suffix; a string is a regular expression
+  // matched against the whole path ("all-linear": every linear module but the output layer).
+  auto matches = [&](const nlohmann::json& spec, const std::string& module, const Site& site) {
+    if (spec.is_string()) {
+      const auto pattern = spec.get<std::string>();
+      if (pattern == "all-linear") return site.point != "head";
+      try {
+        return std::regex_match(module, std::regex(pattern));
+      } catch (const std::regex_error&) {
+        throw FileError(source, "target_modules \"" + pattern +
+                                    "\" is not a regular expression graft can read");
+      }
+    }
+    if (!spec.is_array()) return false;
+    for (const auto& t : spec) {
+      if (!t.is_string()) continue;
+      const auto name = t.get<std::string>();
+      if (module == name || (module.size() > name.size() &&
+                             module.compare(module.size() - name.size(), name.size(), name) == 0 &&
+                             module[module.size() - name.size() - 1] == '.'))
+        return true;
+    }
+    return false;
+  };
+  std::set<std::int64_t> layers;
+  const auto ltt = config.value("layers_to_transform", nlohmann::json());
+  if (ltt.is_number_integer()) layers.insert(ltt.get<std::int64_t>());
+  if (ltt.is_array())
+    for (const auto& l : ltt)
+      if (l.is_number_integer()) layers.insert(l.get<std::int64_t>());
+  const auto exclude = config.value("exclude_modules", nlohmann::json());
+  std::set<std::string> expected;
+  for (const auto& [module, sites] : index_modules(model)) {
+    const auto& site = sites.front().first;
+    if (!matches(targets, module, site)) continue;
+    if (!layers.empty() && !layers.count(site.layer)) continue;
+    if (!exclude.is_null() && matches(exclude, module, site)) continue;
+    expected.insert(module);
+  }
+  for (const auto& m : expected)
+    if (!present.count(m))
+      throw FileError(source, "lacks '" + std::string(kPrefix) + m + tensor + "': target_modules " +
+                                  targets.dump() + " names module " + m +
+                                  " (a damaged or incomplete file?)");
+  for (const auto& m : present)
+    if (!expected.count(m))
+      throw FileError(source, "holds '" + std::string(kPrefix) + m + tensor +
+                                  "', but target_modules " + targets.dump() +
+                                  " does not name module " + m);
 }
 
 std::string task_type(const ModelConfig& c) { return c.num_labels > 0 ? "SEQ_CLS" : "CAUSAL_LM"; }
