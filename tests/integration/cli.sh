@@ -69,6 +69,17 @@ check "generate" 0 "^Once upon a time, there was a little girl named Lily" -- \
   "$graft" generate --model "$model" --max-new-tokens 40
 check "generate from a prompt" 0 "^Lily and Ben" -- \
   "$graft" generate --model "$model" --prompt "Lily and Ben" --max-new-tokens 20 --temperature 0.8 --seed 3
+# Flags that would make no sense or unbounded work are refused in one line.
+check "generate -t nan" 2 "--temperature: expected a non-negative number" -- "$graft" generate --model "$model" -t nan
+check "generate --top-p nan" 2 "--top-p: expected a number in \(0, 1\]" -- "$graft" generate --model "$model" --top-p nan
+check "generate --top-k -5" 2 "--top-k: expected a non-negative integer" -- "$graft" generate --model "$model" --top-k -5
+ctx=$("$graft" inspect "$model" | grep -o '"max_positions":[0-9]*' | cut -d: -f2)
+check "generate past the context" 2 "--max-new-tokens $ctx: with the 1 tokens of the prompt, beyond the model's $ctx positions" -- \
+  "$graft" generate --model "$model" -n "$ctx"
+check "forward with every position masked" 2 "--mask 1: every position is masked" -- \
+  "$graft" forward --model "$model" --tokens 1,2 --mask 0,0 --out "$work/masked.safetensors"
+check "forward past the context" 2 "--tokens: $((ctx + 1)) tokens, beyond the model's $ctx positions" -- \
+  "$graft" forward --model "$model" --tokens "$(yes 1 | head -n $((ctx + 1)) | paste -sd,)" --out "$work/long.safetensors"
 check "inspect" 0 "parameters: 260,032" -- "$graft" inspect "$model"
 check "inspect lists the sites" 0 "^  attn.q +layers 0-4 +64 -> 64" -- "$graft" inspect "$model"
 # A GGUF graft cannot run (another architecture) is still described, with the reason.
@@ -162,6 +173,15 @@ else
   check "float16 without float16 matrix products" 1 "^graft: error: command line: model.dtype: float16 matrix products are not available on cpu" -- \
     "$graft" validate "$root/recipes/quickstart.yaml" model.dtype=float16
 fi
+# Inputs that are not what they claim: a binary file as text data, a recipe that is not UTF-8,
+# columns on a plain-text task, a negative --stop-at.
+check "a binary file as text data" 1 "stories260K.gguf:1: holds binary data \(a NUL byte at byte [0-9]+\), not text" -- \
+  "$graft" validate "$work/good.yaml" "task.train=$model"
+printf 'model: {path: stories260K}\ntask: {train: "caf\xe9.txt"}\n' >"$work/latin1.yaml"
+check "a recipe that is not UTF-8" 1 "latin1.yaml:2: is not UTF-8 text \(byte [0-9]+\)" -- "$graft" validate "$work/latin1.yaml"
+check "columns on a text task" 1 "task.columns: names the columns of tsv and csv files; this task's format is text" -- \
+  "$graft" validate "$work/good.yaml" "task.columns=[a, b]"
+check "a negative --stop-at" 2 "--stop-at: expected a step number" -- "$graft" run "$work/good.yaml" --stop-at -1
 # Instruction records whose prompt fills max_length teach nothing: counted, and a split left
 # empty is refused.
 python3 -c "import json; print('\n'.join(json.dumps({'prompt': ' '.join(['word'] * 200), 'response': 'hi'}) for _ in range(3)))" >"$work/inst.jsonl"

@@ -9,6 +9,7 @@
 #include <graft/task_head.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
@@ -125,8 +126,10 @@ int run_generate(const Args& args) {
   o.top_p = vm["top-p"].as<double>();
   o.seed = vm["seed"].as<std::uint64_t>();
   if (o.max_new_tokens < 0) throw UsageError("--max-new-tokens: expected a non-negative integer");
-  if (o.temperature < 0) throw UsageError("--temperature: expected a non-negative number");
-  if (o.top_p <= 0 || o.top_p > 1) throw UsageError("--top-p: expected a number in (0, 1]");
+  if (!(o.temperature >= 0) || !std::isfinite(o.temperature))
+    throw UsageError("--temperature: expected a non-negative number");
+  if (!(o.top_p > 0 && o.top_p <= 1)) throw UsageError("--top-p: expected a number in (0, 1]");
+  if (o.top_k < 0) throw UsageError("--top-k: expected a non-negative integer (0: all)");
 
   set_threads(vm["threads"].as<int>());
   auto loaded = load_model(vm["model"].as<std::string>());
@@ -138,6 +141,11 @@ int run_generate(const Args& args) {
   const auto& tok = *loaded.tokenizer;
   auto prompt = tok.encode(vm["prompt"].as<std::string>(), !vm.count("no-bos"));
   if (prompt.empty()) throw UsageError("the prompt is empty and the model has no BOS token");
+  const auto context = loaded.model->config().max_positions;
+  if (context > 0 && static_cast<std::int64_t>(prompt.size()) + o.max_new_tokens > context)
+    throw UsageError("--max-new-tokens " + std::to_string(o.max_new_tokens) + ": with the " +
+                     std::to_string(prompt.size()) + " tokens of the prompt, beyond the model's " +
+                     std::to_string(context) + " positions");
   if (tok.eos_id() >= 0) o.stop_ids.push_back(tok.eos_id());
 
   auto ids = torch::tensor(prompt, torch::kLong).unsqueeze(0);
@@ -363,10 +371,20 @@ int run_forward(const Args& args) {
     throw UsageError("give one --mask per --tokens");
   if (!types.empty() && types.size() != seqs.size())
     throw UsageError("give one --token-types per --tokens");
-  for (std::size_t i = 0; i < masks.size(); ++i)
+  for (std::size_t i = 0; i < masks.size(); ++i) {
     if (masks[i].size() != seqs[i].size())
       throw UsageError("--mask " + std::to_string(i + 1) +
                        " has a different length from its --tokens");
+    bool any = false;
+    for (const auto m : masks[i]) {
+      if (m != 0 && m != 1)
+        throw UsageError("--mask: expected 0s and 1s, got " + std::to_string(m));
+      any |= m == 1;
+    }
+    if (!any)
+      throw UsageError("--mask " + std::to_string(i + 1) +
+                       ": every position is masked; a row needs at least one real token");
+  }
   for (std::size_t i = 0; i < types.size(); ++i)
     if (types[i].size() != seqs[i].size())
       throw UsageError("--token-types " + std::to_string(i + 1) +
@@ -378,6 +396,16 @@ int run_forward(const Args& args) {
   const auto vocab = loaded.model->config().vocab_size;
   std::size_t len = 0;
   for (const auto& s : seqs) len = std::max(len, s.size());
+  const auto context = loaded.model->config().max_positions;
+  if (context > 0 && static_cast<std::int64_t>(len) > context)
+    throw UsageError("--tokens: " + std::to_string(len) + " tokens, beyond the model's " +
+                     std::to_string(context) + " positions");
+  const auto type_vocab = loaded.model->config().type_vocab_size;
+  for (const auto& row : types)
+    for (const auto t : row)
+      if (t < 0 || t >= std::max<std::int64_t>(type_vocab, 1))
+        throw UsageError("--token-types: " + std::to_string(t) + " is outside the model's " +
+                         std::to_string(std::max<std::int64_t>(type_vocab, 1)) + " token types");
   const auto pad_id = std::max<std::int64_t>(loaded.model->config().pad_token_id, 0);
   const auto batch = static_cast<std::int64_t>(seqs.size());
   auto ids = torch::full({batch, static_cast<std::int64_t>(len)}, pad_id, torch::kLong);

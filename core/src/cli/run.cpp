@@ -64,6 +64,7 @@ int run_run(const Args& args) {
   o.resume = vm.count("resume") > 0;
   o.overwrite = vm.count("overwrite") > 0;
   o.stop_at = vm["stop-at"].as<std::int64_t>();
+  if (o.stop_at < 0) throw UsageError("--stop-at: expected a step number (0: do not stop)");
   o.command_line = command_line("run", args);
   o.handle_signals = true;  // Ctrl-C: a checkpoint at the next step, then exit (128 + signal)
   const auto summary = run_recipe(recipe, o);
@@ -89,6 +90,14 @@ int run_validate(const Args& args) {
             << " training file" << (recipe.task.train.size() == 1 ? "" : "s") << ", "
             << counts["train_examples"].get<std::size_t>() << " training examples, output "
             << recipe.output.dir.string() << ")\n";
+  // The recipe is valid; the folder it writes to may still hold a run, which `graft run` would
+  // not overwrite without being told.
+  const auto& out = recipe.output.dir;
+  if (std::filesystem::exists(out / "summary.json") || !latest_checkpoint(out).empty())
+    std::cout << "note: " << out.string() << " already holds a "
+              << (std::filesystem::exists(out / "summary.json") ? "finished run"
+                                                                : "run with checkpoints")
+              << "; graft run needs --resume, --overwrite or another output.dir\n";
   return 0;
 }
 

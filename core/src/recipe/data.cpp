@@ -9,6 +9,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "util/file.h"
+
 namespace graft {
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -70,14 +72,18 @@ std::string json_text(const json& v) { return v.is_string() ? v.get<std::string>
 std::vector<Record> read_records(const fs::path& file, const TaskSpec& task) {
   std::vector<Record> out;
   const auto name = file.string();
+  // Text, all of it: a binary file given as data (a model, an archive) is refused naming the
+  // line, not tokenized as bytes.
+  const auto text = io::read_text_file(file);
+  io::require_text(text, name);
   if (task.format == "text") {
-    out.push_back({{{task.text_field, io::read_text_file(file)}}, name});
+    out.push_back({{{task.text_field, text}}, name});
     return out;
   }
   if (task.format == "json") {
     json j;
     try {
-      j = json::parse(io::read_text_file(file));
+      j = json::parse(text);
     } catch (const json::exception& e) {
       throw FileError(name, std::string("malformed JSON: ") + e.what());
     }
@@ -91,8 +97,7 @@ std::vector<Record> read_records(const fs::path& file, const TaskSpec& task) {
     }
     return out;
   }
-  std::ifstream in(file);
-  if (!in) throw FileError(name, "cannot be read");
+  std::istringstream in(text);
   std::string line;
   std::int64_t n = 0;
   std::vector<std::string> header = task.columns;

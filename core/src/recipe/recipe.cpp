@@ -340,6 +340,7 @@ const Params& section(const Params& root, const std::string& key) {
 Params read_yaml(const fs::path& path) {
   if (!fs::exists(path)) throw FileError(path.string(), "no such file");
   const auto text = io::read_text_file(path, kMaxYamlBytes);
+  io::require_text(text, path.string());
   std::size_t left = kMaxYamlValues;
   return from_yaml(parse_yaml(text, path.string()), path.string(), "", left);
 }
@@ -460,6 +461,9 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
         t.at("eval_fraction").fail("give either task.eval files or task.eval_fraction, not both");
     }
     r.task.columns = t.get_strings("columns", {});
+    if (t.has("columns") && r.task.format != "tsv" && r.task.format != "csv")
+      t.at("columns").fail("names the columns of tsv and csv files; this task's format is " +
+                           r.task.format);
     r.task.text_field = t.get_string("text_field", "text");
     r.task.label_field = t.get_string("label_field", "label");
     r.task.prompt_field = t.get_string("prompt_field", "prompt");

@@ -90,6 +90,50 @@ std::vector<std::filesystem::path> search_path(const std::vector<std::filesystem
   return out;
 }
 
+std::size_t not_text_at(const std::string& text) {
+  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+  const std::size_t n = text.size();
+  for (std::size_t i = 0; i < n;) {
+    const unsigned c = s[i];
+    if (c == 0) return i;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    std::size_t len = 0;
+    unsigned cp = 0;
+    if (c >= 0xC2 && c <= 0xDF)
+      len = 2, cp = c & 0x1F;
+    else if (c >= 0xE0 && c <= 0xEF)
+      len = 3, cp = c & 0x0F;
+    else if (c >= 0xF0 && c <= 0xF4)
+      len = 4, cp = c & 0x07;
+    else
+      return i;
+    if (i + len > n) return i;
+    for (std::size_t k = 1; k < len; ++k) {
+      if ((s[i + k] & 0xC0) != 0x80) return i;
+      cp = (cp << 6) | (s[i + k] & 0x3F);
+    }
+    if ((len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) ||
+        (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)))
+      return i;
+    i += len;
+  }
+  return std::string::npos;
+}
+
+void require_text(const std::string& text, const std::string& file) {
+  const auto at = not_text_at(text);
+  if (at == std::string::npos) return;
+  const auto line =
+      1 + std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(at), '\n');
+  throw FileError(file + ":" + std::to_string(line),
+                  text[at] == '\0' ? "holds binary data (a NUL byte at byte " + std::to_string(at) +
+                                         "), not text"
+                                   : "is not UTF-8 text (byte " + std::to_string(at) + ")");
+}
+
 std::string read_text_file(const std::filesystem::path& path, std::uintmax_t max_bytes) {
   // Only regular files, of a bounded size: a device (/dev/zero) or a fifo never ends.
   std::error_code ec;

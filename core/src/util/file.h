@@ -19,6 +19,15 @@ std::vector<std::filesystem::path> search_path(const std::vector<std::filesystem
                                                const char* env,
                                                const std::vector<std::filesystem::path>& then);
 
+/// Where `text` stops being UTF-8 text: the offset of the first NUL byte or of the first byte of an
+/// ill-formed UTF-8 sequence (overlong, surrogate, above U+10FFFF, truncated); npos when it is
+/// text.
+std::size_t not_text_at(const std::string& text);
+
+/// Throws a FileError naming `file`, the line and the byte when `text` is not UTF-8 text (what a
+/// binary file given as text data, or a garbled recipe, gets).
+void require_text(const std::string& text, const std::string& file);
+
 /// A read-only memory-mapped file. An empty file maps to size() == 0 and data() == nullptr.
 class MappedFile {
  public:
