@@ -219,6 +219,8 @@ if [[ -d $root/data/sotu ]]; then
   check "run again refused" 1 "already holds a finished run; add --overwrite" -- "$graft" run "$root/recipes/quickstart.yaml" \
     train.steps=12 train.warmup_steps=2 train.log_every=4 eval.every=0 eval.batches=2 \
     generate.max_new_tokens=8 "output.dir=$run"
+  check "validate notes a finished run in the output folder" 0 "^note: .* already holds a finished run; graft run needs --resume, --overwrite or another output.dir" -- \
+    "$graft" validate "$root/recipes/quickstart.yaml" "output.dir=$run"
   check "eval with the adapter" 0 "\"loss\"" -- "$graft" eval "$root/recipes/quickstart.yaml" \
     eval.batches=2 --adapter "$run/adapter"
   check "generate with the adapter" 0 "^The Congress" -- "$graft" generate --model "$model" \

@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "support.h"
+#include "util/file.h"
 
 using namespace graft;
 using graft::test::TempDir;
@@ -145,4 +146,33 @@ TEST_CASE("safetensors: corrupted files give one clear error") {
 
   CHECK_THROWS_WITH_AS(io::read_safetensors(dir / "absent.safetensors"),
                        doctest::Contains("cannot open"), FileError);
+}
+
+TEST_CASE("a writer's folder is gone again when the writing fails, and kept when it succeeds") {
+  TempDir dir;
+  const auto deep = dir / "a" / "b" / "c";
+  {
+    io::MadeFolder made(deep);
+    CHECK(std::filesystem::is_directory(deep));
+  }  // not kept: as when a write throws
+  CHECK_FALSE(std::filesystem::exists(dir / "a"));
+  {
+    io::MadeFolder made(deep);
+    made.keep();
+  }
+  CHECK(std::filesystem::is_directory(deep));
+  std::ofstream(deep / "mine.txt") << "x";
+  {
+    io::MadeFolder made(deep / "d");  // only what it created goes
+  }
+  CHECK(std::filesystem::exists(deep / "mine.txt"));
+  CHECK_FALSE(std::filesystem::exists(deep / "d"));
+  // A failed checkpoint-style write: the exception passes, the folder does not stay.
+  try {
+    io::MadeFolder made(dir / "x" / "step.tmp");
+    io::write_safetensors(dir / "x" / "step.tmp" / "state.safetensors", {{"t", torch::ones({2})}});
+    throw std::runtime_error("disk full");
+  } catch (const std::runtime_error&) {
+  }
+  CHECK_FALSE(std::filesystem::exists(dir / "x"));
 }

@@ -7,6 +7,7 @@
 
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <regex>
 #include <set>
 
@@ -120,7 +121,9 @@ void save_adapter_as(const std::string& format, const fs::path& path, const Mode
                  ": export those alone with --method");
   };
   // Several methods of the format: one folder each, named by the method, as peft saves several
-  // adapters of one model.
+  // adapters of one model. A failure part-way leaves no partial export.
+  std::optional<io::MadeFolder> parent;
+  if (writers.size() > 1 && !path.has_extension()) parent.emplace(path);
   std::map<std::string, int> seen;
   for (std::size_t i = 0; i < writers.size(); ++i) {
     auto [method, f] = writers[i];
@@ -141,6 +144,7 @@ void save_adapter_as(const std::string& format, const fs::path& path, const Mode
       throw one_by_one(e.what());
     }
   }
+  if (parent) parent->keep();
 }
 
 Params params_from_json(const json& j, const std::string& file, const std::string& path) {
@@ -163,7 +167,7 @@ Params params_from_json(const json& j, const std::string& file, const std::strin
 }
 
 void save_adapter(const fs::path& dir, const Model& model, const std::vector<Method*>& methods) {
-  fs::create_directories(dir);
+  io::MadeFolder folder(dir);  // gone again if writing fails
   json cfg = {{"format", "graft-adapter"},
               {"format_version", kFormatVersion},
               {"graft_version", GRAFT_VERSION},
@@ -185,6 +189,7 @@ void save_adapter(const fs::path& dir, const Model& model, const std::vector<Met
   io::write_safetensors(dir / "adapter.safetensors", tensors, {{"format", "graft-adapter"}});
   io::write_atomically(dir / "adapter_config.json",
                        [&](std::ostream& out) { out << cfg.dump(2) << "\n"; });
+  folder.keep();
 }
 
 std::vector<std::unique_ptr<Method>> load_adapter(const fs::path& dir, Model& model) {
@@ -593,10 +598,11 @@ SavedModules saved_modules(const io::TensorMap& parameters, const Model& model,
 
 void write_adapter(const fs::path& dir, const nlohmann::json& config,
                    const io::TensorMap& tensors) {
-  fs::create_directories(dir);
+  io::MadeFolder folder(dir);  // gone again if writing fails
   io::write_safetensors(dir / "adapter_model.safetensors", tensors, {{"format", "pt"}});
   io::write_atomically(dir / "adapter_config.json",
                        [&](std::ostream& o) { o << config.dump(2) << "\n"; });
+  folder.keep();
 }
 
 }  // namespace graft::peft

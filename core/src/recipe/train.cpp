@@ -33,6 +33,7 @@
 #include <type_traits>
 
 #include "build_config.h"
+#include "util/file.h"
 
 namespace graft {
 namespace fs = std::filesystem;
@@ -589,7 +590,7 @@ void save_checkpoint(Session& s, torch::optim::Optimizer& opt, const Position& p
   auto tmp = dir;
   tmp += ".tmp";
   fs::remove_all(tmp);
-  fs::create_directories(tmp);
+  io::MadeFolder made(tmp);  // a failure part-way (a full disk) leaves no step-N.tmp behind
   io::TensorMap t;
   for (std::size_t i = 0; i < s.methods.size(); ++i)
     for (const auto& [k, v] : s.methods[i]->checkpoint_state())
@@ -612,6 +613,7 @@ void save_checkpoint(Session& s, torch::optim::Optimizer& opt, const Position& p
                                     {"extra", extra}});
   fs::remove_all(dir);
   fs::rename(tmp, dir);
+  made.keep();
   // Keep the newest `keep` of the checkpoints graft wrote (by their marker; nothing else in the
   // folder is touched), by step number.
   auto all = checkpoints_in(run);

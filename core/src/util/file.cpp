@@ -90,6 +90,24 @@ std::vector<std::filesystem::path> search_path(const std::vector<std::filesystem
   return out;
 }
 
+MadeFolder::MadeFolder(const std::filesystem::path& dir) {
+  namespace fs = std::filesystem;
+  // The outermost missing folder on the way to `dir` is what a failure must take away.
+  fs::path outermost;
+  for (auto p = fs::absolute(dir); !p.empty() && !fs::exists(p); p = p.parent_path()) {
+    outermost = p;
+    if (p == p.parent_path()) break;
+  }
+  fs::create_directories(dir);
+  made_ = outermost;
+}
+
+MadeFolder::~MadeFolder() {
+  if (made_.empty()) return;
+  std::error_code ec;
+  std::filesystem::remove_all(made_, ec);
+}
+
 std::size_t not_text_at(const std::string& text) {
   const auto* s = reinterpret_cast<const unsigned char*>(text.data());
   const std::size_t n = text.size();

@@ -28,6 +28,21 @@ std::size_t not_text_at(const std::string& text);
 /// binary file given as text data, or a garbled recipe, gets).
 void require_text(const std::string& text, const std::string& file);
 
+/// Creates `dir` (and its parents) if it does not exist, and removes what it created unless
+/// keep() is called: a writer that fails part-way (a full disk) leaves no empty or half-written
+/// folder behind.
+class MadeFolder {
+ public:
+  explicit MadeFolder(const std::filesystem::path& dir);
+  ~MadeFolder();
+  MadeFolder(const MadeFolder&) = delete;
+  MadeFolder& operator=(const MadeFolder&) = delete;
+  void keep() { made_.clear(); }
+
+ private:
+  std::filesystem::path made_;  ///< the outermost folder this created; empty: none
+};
+
 /// A read-only memory-mapped file. An empty file maps to size() == 0 and data() == nullptr.
 class MappedFile {
  public:
