@@ -368,6 +368,13 @@ std::map<std::string, at::Tensor> snapshot(Model& m) {
   return s;
 }
 
+// Every row of the matrix, the second with a rank pattern given as a nested map.
+std::vector<Case> all_cases() {
+  auto all = cases();
+  all[1] = with_rank_pattern(all[1]);
+  return all;
+}
+
 // The case's methods made and attached to `model` in order, calibrated where they need it.
 std::vector<std::unique_ptr<Method>> attach_case(const Case& c, Model& model) {
   std::vector<std::unique_ptr<Method>> owned;
@@ -400,8 +407,7 @@ std::pair<double, double> train_steps(Model& model, const std::vector<Method*>& 
 
 TEST_CASE("method matrix") {
   load_test_plugins();
-  auto all = cases();
-  all[1] = with_rank_pattern(all[1]);
+  const auto all = all_cases();
   for (const auto& c : all) {
     for (const std::string family : {"llama", "gpt2", "bert"}) {
       CAPTURE(c.label);
@@ -576,8 +582,7 @@ TEST_CASE("an adapter refuses a base model it was not trained on") {
 // float32 parameters (its autocast_adapter_dtype), so that small updates are not rounded away.
 TEST_CASE("every method trains a bfloat16 model with float32 parameters") {
   load_test_plugins();
-  auto all = cases();
-  all[1] = with_rank_pattern(all[1]);
+  const auto all = all_cases();
   for (const auto& c : all) {
     for (const std::string family : {"llama", "gpt2", "bert"}) {
       CAPTURE(c.label);
