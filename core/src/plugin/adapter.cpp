@@ -5,6 +5,7 @@
 #include <graft/plugin.h>
 #include <graft/version.h>
 
+#include <algorithm>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -52,6 +53,15 @@ bool is_graft_adapter(const fs::path& dir) {
   }
 }
 
+// The loaded plugin that registered `method`; nullptr for a method registered in-process.
+const PluginRecord* plugin_of(const std::string& method) {
+  for (const auto& r : registered_methods())
+    if (r.info.name == method && !r.file.empty())
+      for (const auto& rec : load_plugins())
+        if (rec.file == r.file) return &rec;
+  return nullptr;
+}
+
 // The major part of a version "MAJOR.MINOR.PATCH".
 std::string major_of(const std::string& version) { return version.substr(0, version.find('.')); }
 
@@ -63,15 +73,16 @@ void check_plugin(const json& entry, const std::string& path, const std::string&
   if (!plugin.is_object()) return;  // format 1 and 2 adapters before graft recorded it
   const auto name = entry.value("name", ""), wanted = plugin.value("name", "?"),
              version = plugin.value("version", "?");
-  for (const auto& r : registered_methods()) {
-    if (r.info.name != name) continue;
-    for (const auto& rec : load_plugins())
-      if (rec.file == r.file && !r.file.empty() && major_of(rec.version) != major_of(version))
-        throw FileError(where, path + ": method \"" + name + "\" was saved by plugin " + wanted +
-                                   " " + version + ", but the loaded plugin " + rec.name + " is " +
-                                   rec.version + " (" + r.file.string() +
-                                   "); load the adapter with a plugin of version " +
-                                   major_of(version) + ".x");
+  const auto registered = registered_methods();
+  if (std::any_of(registered.begin(), registered.end(),
+                  [&](const RegisteredMethod& r) { return r.info.name == name; })) {
+    const auto* rec = plugin_of(name);
+    if (rec && major_of(rec->version) != major_of(version))
+      throw FileError(where, path + ": method \"" + name + "\" was saved by plugin " + wanted +
+                                 " " + version + ", but the loaded plugin " + rec->name + " is " +
+                                 rec->version + " (" + rec->file.string() +
+                                 "); load the adapter with a plugin of version " +
+                                 major_of(version) + ".x");
     return;
   }
   throw FileError(where, path + ": method \"" + name + "\" needs the plugin " + wanted + " " +
@@ -177,10 +188,8 @@ void save_adapter(const fs::path& dir, const Model& model, const std::vector<Met
   for (std::size_t i = 0; i < methods.size(); ++i) {
     // The plugin that provides the method, so that a graft without it can say which it needs.
     json plugin;
-    for (const auto& r : registered_methods())
-      if (r.info.name == methods[i]->name() && !r.file.empty())
-        for (const auto& rec : load_plugins())
-          if (rec.file == r.file) plugin = {{"name", rec.name}, {"version", rec.version}};
+    if (const auto* rec = plugin_of(methods[i]->name()))
+      plugin = {{"name", rec->name}, {"version", rec->version}};
     cfg["methods"].push_back(
         {{"name", methods[i]->name()}, {"plugin", plugin}, {"config", methods[i]->config()}});
     for (const auto& [key, t] : methods[i]->state())
@@ -293,19 +302,23 @@ Module module_of(const ModelConfig& c, const Site& site) {
   return {base + "encoder.layer." + L + "." + m.at(p)};
 }
 
+namespace {
+// peft's name matching: `name` is the module path itself or a dot-separated suffix of it.
+bool names_module(const std::string& name, const std::string& module) {
+  return module == name || (module.size() > name.size() &&
+                            module.compare(module.size() - name.size(), name.size(), name) == 0 &&
+                            module[module.size() - name.size() - 1] == '.');
+}
+}  // namespace
+
 const nlohmann::json* pattern_value(const nlohmann::json& config, const std::string& map,
                                     const std::string& module) {
   // peft matches the keys as regular expressions anchored at the end of the module path after a
   // dot; graft takes keys that are plain paths or path suffixes.
   if (!config.contains(map) || !config[map].is_object()) return nullptr;
   const auto& patterns = config[map];
-  for (auto it = patterns.begin(); it != patterns.end(); ++it) {
-    const auto& key = it.key();
-    if (module == key || (module.size() > key.size() &&
-                          module.compare(module.size() - key.size(), key.size(), key) == 0 &&
-                          module[module.size() - key.size() - 1] == '.'))
-      return &*it;
-  }
+  for (auto it = patterns.begin(); it != patterns.end(); ++it)
+    if (names_module(it.key(), module)) return &*it;
   return nullptr;
 }
 
@@ -362,14 +375,8 @@ void check_targets(const nlohmann::json& config, const Model& model,
       }
     }
     if (!spec.is_array()) return false;
-    for (const auto& t : spec) {
-      if (!t.is_string()) continue;
-      const auto name = t.get<std::string>();
-      if (module == name || (module.size() > name.size() &&
-                             module.compare(module.size() - name.size(), name.size(), name) == 0 &&
-                             module[module.size() - name.size() - 1] == '.'))
-        return true;
-    }
+    for (const auto& t : spec)
+      if (t.is_string() && names_module(t.get<std::string>(), module)) return true;
     return false;
   };
   std::set<std::int64_t> layers;
