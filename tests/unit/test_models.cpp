@@ -693,6 +693,7 @@ TEST_CASE("configurations the forward cannot use are refused naming the key, bef
       {"llama", "num_key_value_heads", 3, "3 key/value heads do not divide the 4 attention heads"},
       {"llama", "vocab_size", -5, "vocab_size: expected a positive size, got -5"},
       {"llama", "head_dim", 3, "the head size 3 is odd"},
+      {"llama", "hidden_size", 2, "the head size is 0: 4 attention heads in a width of 2"},
       {"llama", "rms_norm_eps", 0, "the norm epsilon must be a positive number"},
       {"llama", "rope_theta", -1, "the rotary base (rope_theta) must be a positive number"},
       {"bert", "num_attention_heads", 5, "5 attention heads do not divide the hidden size 16"},

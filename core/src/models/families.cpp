@@ -81,6 +81,9 @@ std::shared_ptr<Model> make_model(const ModelConfig& config) {
 void check_config(const ModelConfig& m, const std::string& source) {
   auto fail = [&](const std::string& what) { throw FileError(source, what); };
   // Each reader refuses sizes below 1; what remains are the relations the forward relies on.
+  if (m.head_dim < 1)  // a width smaller than the number of heads, divided
+    fail("the head size is " + std::to_string(m.head_dim) + ": " + std::to_string(m.num_heads) +
+         " attention heads in a width of " + std::to_string(m.hidden_size));
   if (m.num_heads % m.num_kv_heads)
     fail(std::to_string(m.num_kv_heads) + " key/value heads do not divide the " +
          std::to_string(m.num_heads) + " attention heads");

@@ -155,7 +155,7 @@ ModelConfig llama_config_from_hf(const nlohmann::json& j, const std::string& sou
   m.num_layers = c.size("num_hidden_layers");
   m.num_heads = c.size("num_attention_heads");
   m.num_kv_heads = c.size("num_key_value_heads", m.num_heads);
-  m.head_dim = c.size("head_dim", m.num_heads ? m.hidden_size / m.num_heads : 0);
+  m.head_dim = c.size("head_dim", m.hidden_size / m.num_heads);
   m.intermediate_size = c.size("intermediate_size");
   m.max_positions = c.size("max_position_embeddings", 2048);
   m.norm_eps = c.number("rms_norm_eps", 1e-6);
@@ -236,10 +236,6 @@ ModelConfig config_from_gguf(const io::GgufFile& f) {
   m.bos_token_id = token_id("tokenizer.ggml.bos_token_id");
   m.eos_token_id = token_id("tokenizer.ggml.eos_token_id");
   m.pad_token_id = token_id("tokenizer.ggml.padding_token_id");
-  if (m.head_dim * m.num_heads <= 0 || m.num_kv_heads <= 0 || m.num_heads % m.num_kv_heads)
-    throw FileError(f.path().string(),
-                    "inconsistent attention shape: " + std::to_string(m.num_heads) + " heads, " +
-                        std::to_string(m.num_kv_heads) + " key/value heads");
   check_config(m, f.path().string());
   return m;
 }
