@@ -509,10 +509,10 @@ void write_gguf(const std::filesystem::path& path,
   struct Blob {
     std::string name;
     at::Tensor tensor;
-    std::uint32_t type;
+    GgmlType type;
     std::vector<std::uint8_t> quantised;  // Q8_0 blocks
     std::uint64_t bytes() const {
-      return type == 8 ? quantised.size() : tensor.numel() * tensor.element_size();
+      return type == GgmlType::q8_0 ? quantised.size() : tensor.numel() * tensor.element_size();
     }
   };
   std::vector<Blob> blobs;
@@ -530,12 +530,12 @@ void write_gguf(const std::filesystem::path& path,
         throw FileError(path.string(), "tensor '" + name +
                                            "': Q8_0 needs rows a multiple of 32 long, not " +
                                            std::to_string(c.dim() ? c.size(-1) : 0));
-      blobs.push_back({name, c, 8, quantize_q8_0(c)});
+      blobs.push_back({name, c, GgmlType::q8_0, quantize_q8_0(c)});
       continue;
     }
-    const std::uint32_t type = c.scalar_type() == torch::kFloat  ? 0
-                               : c.scalar_type() == torch::kHalf ? 1
-                                                                 : 30;
+    const auto type = c.scalar_type() == torch::kFloat  ? GgmlType::f32
+                      : c.scalar_type() == torch::kHalf ? GgmlType::f16
+                                                        : GgmlType::bf16;
     blobs.push_back({name, std::move(c), type, {}});
   }
   auto pad = [&](std::ostream& out, std::uint64_t pos) {
@@ -562,14 +562,14 @@ void write_gguf(const std::filesystem::path& path,
       put_string(out, b.name);
       put<std::uint32_t>(out, static_cast<std::uint32_t>(t.dim()));
       for (int64_t d = t.dim() - 1; d >= 0; --d) put<std::uint64_t>(out, t.size(d));
-      put<std::uint32_t>(out, b.type);
+      put<std::uint32_t>(out, static_cast<std::uint32_t>(b.type));
       put<std::uint64_t>(out, offset);
       offset += (b.bytes() + alignment - 1) / alignment * alignment;
     }
     pad(out, static_cast<std::uint64_t>(out.tellp()));
     for (const auto& b : blobs) {
-      const void* data =
-          b.type == 8 ? static_cast<const void*>(b.quantised.data()) : b.tensor.data_ptr();
+      const void* data = b.type == GgmlType::q8_0 ? static_cast<const void*>(b.quantised.data())
+                                                  : b.tensor.data_ptr();
       out.write(static_cast<const char*>(data), static_cast<std::streamsize>(b.bytes()));
       pad(out, b.bytes());
     }

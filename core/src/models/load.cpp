@@ -53,12 +53,13 @@ std::string chat_template_of(const fs::path& config) {
   if (!j.is_object() || !j.contains("chat_template") || j["chat_template"].is_null()) return "";
   const auto& t = j["chat_template"];
   if (t.is_string()) return t.get<std::string>();
-  if (t.is_array())
+  if (t.is_array()) {
     for (const auto& e : t)
       if (e.is_object() && e.value("name", "") == "default" && e.contains("template") &&
           e["template"].is_string())
         return e["template"].get<std::string>();
-  if (t.is_array()) return "";
+    return "";
+  }
   throw FileError(config.string(), "chat_template: expected a string or a list of templates");
 }
 

@@ -352,10 +352,6 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const TrainSpec& t,
                                                            .weight_decay(t.weight_decay));
 }
 
-// The optimizer's per-parameter state as plain tensors and counts, in the order of its
-// parameters: "<k>.exp_avg", "<k>.exp_avg_sq", "<k>.max_exp_avg_sq" (AdamW), "<k>.momentum"
-// (SGD); the AdamW step counts in `steps` (-1: no state yet). Checkpoints keep it as
-// safetensors + JSON, never as a pickle or TorchScript archive, which can run code when read.
 // The key of a parameter's state: libtorch 1.13 keys it by the TensorImpl's address printed as
 // a string, libtorch 2.x by the address itself.
 template <typename Map>
@@ -376,6 +372,10 @@ std::vector<at::Tensor> optimizer_params(torch::optim::Optimizer& opt) {
   return out;
 }
 
+// The optimizer's per-parameter state as plain tensors and counts, in the order of its
+// parameters: "<k>.exp_avg", "<k>.exp_avg_sq", "<k>.max_exp_avg_sq" (AdamW), "<k>.momentum"
+// (SGD); returns the AdamW step counts (-1: no state yet). Checkpoints keep it as safetensors +
+// JSON, never as a pickle or TorchScript archive, which can run code when read.
 json optimizer_state(torch::optim::Optimizer& opt, io::TensorMap& tensors) {
   json steps = json::array();
   const auto params = optimizer_params(opt);
