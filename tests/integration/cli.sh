@@ -44,7 +44,7 @@ grep -q "^include: $root/recipes/quickstart.yaml" "$work/unipelt.yaml" &&
 check "cp onto a file" 2 "already exists" -- "$graft" cp hybrids/unipelt "$work"
 check "missing option" 2 "graft generate: .*model.* is required" -- "$graft" generate
 check "bad option value" 2 "top-p" -- "$graft" generate --model x --top-p 7
-check "model not found" 1 "model 'nope' not found: looked for" -- "$graft" generate --model nope
+check "model not found" 2 "model 'nope' not found: looked for" -- "$graft" generate --model nope
 cores=$(nproc)
 check "threads 0" 2 "--threads: expected 1 to $cores \(this machine's cores\), got 0" -- \
   "$graft" methods --threads 0
@@ -52,7 +52,7 @@ check "threads above cores" 2 "--threads: expected 1 to $cores" -- \
   "$graft" methods --threads $((cores + 1))
 check "threads in range" 0 "^lora " -- "$graft" methods --threads "$cores"
 printf 'GGUF\x03\x00\x00\x00' >"$work/trunc.gguf"
-check "truncated file" 1 "trunc.gguf: truncated while reading" -- "$graft" inspect "$work/trunc.gguf"
+check "truncated file" 2 "trunc.gguf: truncated while reading" -- "$graft" inspect "$work/trunc.gguf"
 check "version" 0 "graft [0-9]+\.[0-9]+\.[0-9]+ \(libtorch" -- "$graft" version
 check "methods" 0 "^lora +1\.0\.0 +yes" -- "$graft" methods
 broken=$(dirname "$graft")/broken-plugins
@@ -123,11 +123,11 @@ done
 [[ -e $work/sweep ]] && { echo "FAIL: sweep --list wrote the sweep folder"; fail=1; }
 printf 'model: {path: stories260K}\ntask:\n  train: x.txt\n  kind: causal_lm\nmethods: [{name: lora, rr: 4}]\n' >"$work/bad.yaml"
 printf 'once upon a time there was a cat.\n' >"$work/x.txt"
-check "recipe error" 1 "bad.yaml:5:[0-9]+: methods\[0\].rr: unknown key \(did you mean \"r\"\?\)" -- \
+check "recipe error" 2 "bad.yaml:5:[0-9]+: methods\[0\].rr: unknown key \(did you mean \"r\"\?\)" -- \
   "$graft" validate "$work/bad.yaml"
 sed 's/rr: 4/r: 4/' "$work/bad.yaml" >"$work/good.yaml"
 printf 'recipe: good.yaml\ntrial_threads: %d\n' $((cores + 1)) >"$work/threads.yaml"
-check "sweep trial_threads above cores" 1 "threads.yaml: trial_threads: $((cores + 1)) is more than this machine's $cores cores" -- \
+check "sweep trial_threads above cores" 2 "threads.yaml: trial_threads: $((cores + 1)) is more than this machine's $cores cores" -- \
   "$graft" sweep "$work/threads.yaml" --output "$work/threads-sweep"
 # Every problem at once, with the names peft, transformers and torchtune use for graft's keys;
 # an override's problem is the command line's, not the recipe's.
@@ -139,14 +139,14 @@ for want in 'many.yaml:2:[0-9]+: task.max_seq_len: unknown key \(did you mean "m
   'train.learning_rate: unknown key \(did you mean "lr"\?\)' 'train.max_steps: unknown key \(did you mean "steps"\?\)'; do
   grep -qE "^graft: error: .*$want" <<<"$out" || { echo "FAIL all errors at once: no line matches $want in:"; echo "$out"; fail=1; }
 done
-check "an override's error names the command line" 1 "^graft: error: command line: methods\[0\].rank: unknown key \(did you mean \"r\"\?\)" -- \
+check "an override's error names the command line" 2 "^graft: error: command line: methods\[0\].rank: unknown key \(did you mean \"r\"\?\)" -- \
   "$graft" validate "$work/good.yaml" 'methods[0].rank=4'
 # validate reads the data as the run would: a JSONL field that is not there, a classification task
 # without a record format.
 printf '{"txt": "good movie", "label": 1}\n{"txt": "bad movie", "label": 0}\n' >"$work/cls.jsonl"
 printf 'model: {path: stories260K}\ntask: {kind: sequence_classification, train: cls.jsonl, format: jsonl}\nmethods: [{name: lora}]\n' >"$work/cls.yaml"
-check "validate reads the data" 1 "cls.jsonl:1: has no field \"text\" \(it has label, txt\)" -- "$graft" validate "$work/cls.yaml"
-check "validate: classification needs a record format" 1 "sequence_classification needs labelled records: set task.format" -- \
+check "validate reads the data" 2 "cls.jsonl:1: has no field \"text\" \(it has label, txt\)" -- "$graft" validate "$work/cls.yaml"
+check "validate: classification needs a record format" 2 "sequence_classification needs labelled records: set task.format" -- \
   "$graft" validate "$work/cls.yaml" task.format=text
 # A dtype: bfloat16 trains every method (the hybrid has lora, gates, prefix and a bottleneck
 # adapter); float16 validates where libtorch multiplies float16 matrices on the CPU (2.x) and
@@ -158,7 +158,7 @@ if [[ -d $root/data/sotu ]]; then
   # peft holds; --method exports that alone.
   "$graft" run "$root/recipes/hybrids/mam.yaml" train.steps=1 train.warmup_steps=0 eval.batches=1 \
     output.dir="$work/mam" >/dev/null 2>&1
-  check "export a hybrid peft cannot hold" 1 "no place for parallel.*the \"peft\" format holds prefix_tuning: export those alone with --method" -- \
+  check "export a hybrid peft cannot hold" 2 "no place for parallel.*the \"peft\" format holds prefix_tuning: export those alone with --method" -- \
     "$graft" export-adapter --model stories260K --adapter "$work/mam/adapter" --format peft --out "$work/mam-peft"
   check "export one method of a hybrid" 0 "wrote .*mam-peft \(peft\)" -- "$graft" export-adapter \
     --model stories260K --adapter "$work/mam/adapter" --format peft --out "$work/mam-peft" --method prefix_tuning
@@ -170,38 +170,38 @@ fi
 if out=$("$graft" validate "$root/recipes/quickstart.yaml" model.dtype=float16 2>&1); then
   echo "ok   float16 validates (libtorch multiplies float16 on this CPU)"
 else
-  check "float16 without float16 matrix products" 1 "^graft: error: command line: model.dtype: float16 matrix products are not available on cpu" -- \
+  check "float16 without float16 matrix products" 2 "^graft: error: command line: model.dtype: float16 matrix products are not available on cpu" -- \
     "$graft" validate "$root/recipes/quickstart.yaml" model.dtype=float16
 fi
 # Inputs that are not what they claim: a binary file as text data, a recipe that is not UTF-8,
 # columns on a plain-text task, a negative --stop-at.
-check "a binary file as text data" 1 "stories260K.gguf:1: holds binary data \(a NUL byte at byte [0-9]+\), not text" -- \
+check "a binary file as text data" 2 "stories260K.gguf:1: holds binary data \(a NUL byte at byte [0-9]+\), not text" -- \
   "$graft" validate "$work/good.yaml" "task.train=$model"
 printf 'model: {path: stories260K}\ntask: {train: "caf\xe9.txt"}\n' >"$work/latin1.yaml"
-check "a recipe that is not UTF-8" 1 "latin1.yaml:2: is not UTF-8 text \(byte [0-9]+\)" -- "$graft" validate "$work/latin1.yaml"
-check "columns on a text task" 1 "task.columns: names the columns of tsv and csv files; this task's format is text" -- \
+check "a recipe that is not UTF-8" 2 "latin1.yaml:2: is not UTF-8 text \(byte [0-9]+\)" -- "$graft" validate "$work/latin1.yaml"
+check "columns on a text task" 2 "task.columns: names the columns of tsv and csv files; this task's format is text" -- \
   "$graft" validate "$work/good.yaml" "task.columns=[a, b]"
 check "a negative --stop-at" 2 "--stop-at: expected a step number" -- "$graft" run "$work/good.yaml" --stop-at -1
 # Instruction records whose prompt fills max_length teach nothing: counted, and a split left
 # empty is refused.
 python3 -c "import json; print('\n'.join(json.dumps({'prompt': ' '.join(['word'] * 200), 'response': 'hi'}) for _ in range(3)))" >"$work/inst.jsonl"
 printf 'model: {path: stories260K}\ntask: {kind: instruction, train: inst.jsonl, max_length: 64}\nmethods: [{name: lora}]\n' >"$work/inst.yaml"
-check "instruction prompts that leave no response" 1 "inst.jsonl: holds no training examples after tokenizing \(3 records dropped: a prompt of task.max_length \(64\) tokens or more leaves no response\)" -- \
+check "instruction prompts that leave no response" 2 "inst.jsonl: holds no training examples after tokenizing \(3 records dropped: a prompt of task.max_length \(64\) tokens or more leaves no response\)" -- \
   "$graft" validate "$work/inst.yaml"
 # Chat templates: stories260K carries none, so `chat` is refused naming the key; a named
 # format renders the records (Llama 2's needs only the BOS and EOS tokens it has).
 printf '{"prompt": "Name a colour.", "response": "Blue."}\n{"prompt": "Name a fruit.", "response": "Apple."}\n' >"$work/chat.jsonl"
 printf 'model: {path: stories260K}\ntask: {kind: instruction, train: chat.jsonl, eval_fraction: 0, template: chat}\nmethods: [{name: lora}]\n' >"$work/chat.yaml"
-check "chat template: the model has none" 1 "task.template: .*stories260K.gguf has no chat template: name the format instead \(chatml, llama2, llama3\)" -- \
+check "chat template: the model has none" 2 "task.template: .*stories260K.gguf has no chat template: name the format instead \(chatml, llama2, llama3\)" -- \
   "$graft" validate "$work/chat.yaml"
 check "chat template: a named format" 0 ": valid \(.*2 training examples" -- "$graft" validate "$work/chat.yaml" task.template=llama2 'task.system=Be brief.'
-check "chat template: a format whose tokens the vocabulary lacks" 1 "task.template: the chatml chat format needs the token <\|im_start\|>" -- \
+check "chat template: a format whose tokens the vocabulary lacks" 2 "task.template: the chatml chat format needs the token <\|im_start\|>" -- \
   "$graft" validate "$work/chat.yaml" task.template=chatml
 # Resuming: a changed override is named; the run folder's own recipe.yaml resumes the run from
 # anywhere, its data still found beside the original recipe.
 own=(run good.yaml train.steps=6 train.warmup_steps=0 train.log_every=1 eval.every=0 output.dir=own)
 (cd "$work" && "$graft" "${own[@]}" --stop-at 3 >/dev/null 2>&1)
-check "resume names the differing keys" 1 "differs from the one this run started with \(methods\[0\]\.r: 4 in the run, 2 now; train\.steps: 6 in the run, 8 now\)" -- \
+check "resume names the differing keys" 2 "differs from the one this run started with \(methods\[0\]\.r: 4 in the run, 2 now; train\.steps: 6 in the run, 8 now\)" -- \
   bash -c "cd '$work' && '$graft' ${own[*]} train.steps=8 methods[0].r=2 --resume"
 check "resume from the run folder's recipe, elsewhere" 0 "run folder: $work/own" -- \
   bash -c "cd / && '$graft' run '$work/own/recipe.yaml' --resume"
@@ -216,7 +216,7 @@ if [[ -d $root/data/sotu ]]; then
   for f in recipe.yaml manifest.json metrics.jsonl summary.json adapter/adapter.safetensors; do
     [[ -f $run/$f ]] || { echo "FAIL: the run folder lacks $f"; fail=1; }
   done
-  check "run again refused" 1 "already holds a finished run; add --overwrite" -- "$graft" run "$root/recipes/quickstart.yaml" \
+  check "run again refused" 2 "already holds a finished run; add --overwrite" -- "$graft" run "$root/recipes/quickstart.yaml" \
     train.steps=12 train.warmup_steps=2 train.log_every=4 eval.every=0 eval.batches=2 \
     generate.max_new_tokens=8 "output.dir=$run"
   check "validate notes a finished run in the output folder" 0 "^note: .* already holds a finished run; graft run needs --resume, --overwrite or another output.dir" -- \
@@ -306,7 +306,7 @@ fi
 # Data of its own, so that the missing model is the recipe's only problem whether or not the
 # public data sets were fetched.
 printf 'Some text to train on.\n' >"$work/text.txt"
-check "model not found, in one line" 1 "model 'nowhere' not found: looked for" -- \
+check "model not found, in one line" 2 "model 'nowhere' not found: looked for" -- \
   "$graft" run "$root/recipes/quickstart.yaml" model.path=nowhere "task.train=$work/text.txt" \
   "task.eval=$work/text.txt" "output.dir=$work/none"
 exit $fail

@@ -270,12 +270,12 @@ TEST_CASE("graft sweep runs trials in parallel processes, reruns are bit-identic
   TrialStore rebuilt("sweeps/a/sweep.db");
   for (const auto& row : rebuilt.rows()) CHECK(row.status == "done");
 
-  CHECK(graft_cli("report nowhere", w.dir / "n.log") == 1);
+  CHECK(graft_cli("report nowhere", w.dir / "n.log") == 2);  // the input is wrong
   CHECK(read(w.dir / "n.log") ==
         "graft: error: nowhere: not a sweep folder (no sweep.json): give the output folder of "
         "'graft sweep'\n");
   write(w.dir / "bad.yaml", "recipe: lm.yaml\noutput: sweeps/bad\ngrid:\n  train.stpes: [1]\n");
-  CHECK(graft_cli("sweep bad.yaml", w.dir / "bad.log") == 1);
+  CHECK(graft_cli("sweep bad.yaml", w.dir / "bad.log") == 2);
   CHECK(read(w.dir / "bad.log").find("unknown key (did you mean \"steps\"?)") != std::string::npos);
   CHECK_FALSE(fs::exists("sweeps/bad"));  // nothing written for a bad sweep
 }

@@ -67,7 +67,8 @@ int run_merge(const Args& args) {
   std::string what = " (Hugging Face folder)";
   if (format == "gguf") {  // what each tensor was written as, read back from the file
     std::map<std::string, int> types;
-    for (const auto& t : io::GgufFile(out).tensors()) ++types[io::ggml_type_name(t.type)];
+    const io::GgufFile written(out);  // named: a temporary's tensors() would dangle in the loop
+    for (const auto& t : written.tensors()) ++types[io::ggml_type_name(t.type)];
     what.clear();
     for (const auto& [type, n] : types)
       what += (what.empty() ? " (GGUF: " : ", ") + std::to_string(n) + " " + type;

@@ -6,7 +6,9 @@
 #include <torch/version.h>
 
 #include <cstring>
+#include <filesystem>
 #include <iostream>
+#include <new>
 #include <sstream>
 
 #include "cli/cli.h"
@@ -91,6 +93,23 @@ Args reorder_global_options(Args args) {
   return out;
 }
 
+// Several problems: one line each.
+void print_lines(const std::string& what) {
+  std::istringstream lines(what);
+  for (std::string line; std::getline(lines, line);) std::cerr << "graft: error: " << line << "\n";
+}
+
+// "PATH: what failed: why", from the standard library's "filesystem error: what failed: why
+// [PATH] [PATH2]".
+std::string describe(const std::filesystem::filesystem_error& e) {
+  std::string what = e.what();
+  const std::string prefix = "filesystem error: ";
+  if (what.rfind(prefix, 0) == 0) what.erase(0, prefix.size());
+  const auto bracket = what.find(" [");
+  if (bracket != std::string::npos) what.erase(bracket);
+  return e.path1().empty() ? what : e.path1().string() + ": " + what;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -127,16 +146,26 @@ int main(int argc, char** argv) {
               << usage();
     return 2;
   }
+  // Exit status: 2 for an error in the input (a recipe, file, value or usage), 1 for a failure
+  // of the machine or environment (a full disk, memory, a process that cannot start) and for
+  // anything graft did not foresee.
   try {
     return found->run(args);
   } catch (const cli::UsageError& e) {
     std::cerr << "graft " << command << ": " << e.what() << " (see 'graft " << command
               << " --help')\n";
     return 2;
+  } catch (const SystemError& e) {
+    print_lines(e.what());
+    return 1;
   } catch (const Error& e) {
-    std::istringstream lines(e.what());  // several problems: one line each
-    for (std::string line; std::getline(lines, line);)
-      std::cerr << "graft: error: " << line << "\n";
+    print_lines(e.what());
+    return 2;
+  } catch (const std::filesystem::filesystem_error& e) {
+    std::cerr << "graft: error: " << describe(e) << "\n";
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::cerr << "graft: error: out of memory\n";
     return 1;
   } catch (const c10::Error& e) {
     std::string msg = verbose ? e.what() : e.what_without_backtrace();

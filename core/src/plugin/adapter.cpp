@@ -150,6 +150,8 @@ void save_adapter_as(const std::string& format, const fs::path& path, const Mode
     }
     try {
       f.write(group, model, where);
+    } catch (const SystemError&) {
+      throw;
     } catch (const Error& e) {
       if (others.empty() || i > 0) throw;
       throw one_by_one(e.what());

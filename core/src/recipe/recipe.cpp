@@ -596,7 +596,7 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
 }
 
 fs::path shipped_recipes_root() {
-  for (const fs::path dir : {fs::path(GRAFT_SOURCE_DIR), fs::path(GRAFT_INSTALL_DATA_DIR)})
+  for (const fs::path& dir : {fs::path(GRAFT_SOURCE_DIR), fs::path(GRAFT_INSTALL_DATA_DIR)})
     if (fs::is_directory(dir / "recipes")) return dir;
   throw Error(std::string("the shipped recipes are in neither ") + GRAFT_SOURCE_DIR +
               "/recipes nor " + GRAFT_INSTALL_DATA_DIR + "/recipes");

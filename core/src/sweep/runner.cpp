@@ -53,7 +53,8 @@ pid_t spawn(const std::vector<std::string>& argv, const fs::path& log) {
   const auto log_path = log.string();
   const pid_t parent = getpid();
   const pid_t pid = fork();
-  if (pid < 0) throw Error(std::string("cannot start a trial process: ") + std::strerror(errno));
+  if (pid < 0)
+    throw SystemError(std::string("cannot start a trial process: ") + std::strerror(errno));
   if (pid == 0) {
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (getppid() != parent) _exit(125);
@@ -149,7 +150,7 @@ SweepOutcome run_sweep(const Sweep& sweep, const SweepOptions& o) {
     const pid_t pid = waitpid(-1, &status, 0);
     if (pid < 0) {
       if (errno == EINTR) continue;
-      throw Error(std::string("waiting for trials: ") + std::strerror(errno));
+      throw SystemError(std::string("waiting for trials: ") + std::strerror(errno));
     }
     const auto it = running.find(pid);
     if (it == running.end()) continue;

@@ -74,8 +74,13 @@ struct TrialStore::Db {
   std::string file;
 
   void check(int rc, const char* what) const {
-    if (rc != SQLITE_OK && rc != SQLITE_DONE && rc != SQLITE_ROW)
-      throw FileError(file, std::string(what) + ": " + sqlite3_errmsg(db));
+    if (rc == SQLITE_OK || rc == SQLITE_DONE || rc == SQLITE_ROW) return;
+    const std::string msg = std::string(what) + ": " + sqlite3_errmsg(db);
+    // A damaged or foreign file is the input's fault; a full disk, an I/O error or a lock held
+    // too long is the machine's.
+    const int primary = rc & 0xff;
+    if (primary == SQLITE_CORRUPT || primary == SQLITE_NOTADB) throw FileError(file, msg);
+    throw SystemError(file, msg);
   }
   void exec(const char* sql) const { check(sqlite3_exec(db, sql, nullptr, nullptr, nullptr), sql); }
 
@@ -135,7 +140,7 @@ TrialStore::TrialStore(const fs::path& file) : db_(new Db) {
   if (!file.parent_path().empty()) fs::create_directories(file.parent_path(), ec);
   if (ec) {
     delete db_;
-    throw FileError(file.string(), "cannot create the trial store's folder: " + ec.message());
+    throw SystemError(file.string(), "cannot create the trial store's folder: " + ec.message());
   }
   if (sqlite3_open_v2(db_->file.c_str(), &db_->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,
                       nullptr) != SQLITE_OK) {

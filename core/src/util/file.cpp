@@ -30,7 +30,7 @@ MappedFile::MappedFile(const std::filesystem::path& path) : path_(path) {
     if (p == MAP_FAILED) {
       int err = errno;
       ::close(fd);
-      throw FileError(path.string(), std::string("cannot map: ") + std::strerror(err));
+      throw SystemError(path.string(), std::string("cannot map: ") + std::strerror(err));
     }
     data_ = static_cast<const std::uint8_t*>(p);
   }
@@ -49,10 +49,12 @@ void write_atomically(const std::filesystem::path& path,
   try {
     {
       std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      if (!out) throw FileError(path.string(), "cannot create " + tmp.string());
+      if (!out)
+        throw SystemError(path.string(),
+                          "cannot create " + tmp.string() + ": " + std::strerror(errno));
       write(out);
       out.flush();
-      if (!out) throw FileError(path.string(), "write failed (disk full?)");
+      if (!out) throw SystemError(path.string(), "write failed (disk full?)");
     }
     int fd = ::open(tmp.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd >= 0) {
