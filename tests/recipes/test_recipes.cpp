@@ -51,6 +51,24 @@ TEST_CASE("recipe errors are one line with file:line:column, before any work sta
                        doctest::Contains("methods[1]: quantize: site 'layers.0.attn.q' already has "
                                          "a weight transform"),
                        ParamError);
+  // Combinations no one means: the same method twice at a site, training a weight and adapting it.
+  CHECK_THROWS_WITH_AS(
+      validate_recipe(
+          w.recipe("lm.yaml",
+                   {"methods=[{name: lora, targets: [attn.q]}, {name: lora, targets: [attn.q]}]"})),
+      doctest::Contains("methods[1]: lora adapts layers.0.attn.q, which methods[0] (lora) adapts "
+                        "already"),
+      ParamError);
+  CHECK(
+      validate_recipe(
+          w.recipe("lm.yaml",
+                   {"methods=[{name: lora, targets: [attn.q]}, {name: lora, targets: [attn.v]}]"}))
+          .at("train_examples") > 0);
+  for (const auto* methods :
+       {"methods=[{name: full}, {name: lora}]", "methods=[{name: lora}, {name: full}]"})
+    CHECK_THROWS_WITH_AS(
+        validate_recipe(w.recipe("lm.yaml", {methods})),
+        doctest::Contains("full trains the base weight of layers.0.attn.q, where "), ParamError);
 }
 
 TEST_CASE("includes merge maps and overrides replace values, lists and items") {

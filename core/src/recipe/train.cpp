@@ -25,6 +25,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <regex>
 #include <set>
@@ -149,18 +150,59 @@ TaskData task_data(const Session& s, const Recipe& r) {
   }
 }
 
+// How many hooks a site holds; what a method attached is what grew.
+std::size_t hook_count(const SiteHooks& h) {
+  return h.weight_transforms.size() + h.deltas.size() + h.scales.size() + h.transforms.size() +
+         h.kv.size() + h.embeddings.size();
+}
+
+// Combinations that are legal to build but that no one means, refused in one line each:
+// - the same method twice at one site (two LoRAs on q are one LoRA of the summed rank, two IA3
+//   scales one scale; give each its own targets, or make one larger);
+// - an adapter at a linear site whose base weight another method trains (full fine-tuning and
+//   layer_select already train that weight; a delta beside it only adds parameters, and a
+//   quantised base cannot be trained).
 void attach_methods(Session& s, const Recipe& r) {
   const auto& items = r.methods.items();
-  for (const auto& item : items) {
+  auto& model = s.model();
+  std::map<std::string, std::vector<std::pair<std::string, std::size_t>>> at_site;  // name, item
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    const auto& item = items[i];
     auto m = make_method(item.at("name").as_string(), item);
+    std::vector<std::size_t> before;
+    for (const auto& site : model.sites()) before.push_back(hook_count(model.hooks(site.name)));
     try {
-      m->attach(s.model());
+      m->attach(model);
     } catch (const ParamError&) {
       throw;
     } catch (const Error& e) {
       item.fail(e.what());  // a conflicting claim, a site the method cannot use
     }
+    for (std::size_t k = 0; k < model.sites().size(); ++k) {
+      const auto& site = model.sites()[k].name;
+      if (hook_count(model.hooks(site)) == before[k]) continue;
+      for (const auto& [name, j] : at_site[site])
+        if (name == m->name())
+          item.fail(name + " adapts " + site + ", which methods[" + std::to_string(j) + "] (" +
+                    name + ") adapts already: one method twice at a site is one of them " +
+                    "with more capacity; give each its own targets, or make one larger");
+      at_site[site].emplace_back(m->name(), i);
+    }
     s.methods.push_back(std::move(m));
+  }
+  for (std::size_t i = 0; i < s.methods.size(); ++i) {
+    for (const auto& [param, tensor] : s.methods[i]->trainable_parameters()) {
+      for (const auto& site : model.sites()) {
+        if (!Model::is_linear_point(site.point) || at_site[site.name].empty()) continue;
+        const auto* linear = model.linear(site.name);
+        if (!linear || !linear->weight.is_same(tensor)) continue;
+        const auto& [other, j] = at_site[site.name].front();
+        items[i].fail(s.methods[i]->name() + " trains the base weight of " + site.name +
+                      ", where methods[" + std::to_string(j) + "] (" + other +
+                      ") is attached: train the weight or adapt it, not both (leave the site "
+                      "out of one of them)");
+      }
+    }
   }
   if (s.classification && !s.model_head) {
     s.head = TaskHead(s.model().config().hidden_size, r.task.num_labels);
