@@ -173,10 +173,14 @@ else
   check "float16 without float16 matrix products" 2 "^graft: error: command line: model.dtype: float16 matrix products are not available on cpu" -- \
     "$graft" validate "$root/recipes/quickstart.yaml" model.dtype=float16
 fi
-# Inputs that are not what they claim: a binary file as text data, a recipe that is not UTF-8,
+# Inputs that are not what they claim: a binary file as text data, an empty one, a recipe that is
+# not UTF-8,
 # columns on a plain-text task, a negative --stop-at.
 check "a binary file as text data" 2 "stories260K.gguf:1: holds binary data \(a NUL byte at byte [0-9]+\), not text" -- \
   "$graft" validate "$work/good.yaml" "task.train=$model"
+: >"$work/empty.txt"
+check "an empty data file" 2 "empty.txt: is empty: expected text" -- \
+  "$graft" validate "$work/good.yaml" "task.train=$work/empty.txt"
 printf 'model: {path: stories260K}\ntask: {train: "caf\xe9.txt"}\n' >"$work/latin1.yaml"
 check "a recipe that is not UTF-8" 2 "latin1.yaml:2: is not UTF-8 text \(byte [0-9]+\)" -- "$graft" validate "$work/latin1.yaml"
 check "columns on a text task" 2 "task.columns: names the columns of tsv and csv files; this task's format is text" -- \

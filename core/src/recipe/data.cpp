@@ -76,6 +76,11 @@ std::vector<Record> read_records(const fs::path& file, const TaskSpec& task) {
   // line, not tokenized as bytes.
   const auto text = io::read_text_file(file);
   io::require_text(text, name);
+  // An empty file is a mistake (a failed download, the wrong path), never a document of nothing.
+  if (text.find_first_not_of(" \t\r\n") == std::string::npos)
+    throw FileError(name,
+                    "is empty: expected " +
+                        (task.format == "text" ? std::string("text") : task.format + " records"));
   if (task.format == "text") {
     out.push_back({{{task.text_field, text}}, name});
     return out;
@@ -87,7 +92,9 @@ std::vector<Record> read_records(const fs::path& file, const TaskSpec& task) {
     } catch (const json::exception& e) {
       throw FileError(name, std::string("malformed JSON: ") + e.what());
     }
-    if (!j.is_array()) throw FileError(name, "expected a JSON array of records");
+    if (!j.is_array() || j.empty())
+      throw FileError(name, j.is_array() ? "holds no records (an empty array)"
+                                         : "expected a JSON array of records");
     for (std::size_t i = 0; i < j.size(); ++i) {
       if (!j[i].is_object())
         throw FileError(name, "record " + std::to_string(i) + " is not a JSON object");
@@ -132,6 +139,7 @@ std::vector<Record> read_records(const fs::path& file, const TaskSpec& task) {
     for (std::size_t i = 0; i < cells.size(); ++i) r.fields[header[i]] = cells[i];
     out.push_back(std::move(r));
   }
+  if (out.empty()) throw FileError(name, "holds no records (only a header line)");
   return out;
 }
 
