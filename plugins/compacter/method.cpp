@@ -51,10 +51,7 @@ class CompacterAdapter : public Adapter {
 class Compacter : public HookMethod {
  public:
   Compacter(std::string name, AdapterConfig c, std::int64_t n)
-      : name_(std::move(name)), c_(std::move(c)), n_(n) {
-    // A_i ~ N(0, 1/n): with s ~ N(0, 1/d) and t ~ N(0, 1), W's entries have variance 1/d.
-    rules_ = (torch::randn({n, n, n}) / std::sqrt(double(n))).requires_grad_(true);
-  }
+      : name_(std::move(name)), c_(std::move(c)), n_(n) {}
   std::string name() const override { return name_; }
   nlohmann::json config() const override {
     auto j = c_.to_json();
@@ -63,7 +60,8 @@ class Compacter : public HookMethod {
   }
 
   void attach(Model& model) override {
-    for (const auto& site : select_sites(model, c_.selection, name())) {
+    const auto sites = select_sites(model, c_.selection, name());
+    for (const auto& site : sites) {  // every width checked before anything is allocated
       if (site.point != "attn.out" && site.point != "ffn.out")
         throw Error(name() + ": site '" + site.name + "' (point " + site.point +
                     ") is not a sublayer output; compacter sits at attn.out or ffn.out");
@@ -73,28 +71,35 @@ class Compacter : public HookMethod {
                     " and bottleneck width " + std::to_string(k) + " (" + std::to_string(d) +
                     " / reduction_factor) must both be divisible by n = " + std::to_string(n_) +
                     "; change reduction_factor or n");
-      add_hook(model, site.name, std::make_shared<CompacterAdapter>(c_, d, k, n_, rules_));
-      if (hook_list().size() == 1) {
-        torch::NoGradGuard no_grad;
-        rules_.set_data(rules_.to(model.parameters().front().device()));
-      }
     }
+    if (!rules_.defined()) {
+      // A_i ~ N(0, 1/n): with s ~ N(0, 1/d) and t ~ N(0, 1), W's entries have variance 1/d.
+      torch::NoGradGuard no_grad;
+      rules_ = (torch::randn({n_, n_, n_}) / std::sqrt(double(n_)))
+                   .to(model.parameters().front().device())
+                   .requires_grad_(true);
+    }
+    for (const auto& site : sites)
+      add_hook(model, site.name,
+               std::make_shared<CompacterAdapter>(c_, site.out_features, c_.width(site, name()), n_,
+                                                  rules_));
   }
   // The shared rule matrices are the method's, named "phm_rule", held once.
   std::vector<std::pair<std::string, at::Tensor>> trainable_parameters() override {
     auto out = HookMethod::trainable_parameters();
-    out.emplace_back("phm_rule", rules_);
+    if (rules_.defined()) out.emplace_back("phm_rule", rules_);
     return out;
   }
   io::TensorMap state() override {
     auto out = HookMethod::state();
-    out["phm_rule"] = rules_;
+    if (rules_.defined()) out["phm_rule"] = rules_;
     return out;
   }
   void load_state(const io::TensorMap& state, const std::string& source) override {
     auto own = state;
     auto it = own.find("phm_rule");
     if (it == own.end()) throw FileError(source, name() + ": missing tensor 'phm_rule'");
+    if (!rules_.defined()) throw Error(name() + ": not attached to a model");
     if (it->second.sizes() != rules_.sizes())
       throw FileError(source, name() + ": 'phm_rule' has shape " + c10::str(it->second.sizes()) +
                                   " but n = " + std::to_string(n_) + " needs " +

@@ -110,6 +110,10 @@ class PrefixTuning : public HookMethod {
 
   void attach(Model& model) override {
     const auto& mc = model.config();
+    if (mc.max_positions > 0 && c_.num_virtual_tokens > mc.max_positions)
+      throw Error("prefix_tuning: num_virtual_tokens " + std::to_string(c_.num_virtual_tokens) +
+                  " is more than the " + std::to_string(mc.max_positions) +
+                  " positions this model has");
     const auto kv = mc.num_kv_heads * mc.head_dim;
     store_ = std::make_shared<PrefixStore>(c_, mc.hidden_size, mc.num_layers, kv);
     store_->to(model.parameters().front().device());

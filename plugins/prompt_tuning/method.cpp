@@ -60,6 +60,10 @@ class PromptTuning : public HookMethod {
                      : at::Tensor();
     if (!table.defined()) throw Error("prompt_tuning: this model has no token embedding table");
     const auto P = c_.num_virtual_tokens, d = table.size(1);
+    const auto positions = model.config().max_positions;
+    if (positions > 0 && P > positions)
+      throw Error("prompt_tuning: num_virtual_tokens " + std::to_string(P) + " is more than the " +
+                  std::to_string(positions) + " positions this model has");
     at::Tensor init;
     if (c_.init == "random") {
       init = torch::randn({P, d}) * table.to(torch::kFloat).std().item<double>();

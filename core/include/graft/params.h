@@ -36,6 +36,8 @@ class Params {
   enum class Kind { null, scalar, list, map };
 
   Params() = default;
+  /// An empty value (YAML's `key:` with nothing after it) that still knows its place.
+  static Params null(std::string path, Source source);
   static Params scalar(std::string text, std::string path = "", Source source = {},
                        bool quoted = false);
   static Params list(std::string path = "", Source source = {});

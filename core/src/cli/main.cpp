@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "cli/cli.h"
+#include "util/file.h"
 
 namespace {
 
@@ -163,7 +164,7 @@ int main(int argc, char** argv) {
     return 2;
   } catch (const std::filesystem::filesystem_error& e) {
     std::cerr << "graft: error: " << describe(e) << "\n";
-    return 1;
+    return io::is_machine_failure(e.code()) ? 1 : 2;
   } catch (const std::bad_alloc&) {
     std::cerr << "graft: error: out of memory\n";
     return 1;

@@ -29,17 +29,18 @@ std::vector<std::string> plugin_dirs(const po::variables_map& vm) {
 std::string submit(const fs::path& script) {
   const std::string command = "sbatch '" + script.string() + "' 2>&1";
   FILE* pipe = popen(command.c_str(), "r");
-  if (!pipe) throw Error("cannot run sbatch");
+  if (!pipe) throw SystemError("cannot run sbatch");
   std::string out;
   std::array<char, 256> buf{};
   while (fgets(buf.data(), buf.size(), pipe)) out += buf.data();
   const int rc = pclose(pipe);
   if (rc != 0)
-    throw Error("sbatch " + script.string() + " failed" +
-                (out.find("not found") != std::string::npos
-                     ? std::string(": sbatch is not on the PATH (is this a Slurm login node?)")
-                     : ": " + out.substr(0, out.find('\n'))) +
-                "; the script is written, submit it by hand with: sbatch " + script.string());
+    throw SystemError(
+        "sbatch " + script.string() + " failed" +
+        (out.find("not found") != std::string::npos
+             ? std::string(": sbatch is not on the PATH (is this a Slurm login node?)")
+             : ": " + out.substr(0, out.find('\n'))) +
+        "; the script is written, submit it by hand with: sbatch " + script.string());
   return out;
 }
 

@@ -85,6 +85,18 @@ class Reader {
     pos_ += n;
     return s;
   }
+  // A metadata key or tensor name: printable UTF-8 (it ends up in messages and in lookups).
+  std::string read_name(const char* what) {
+    const auto at = pos_;
+    auto s = read_string(what);
+    const bool control = std::any_of(s.begin(), s.end(), [](char c) {
+      return static_cast<unsigned char>(c) < 0x20 || c == 0x7f;
+    });
+    if (s.empty() || control || not_text_at(s) != std::string::npos)
+      throw FileError(where_, std::string(what) + " at byte " + std::to_string(at) +
+                                  (s.empty() ? " is empty" : " is not printable UTF-8 text"));
+    return s;
+  }
   void need(std::uint64_t n, const char* what) const {
     if (n > f_.size() - pos_)
       throw FileError(where_, std::string("truncated while reading ") + what + " at byte " +
@@ -275,7 +287,7 @@ GgufFile::GgufFile(const std::filesystem::path& path)
                                std::to_string(file_->size()) + "-byte file");
 
   for (std::uint64_t k = 0; k < n_kv; ++k) {
-    auto key = r.read_string("a metadata key");
+    auto key = r.read_name("a metadata key");
     auto type = r.read<std::uint32_t>("a metadata type");
     if (type > static_cast<std::uint32_t>(GgufType::f64))
       throw FileError(where, "metadata '" + key + "': unknown value type " + std::to_string(type));
@@ -292,7 +304,7 @@ GgufFile::GgufFile(const std::filesystem::path& path)
 
   for (std::uint64_t k = 0; k < n_tensors; ++k) {
     GgufTensorInfo info;
-    info.name = r.read_string("a tensor name");
+    info.name = r.read_name("a tensor name");
     const std::string ctx = "tensor '" + info.name + "': ";
     auto n_dims = r.read<std::uint32_t>("a tensor rank");
     if (n_dims == 0 || n_dims > kMaxDims)

@@ -1,4 +1,5 @@
 #include <graft/error.h>
+#include <graft/io/json.h>
 #include <graft/io/safetensors.h>
 #include <torch/torch.h>
 
@@ -56,12 +57,8 @@ SafetensorsFile read_safetensors(const std::filesystem::path& path) {
     throw FileError(where, "truncated: header of " + std::to_string(header_len) +
                                " bytes runs past the end of the file (" +
                                std::to_string(file.size()) + " bytes)");
-  json header;
-  try {
-    header = json::parse(file.data() + 8, file.data() + 8 + header_len);
-  } catch (const json::exception& e) {
-    throw FileError(where, std::string("malformed JSON header: ") + e.what());
-  }
+  const json header = parse_json(
+      std::string(reinterpret_cast<const char*>(file.data()) + 8, header_len), where + ": header");
   if (!header.is_object()) throw FileError(where, "header is not a JSON object");
 
   const std::uint8_t* data = file.data() + 8 + header_len;
@@ -78,6 +75,10 @@ SafetensorsFile read_safetensors(const std::filesystem::path& path) {
       }
       continue;
     }
+    if (name.empty() || std::any_of(name.begin(), name.end(), [](char c) {
+          return static_cast<unsigned char>(c) < 0x20 || c == 0x7f;
+        }))
+      throw FileError(where, "a tensor name is empty or holds control characters");
     const std::string ctx = "tensor '" + name + "': ";
     if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") ||
         !entry.contains("data_offsets"))
@@ -175,12 +176,7 @@ TensorMap read_safetensors_model(const std::filesystem::path& path) {
     return read_safetensors(path).tensors;
   }
 
-  json j;
-  try {
-    j = json::parse(read_text_file(index));
-  } catch (const json::exception& e) {
-    throw FileError(index.string(), std::string("malformed JSON: ") + e.what());
-  }
+  const json j = read_json_file(index);
   if (!j.contains("weight_map") || !j["weight_map"].is_object())
     throw FileError(index.string(), "expected a \"weight_map\" object");
   std::map<std::string, std::vector<std::string>> by_shard;

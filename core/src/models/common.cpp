@@ -493,6 +493,13 @@ std::int64_t add_prompts(SiteHooks* embed, at::Tensor& x, at::Tensor& mask, cons
   return n;
 }
 
+bool is_activation(const std::string& name) {
+  for (const char* known :
+       {"silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu"})
+    if (name == known) return true;
+  return false;
+}
+
 at::Tensor activate(const at::Tensor& x, const std::string& name) {
   if (name == "silu" || name == "swish") return torch::silu(x);
   if (name == "gelu") return torch::gelu(x);

@@ -137,6 +137,8 @@ TORCH_MODULE(Ffn);
 
 /// Activation by Hugging Face name: silu, gelu (erf), gelu_new / gelu_pytorch_tanh (tanh), relu.
 at::Tensor activate(const at::Tensor& x, const std::string& name);
+/// Whether activate() knows `name` (checked when a configuration is read).
+bool is_activation(const std::string& name);
 
 /// The sites every transformer layer has. `gated` adds ffn.gate; `biases` adds a bias.* site per
 /// linear projection; `pre_norm` places the norms before the sublayers.

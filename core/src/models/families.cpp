@@ -6,6 +6,8 @@
 #include <cmath>
 #include <limits>
 
+#include "models/common.h"
+
 namespace graft::models {
 
 std::int64_t JsonConfig::integer(const std::string& key) const {
@@ -99,6 +101,8 @@ void check_config(const ModelConfig& m, const std::string& source) {
     fail("the rotary base (rope_theta) must be a positive number, got " +
          std::to_string(m.rope_theta));
   if (m.sliding_window < 0) fail("a negative sliding window");
+  if (!is_activation(m.hidden_act))
+    fail("unsupported activation \"" + m.hidden_act + "\" (graft has silu, gelu, gelu_new, relu)");
 }
 
 ModelConfig config_from_hf(const nlohmann::json& j, const std::string& source) {

@@ -1,6 +1,7 @@
 #include <dlfcn.h>
 #include <graft/error.h>
 #include <graft/io/gguf.h>
+#include <graft/io/json.h>
 #include <graft/io/safetensors.h>
 #include <graft/load.h>
 #include <sched.h>
@@ -44,12 +45,7 @@ fs::path model_in_folder(const fs::path& dir) {
 // one named "default" is what transformers applies.
 std::string chat_template_of(const fs::path& config) {
   if (!fs::exists(config)) return "";
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(io::read_text_file(config));
-  } catch (const nlohmann::json::exception& e) {
-    throw FileError(config.string(), std::string("malformed JSON: ") + e.what());
-  }
+  const nlohmann::json j = io::read_json_file(config);
   if (!j.is_object() || !j.contains("chat_template") || j["chat_template"].is_null()) return "";
   const auto& t = j["chat_template"];
   if (t.is_string()) return t.get<std::string>();
@@ -81,35 +77,23 @@ fs::path resolve_model(const std::string& arg) {
               "file or a Hugging Face folder, or set GRAFT_MODELS to the folder that holds it");
 }
 
-LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
-  LoadedModel out;
-  out.path = resolve_model(arg);
+namespace {
+
+LoadedModel read_model(LoadedModel out, const LoadOptions& options) {
   const std::string where = out.path.string();
   io::TensorMap tensors;
   ModelConfig config;
   if (fs::is_directory(out.path)) {
     out.format = "hf";
     const auto config_path = out.path / "config.json";
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(io::read_text_file(config_path));
-    } catch (const nlohmann::json::exception& e) {
-      throw FileError(config_path.string(), std::string("malformed JSON: ") + e.what());
-    }
+    const nlohmann::json j = io::read_json_file(config_path);
     config = models::config_from_hf(j, config_path.string());
     config.name_or_path = j.is_object() && j.contains("_name_or_path") &&
                                   j["_name_or_path"].is_string() &&
                                   !j["_name_or_path"].get<std::string>().empty()
                               ? j["_name_or_path"].get<std::string>()
                               : fs::absolute(out.path).string();
-    const auto checkpoint = io::read_safetensors_model(out.path);
-    try {
-      tensors = models::from_hf(config, checkpoint);
-    } catch (const FileError&) {
-      throw;
-    } catch (const Error& e) {
-      throw FileError(where, e.what());
-    }
+    tensors = models::from_hf(config, io::read_safetensors_model(out.path));
     if (fs::exists(out.path / "tokenizer.json"))
       out.tokenizer = load_tokenizer_json(out.path / "tokenizer.json");
     out.chat_template = chat_template_of(out.path / "tokenizer_config.json");
@@ -118,13 +102,7 @@ LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
     io::GgufFile file(out.path);
     config = models::config_from_gguf(file);
     config.name_or_path = fs::absolute(out.path).string();
-    try {
-      tensors = models::from_gguf(config, file.load_all());
-    } catch (const FileError&) {
-      throw;
-    } catch (const Error& e) {
-      throw FileError(where, e.what());
-    }
+    tensors = models::from_gguf(config, file.load_all());
     // llama2.c exports write the shared classifier out as a separate, identical output.weight;
     // tie it again so that the model has the parameters it was trained with.
     auto head = tensors.find("head.weight");
@@ -146,6 +124,23 @@ LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
   for (auto& p : out.model->parameters()) p.set_requires_grad(false);
   out.model->set_tokenizer(out.tokenizer);
   return out;
+}
+
+}  // namespace
+
+LoadedModel load_model(const std::string& arg, const LoadOptions& options) {
+  LoadedModel out;
+  out.path = resolve_model(arg);
+  const auto where = out.path.string();
+  try {
+    return read_model(std::move(out), options);
+  } catch (const FileError&) {
+    throw;
+  } catch (const SystemError&) {
+    throw;
+  } catch (const Error& e) {  // a reader that knows the value, not the file: name the file
+    throw FileError(where, e.what());
+  }
 }
 
 std::shared_ptr<Model> make_model(const ModelConfig& config) { return models::make_model(config); }

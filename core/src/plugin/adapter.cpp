@@ -1,5 +1,6 @@
 #include <graft/adapter.h>
 #include <graft/io/file.h>
+#include <graft/io/json.h>
 #include <graft/io/safetensors.h>
 #include <graft/peft.h>
 #include <graft/plugin.h>
@@ -213,12 +214,7 @@ std::vector<std::unique_ptr<Method>> load_adapter(const fs::path& dir, Model& mo
   if (!fs::exists(cfg_path))
     throw FileError(dir.string(),
                     "not an adapter folder (no adapter_config.json) and no plugin reads it");
-  json cfg;
-  try {
-    cfg = json::parse(io::read_text_file(cfg_path));
-  } catch (const json::exception& e) {
-    throw FileError(where, std::string("malformed JSON: ") + e.what());
-  }
+  const json cfg = io::read_json_file(cfg_path);
   if (cfg.value("format", "") != "graft-adapter")
     throw FileError(where,
                     "neither a graft adapter nor a format a loaded plugin reads (for a peft "
@@ -412,11 +408,7 @@ std::string task_type(const ModelConfig& c) { return c.num_labels > 0 ? "SEQ_CLS
 
 nlohmann::json read_config(const fs::path& dir) {
   const auto path = dir / "adapter_config.json";
-  try {
-    return nlohmann::json::parse(io::read_text_file(path));
-  } catch (const nlohmann::json::exception& e) {
-    throw FileError(path.string(), std::string("malformed JSON: ") + e.what());
-  }
+  return io::read_json_file(path);
 }
 
 std::string tensors_path(const fs::path& dir) {

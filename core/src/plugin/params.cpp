@@ -13,6 +13,13 @@ std::string Source::to_string() const {
   return file + ":" + std::to_string(line) + ":" + std::to_string(column);
 }
 
+Params Params::null(std::string path, Source source) {
+  Params p;
+  p.path_ = std::move(path);
+  p.source_ = std::move(source);
+  return p;
+}
+
 Params Params::scalar(std::string text, std::string path, Source source, bool quoted) {
   Params p;
   p.kind_ = Kind::scalar;

@@ -2,6 +2,7 @@
 #include <graft/data.h>
 #include <graft/error.h>
 #include <graft/io/file.h>
+#include <graft/io/json.h>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -86,12 +87,7 @@ std::vector<Record> read_records(const fs::path& file, const TaskSpec& task) {
     return out;
   }
   if (task.format == "json") {
-    json j;
-    try {
-      j = json::parse(text);
-    } catch (const json::exception& e) {
-      throw FileError(name, std::string("malformed JSON: ") + e.what());
-    }
+    const json j = io::parse_json(text, name);
     if (!j.is_array() || j.empty())
       throw FileError(name, j.is_array() ? "holds no records (an empty array)"
                                          : "expected a JSON array of records");
@@ -114,12 +110,7 @@ std::vector<Record> read_records(const fs::path& file, const TaskSpec& task) {
     if (line.empty()) continue;
     const auto where = name + ":" + std::to_string(n);
     if (task.format == "jsonl") {
-      json j;
-      try {
-        j = json::parse(line);
-      } catch (const json::exception& e) {
-        throw FileError(where, std::string("malformed JSON: ") + e.what());
-      }
+      const json j = io::parse_json(line, where);
       if (!j.is_object()) throw FileError(where, "expected a JSON object per line");
       Record r{{}, where};
       for (const auto& [k, v] : j.items()) r.fields[k] = json_text(v);

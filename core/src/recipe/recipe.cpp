@@ -47,7 +47,11 @@ Params from_yaml(const YAML::Node& node, const std::string& file, const std::str
     case YAML::NodeType::Map: {
       auto p = Params::map(path, src);
       for (const auto& kv : node) {
-        const auto key = kv.first.as<std::string>();
+        if (!kv.first.IsScalar()) {
+          const auto src_key = source_of(kv.first.Mark(), file);
+          Params::null(path, src_key).fail("a key must be a name, not a list or a map");
+        }
+        const auto key = kv.first.Scalar();
         if (p.has(key)) {
           const auto km = kv.first.Mark();
           Params::scalar(key, child_path(path, key), source_of(km, file))
@@ -67,8 +71,8 @@ Params from_yaml(const YAML::Node& node, const std::string& file, const std::str
     }
     case YAML::NodeType::Scalar:
       return Params::scalar(node.Scalar(), path, src, node.Tag() == "!");
-    default:
-      return Params();
+    default:  // `key:` with nothing after it
+      return Params::null(path, src);
   }
 }
 

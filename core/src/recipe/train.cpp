@@ -6,6 +6,7 @@
 #include <graft/error.h>
 #include <graft/generate.h>
 #include <graft/io/file.h>
+#include <graft/io/json.h>
 #include <graft/io/safetensors.h>
 #include <graft/load.h>
 #include <graft/plugin.h>
@@ -157,11 +158,11 @@ std::size_t hook_count(const SiteHooks& h) {
 }
 
 // Combinations that are legal to build but that no one means, refused in one line each:
-// - the same method twice at one site (two LoRAs on q are one LoRA of the summed rank, two IA3
+// - the same method twice at one site (two low-rank deltas there are one of the summed rank, two
 //   scales one scale; give each its own targets, or make one larger);
-// - an adapter at a linear site whose base weight another method trains (full fine-tuning and
-//   layer_select already train that weight; a delta beside it only adds parameters, and a
-//   quantised base cannot be trained).
+// - a method attached at a linear site whose base weight another method trains (the weight is
+//   trained already; a delta beside it only adds parameters, and a quantised base cannot be
+//   trained).
 void attach_methods(Session& s, const Recipe& r) {
   const auto& items = r.methods.items();
   auto& model = s.model();
@@ -190,19 +191,25 @@ void attach_methods(Session& s, const Recipe& r) {
     }
     s.methods.push_back(std::move(m));
   }
-  for (std::size_t i = 0; i < s.methods.size(); ++i) {
-    for (const auto& [param, tensor] : s.methods[i]->trainable_parameters()) {
-      for (const auto& site : model.sites()) {
-        if (!Model::is_linear_point(site.point) || at_site[site.name].empty()) continue;
-        const auto* linear = model.linear(site.name);
-        if (!linear || !linear->weight.is_same(tensor)) continue;
-        const auto& [other, j] = at_site[site.name].front();
-        items[i].fail(s.methods[i]->name() + " trains the base weight of " + site.name +
-                      ", where methods[" + std::to_string(j) + "] (" + other +
-                      ") is attached: train the weight or adapt it, not both (leave the site "
-                      "out of one of them)");
-      }
+  for (const auto& site : model.sites()) {
+    if (!Model::is_linear_point(site.point) || at_site[site.name].empty()) continue;
+    const auto* linear = model.linear(site.name);
+    if (!linear || !linear->weight.requires_grad()) continue;
+    const auto& [other, j] = at_site[site.name].front();
+    // Which method trains it: the one whose trainable tensors hold the weight (a method that
+    // picks its tensors from calibration batches cannot say yet, and is not such a method).
+    for (std::size_t i = 0; i < s.methods.size(); ++i) {
+      if (s.methods[i]->needs_calibration()) continue;
+      for (const auto& [param, tensor] : s.methods[i]->trainable_parameters())
+        if (linear->weight.is_same(tensor))
+          items[i].fail(s.methods[i]->name() + " trains the base weight of " + site.name +
+                        ", where methods[" + std::to_string(j) + "] (" + other +
+                        ") is attached: train the weight or adapt it, not both (leave the site "
+                        "out of one of them)");
     }
+    items[j].fail(other + " is attached at " + site.name +
+                  ", whose base weight this recipe also trains: train the weight or adapt it, "
+                  "not both");
   }
   if (s.classification && !s.model_head) {
     s.head = TaskHead(s.model().config().hidden_size, r.task.num_labels);
@@ -625,6 +632,17 @@ fs::path checkpoint_dir(const fs::path& run, std::int64_t step) {
   return run / "checkpoints" / os.str();
 }
 
+// A testing aid for the kill tests (tests/integration/kill.sh): GRAFT_FAILPOINT=step:N kills the
+// process with SIGKILL as step N begins, GRAFT_FAILPOINT=checkpoint:N half-way through writing
+// the checkpoint of step N, as the OOM killer or a power cut would. Unset in normal use.
+void failpoint(const char* where, std::int64_t step) {
+  static const std::string spec = [] {
+    const char* e = std::getenv("GRAFT_FAILPOINT");
+    return e ? std::string(e) : std::string();
+  }();
+  if (!spec.empty() && spec == std::string(where) + ":" + std::to_string(step)) ::raise(SIGKILL);
+}
+
 void save_checkpoint(Session& s, torch::optim::Optimizer& opt, const Position& pos,
                      const std::vector<json>& metrics, const json& extra, const fs::path& run,
                      std::int64_t keep) {
@@ -645,6 +663,7 @@ void save_checkpoint(Session& s, torch::optim::Optimizer& opt, const Position& p
   io::TensorMap moments;
   const auto steps = optimizer_state(opt, moments);
   io::write_safetensors(tmp / "optimizer.safetensors", moments, {{"format", "graft-optimizer"}});
+  failpoint("checkpoint", pos.step);
   write_json(tmp / "trainer.json", {{"format", kCheckpointFormat},
                                     {"step", pos.step},
                                     {"optimizer_steps", steps},
@@ -718,7 +737,7 @@ json load_checkpoint_trainer(torch::optim::Optimizer& opt, const fs::path& dir, 
     auto gen = at::detail::getDefaultCPUGenerator();  // a handle to the process's generator
     gen.set_state(t.at("rng.cpu"));
   }
-  const auto j = json::parse(io::read_text_file(dir / "trainer.json"));
+  const auto j = io::read_json_file(dir / "trainer.json");
   const auto moments = dir / "optimizer.safetensors";
   load_optimizer_state(opt, j.value("optimizer_steps", json()),
                        io::read_safetensors(moments.string()).tensors, moments.string());
@@ -997,6 +1016,7 @@ json run_recipe(const Recipe& r, const RunOptions& o) {
   const bool bar = o.progress && on_terminal();
   set_training(s, true);
   while (pos.step < total) {
+    failpoint("step", pos.step + 1);
     set_lr(*opt, lr_at(r.train, pos.step, total));
     opt->zero_grad();
     double step_loss = 0;

@@ -1,5 +1,6 @@
 // graft report: tables (CSV, Markdown) and SVG charts from a sweep folder's run folders.
 #include <graft/io/file.h>
+#include <graft/io/json.h>
 #include <graft/sweep.h>
 
 #include <algorithm>
@@ -154,12 +155,7 @@ std::string report_sweep(const fs::path& dir) {
     throw FileError(dir.string(),
                     "not a sweep folder (no sweep.json): give the output folder of "
                     "'graft sweep'");
-  json spec;
-  try {
-    spec = json::parse(io::read_text_file(spec_file));
-  } catch (const json::exception& e) {
-    throw FileError(spec_file.string(), std::string("not valid JSON: ") + e.what());
-  }
+  const json spec = io::read_json_file(spec_file);
   const auto sweep = Sweep::from_json(spec, dir);
   TrialStore store(dir / "sweep.db");
   store.sync(sweep);  // the run folders are the truth: the store follows them

@@ -1,5 +1,6 @@
 // The trial store: a SQLite file that every process running a sweep's trials shares.
 #include <graft/io/file.h>
+#include <graft/io/json.h>
 #include <graft/sweep.h>
 #include <signal.h>
 #include <sqlite3.h>
@@ -9,6 +10,7 @@
 #include <chrono>
 
 #include "sweep/internal.h"
+#include "util/file.h"
 
 namespace graft {
 namespace fs = std::filesystem;
@@ -19,11 +21,7 @@ namespace sweep_detail {
 std::optional<json> read_summary(const fs::path& dir) {
   const auto file = dir / "summary.json";
   if (!fs::exists(file)) return std::nullopt;
-  try {
-    return json::parse(io::read_text_file(file));
-  } catch (const json::exception& e) {
-    throw FileError(file.string(), std::string("not valid JSON: ") + e.what());
-  }
+  return io::read_json_file(file);
 }
 
 std::optional<double> metric_of(const json& summary, const std::string& metric) {
@@ -140,7 +138,7 @@ TrialStore::TrialStore(const fs::path& file) : db_(new Db) {
   if (!file.parent_path().empty()) fs::create_directories(file.parent_path(), ec);
   if (ec) {
     delete db_;
-    throw SystemError(file.string(), "cannot create the trial store's folder: " + ec.message());
+    io::fail_on(file, "cannot create the trial store's folder", ec);
   }
   if (sqlite3_open_v2(db_->file.c_str(), &db_->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,
                       nullptr) != SQLITE_OK) {

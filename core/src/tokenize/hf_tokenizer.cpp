@@ -3,6 +3,7 @@
 // (Llama 2, Mistral), and WordPiece with BERT's normaliser (BERT).
 #include <graft/error.h>
 #include <graft/io/gguf.h>
+#include <graft/io/json.h>
 #include <graft/tokenizer.h>
 #include <unicode/uchar.h>
 #include <unicode/unorm2.h>
@@ -693,20 +694,24 @@ void add_merge(HfTokenizer& t, const std::string& left, const std::string& right
 
 std::shared_ptr<Tokenizer> load_tokenizer_json(const std::filesystem::path& path) {
   const std::string where = path.string();
-  json j;
-  try {
-    j = json::parse(io::read_text_file(path));
-  } catch (const json::exception& e) {
-    throw FileError(where, std::string("malformed JSON: ") + e.what());
-  }
+  const auto text = io::read_text_file(path);
+  const json j = io::parse_json(text, where);
   auto t = std::make_shared<HfTokenizer>();
+  // Ids index a table: each is below the file's size in bytes (every entry takes several), so
+  // a small file cannot ask for a large table.
+  const auto id_limit = std::min<std::int64_t>(static_cast<std::int64_t>(text.size()), 10'000'000);
+  auto check_id = [&](std::int64_t i, const char* what) {
+    if (i < 0 || i >= id_limit)
+      throw FileError(where, std::string(what) + " id " + std::to_string(i) +
+                                 " is out of range (0 to " + std::to_string(id_limit - 1) +
+                                 " in a file of this size)");
+    return i;
+  };
   try {
     const auto& model = j.at("model");
     const auto type = model.value("type", model.contains("merges") ? "BPE" : "WordPiece");
     for (const auto& [token, id] : model.at("vocab").items()) {
-      const auto i = id.get<std::int64_t>();
-      if (i < 0 || i > 10'000'000)
-        throw FileError(where, "vocab id " + std::to_string(i) + " is out of range");
+      const auto i = check_id(id.get<std::int64_t>(), "vocab");
       if (i >= static_cast<std::int64_t>(t->vocab.size())) t->vocab.resize(i + 1);
       t->vocab[i] = token;
     }
@@ -740,25 +745,22 @@ std::shared_ptr<Tokenizer> load_tokenizer_json(const std::filesystem::path& path
     }
     if (j.contains("added_tokens"))
       for (const auto& a : j["added_tokens"])
-        t->added.push_back({a.at("content").get<std::string>(), a.at("id").get<std::int64_t>(),
+        t->added.push_back({a.at("content").get<std::string>(),
+                            check_id(a.at("id").get<std::int64_t>(), "added token"),
                             a.value("special", false)});
     read_normalizer(*t, j.value("normalizer", json()), where);
     read_pre_tokenizer(*t, j.value("pre_tokenizer", json()), where);
     read_post_processor(*t, j.value("post_processor", json()), where);
     read_decoder(*t, j.value("decoder", json()), where);
   } catch (const json::exception& e) {
-    throw FileError(where, std::string("unexpected structure: ") + e.what());
+    throw FileError(where, "unexpected structure: " + io::json_error_text(e));
   }
   t->finish();
 
   json cfg;
   const auto cfg_path = path.parent_path() / "tokenizer_config.json";
   if (std::filesystem::exists(cfg_path)) {
-    try {
-      cfg = json::parse(io::read_text_file(cfg_path));
-    } catch (const json::exception& e) {
-      throw FileError(cfg_path.string(), std::string("malformed JSON: ") + e.what());
-    }
+    cfg = io::read_json_file(cfg_path);
   }
   auto pick = [&](const char* key, std::int64_t fallback) {
     auto id = config_token(*t, cfg, key);

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <graft/error.h>
+#include <graft/io/json.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -49,9 +50,7 @@ void write_atomically(const std::filesystem::path& path,
   try {
     {
       std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      if (!out)
-        throw SystemError(path.string(),
-                          "cannot create " + tmp.string() + ": " + std::strerror(errno));
+      if (!out) fail_on(path, "cannot create " + tmp.string(), {errno, std::generic_category()});
       write(out);
       out.flush();
       if (!out) throw SystemError(path.string(), "write failed (disk full?)");
@@ -67,6 +66,21 @@ void write_atomically(const std::filesystem::path& path,
     std::filesystem::remove(tmp, ec);
     throw;
   }
+}
+
+bool is_machine_failure(const std::error_code& ec) {
+  for (const auto e : {std::errc::no_space_on_device, std::errc::io_error,
+                       std::errc::read_only_file_system, std::errc::not_enough_memory,
+                       std::errc::too_many_files_open, std::errc::too_many_files_open_in_system})
+    if (ec == e) return true;
+  return ec.value() == EDQUOT && ec.category() == std::generic_category();
+}
+
+void fail_on(const std::filesystem::path& path, const std::string& what,
+             const std::error_code& ec) {
+  const auto why = what + ": " + ec.message();
+  if (is_machine_failure(ec)) throw SystemError(path.string(), why);
+  throw FileError(path.string(), why);
 }
 
 std::vector<std::filesystem::path> search_path(const std::vector<std::filesystem::path>& first,
@@ -168,6 +182,49 @@ std::string read_text_file(const std::filesystem::path& path, std::uintmax_t max
   std::ostringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+std::string json_error_text(const nlohmann::json::exception& e) {
+  std::string what = e.what();
+  // "[json.exception.parse_error.101] parse error at line 1, column 3: syntax error while
+  // parsing value - invalid literal; last read: 'x'"
+  if (what.rfind("[json.exception.", 0) == 0) {
+    const auto close = what.find("] ");
+    if (close != std::string::npos) what.erase(0, close + 2);
+  }
+  for (const char* prefix : {"parse error: ", "syntax error while parsing "}) {
+    const auto at = what.find(prefix);
+    if (at != std::string::npos) what.erase(at, std::string(prefix).size());
+  }
+  return what;
+}
+
+nlohmann::json parse_json(const std::string& text, const std::string& where) {
+  try {
+    return nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    // "parse error at line L, column C: value - invalid literal; ..." -> "not valid JSON at line
+    // L, column C: value - invalid literal; ..."
+    auto what = json_error_text(e);
+    const std::string at = "parse error at ";
+    if (what.rfind(at, 0) == 0) what.erase(0, at.size());
+    // "line 1, column 3: value - invalid literal" -> "line 1, column 3 (in a value): invalid
+    // literal"
+    const auto colon = what.find(": "), dash = what.find(" - ");
+    if (colon != std::string::npos && dash != std::string::npos && dash > colon) {
+      const auto context = what.substr(colon + 2, dash - colon - 2);
+      what = what.substr(0, colon) + " (in " +
+             (context[0] == 'a' || context[0] == 'o' ? "an " : "a ") + context +
+             "): " + what.substr(dash + 3);
+    }
+    throw FileError(where, "not valid JSON at " + what);
+  } catch (const nlohmann::json::exception& e) {
+    throw FileError(where, "not valid JSON: " + json_error_text(e));
+  }
+}
+
+nlohmann::json read_json_file(const std::filesystem::path& path) {
+  return parse_json(read_text_file(path), path.string());
 }
 
 }  // namespace graft::io

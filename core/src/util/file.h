@@ -28,6 +28,15 @@ std::size_t not_text_at(const std::string& text);
 /// binary file given as text data, or a garbled recipe, gets).
 void require_text(const std::string& text, const std::string& file);
 
+/// Whether a failed file operation is the machine's fault (a full disk or quota, an I/O error, a
+/// read-only file system, memory or file handles running out) rather than the path's.
+bool is_machine_failure(const std::error_code& ec);
+
+/// Throws SystemError (the machine's fault) or FileError (the path's) for a failed operation on
+/// `path`: "<path>: <what>: <reason>".
+[[noreturn]] void fail_on(const std::filesystem::path& path, const std::string& what,
+                          const std::error_code& ec);
+
 /// Creates `dir` (and its parents) if it does not exist, and removes what it created unless
 /// keep() is called: a writer that fails part-way (a full disk) leaves no empty or half-written
 /// folder behind.
