@@ -16,4 +16,4 @@ cmake --build "$build" -j "$jobs" --target graft_tests
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1:strict_string_checks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 cd "$build"
-ctest --output-on-failure -j "$jobs" -E '^(cli|readme|format|core-names-no-method|sdk)$'
+ctest --output-on-failure -j "$jobs" -E '^(cli|kill|readme|format|core-names-no-method|sdk)$'

@@ -212,13 +212,17 @@ TEST_CASE("a run folder without progress starts again; --overwrite replaces graf
   write("runs/x/recipe.yaml", "seed: 1\n");
   write("runs/x/metrics.jsonl", "");
   write("runs/x/notes.txt", "mine\n");
-  auto resume = w.quiet();
-  resume.resume = true;
-  CHECK_THROWS_WITH_AS(run_recipe(r, resume),
-                       doctest::Contains("stopped before its first checkpoint"), Error);
   run_recipe(r, w.quiet());  // starts again
   CHECK(fs::exists("runs/x/summary.json"));
   CHECK(read("runs/x/notes.txt") == "mine\n");
+  // The same with --resume: there is nothing to continue, so it starts again too (a job script
+  // that always passes --resume works after a kill in the first steps).
+  write("runs/y/recipe.yaml", "seed: 1\n");
+  write("runs/y/metrics.jsonl", "");
+  auto resume = w.quiet();
+  resume.resume = true;
+  run_recipe(w.recipe("lm.yaml", {"output.dir=runs/y"}), resume);
+  CHECK(read("runs/y/metrics.jsonl") == read("runs/x/metrics.jsonl"));
   // Finished: only --overwrite starts it again, and a user's file stays.
   CHECK_THROWS_WITH_AS(run_recipe(r, w.quiet()), doctest::Contains("--overwrite"), Error);
   CHECK_THROWS_WITH_AS(run_recipe(r, resume), doctest::Contains("the run finished"), Error);

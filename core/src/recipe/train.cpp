@@ -842,8 +842,9 @@ const char* kRunFiles[] = {"recipe.yaml",  "manifest.json", "metrics.jsonl",
                            "summary.json", "adapter",       "checkpoints"};
 
 // What is already in output.dir decides whether the run may start: nothing of graft's, a run
-// with no progress (stopped before its first checkpoint: started again), or a run to resume or
-// overwrite. Returns whether graft's files there are to go (once the new run is ready to write).
+// with no progress (stopped before its first checkpoint: started again, with or without
+// --resume), or a run to resume or overwrite. Returns whether graft's files there are to go (once
+// the new run is ready to write).
 bool check_run_folder(const fs::path& run, const std::string& recipe_text, const RunOptions& o,
                       std::ostream& log) {
   for (const char* name : kRunFiles) refuse_symlink(run / name);
@@ -855,10 +856,10 @@ bool check_run_folder(const fs::path& run, const std::string& recipe_text, const
   if (o.resume) {
     if (!has_run)
       throw Error(where + "no run to resume here (no recipe.yaml); start it without --resume");
-    if (checkpoint.empty() && !finished)
-      throw Error(where +
-                  "the run stopped before its first checkpoint, so there is nothing to "
-                  "resume; start it again with --overwrite (or without --resume)");
+    if (checkpoint.empty() && !finished) {  // killed or failed early: no progress to lose
+      log << where << "the run there stopped before its first checkpoint; starting it again\n";
+      return true;
+    }
     if (fs::exists(run / "recipe.yaml")) {
       const auto was = io::read_text_file(run / "recipe.yaml");
       if (was != recipe_text) {
@@ -906,10 +907,12 @@ json validate_recipe(const Recipe& r) {
   return {{"train_examples", data.train.size()}, {"eval_examples", data.eval.size()}};
 }
 
-json run_recipe(const Recipe& r, const RunOptions& o) {
+json run_recipe(const Recipe& r, const RunOptions& options) {
   const auto run = r.output.dir;
   const auto recipe_text = to_yaml(r.params);
-  const bool clear = check_run_folder(run, recipe_text, o, std::cerr);
+  const bool clear = check_run_folder(run, recipe_text, options, std::cerr);
+  RunOptions o = options;
+  if (clear) o.resume = false;  // nothing to continue there: a fresh start
   StopSignals signals(o.handle_signals);
 
   torch::manual_seed(r.seed);
