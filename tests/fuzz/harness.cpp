@@ -21,6 +21,7 @@
 #include <stdexcept>
 
 #include "tiny_models.h"
+#include "tokenizer_files.h"
 
 namespace graft::fuzz {
 namespace {
@@ -162,86 +163,11 @@ void parse_tokenizer(const fs::path& dir, const std::string& file) {
     tok->decode(tok->encode(text));
 }
 
-// Hand-written tokenizer.json files of the three kinds graft reads.
+// The tokenizer tests' tokenizer.json files, one of each kind graft reads.
 std::vector<Seed> tokenizer_seeds() {
-  auto byte_char = [](int b) {  // GPT-2's byte-to-character map
-    int cp = b;
-    if (!((b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255))) {
-      int shift = 0;
-      for (int x = 0; x < b; ++x)
-        shift += !((x >= 33 && x <= 126) || (x >= 161 && x <= 172) || (x >= 174 && x <= 255));
-      cp = 256 + shift;
-    }
-    std::string ch;
-    if (cp < 0x80) return std::string(1, static_cast<char>(cp));
-    ch += static_cast<char>(0xC0 | (cp >> 6));
-    ch += static_cast<char>(0x80 | (cp & 0x3F));
-    return ch;
-  };
-  json bytes = json::object();
-  for (int b = 0; b < 256; ++b) bytes[byte_char(b)] = b;
-  bytes["he"] = 256;
-  bytes["\xC4\xA0the"] = 257;
-  bytes["\xC4\xA0he"] = 258;
-  const json byte_level = {
-      {"model",
-       {{"type", "BPE"}, {"vocab", bytes}, {"merges", {"h e", "\xC4\xA0 he", "\xC4\xA0t he"}}}},
-      {"added_tokens", {{{"id", 259}, {"content", "<|endoftext|>"}, {"special", true}}}},
-      {"normalizer", nullptr},
-      {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
-      {"post_processor", {{"type", "ByteLevel"}}},
-      {"decoder", {{"type", "ByteLevel"}}}};
-  json pieces = {{"<unk>", 0}, {"<s>", 1}, {"</s>", 2}};
-  for (int b = 0; b < 256; ++b) {
-    char name[8];
-    std::snprintf(name, sizeof name, "<0x%02X>", b);
-    pieces[name] = 3 + b;
-  }
-  pieces["\xE2\x96\x81"] = 259;
-  pieces["t"] = 260;
-  pieces["\xE2\x96\x81t"] = 261;
-  const json sentencepiece = {
-      {"model",
-       {{"type", "BPE"},
-        {"vocab", pieces},
-        {"merges", {"\xE2\x96\x81 t"}},
-        {"byte_fallback", true},
-        {"unk_token", "<unk>"}}},
-      {"added_tokens",
-       {{{"id", 0}, {"content", "<unk>"}, {"special", true}},
-        {{"id", 1}, {"content", "<s>"}, {"special", true}},
-        {{"id", 2}, {"content", "</s>"}, {"special", true}}}},
-      {"normalizer",
-       {{"type", "Sequence"},
-        {"normalizers",
-         {{{"type", "Prepend"}, {"prepend", "\xE2\x96\x81"}},
-          {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\xE2\x96\x81"}}}}}},
-      {"pre_tokenizer", nullptr},
-      {"post_processor", nullptr},
-      {"decoder",
-       {{"type", "Sequence"},
-        {"decoders",
-         {{{"type", "Replace"}, {"pattern", {{"String", "\xE2\x96\x81"}}}, {"content", " "}},
-          {{"type", "ByteFallback"}},
-          {{"type", "Fuse"}},
-          {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}}}};
-  const json wordpiece = {
-      {"model",
-       {{"type", "WordPiece"},
-        {"vocab",
-         {{"[PAD]", 0}, {"[UNK]", 1}, {"[CLS]", 2}, {"[SEP]", 3}, {"hello", 4}, {"##s", 5}}},
-        {"unk_token", "[UNK]"},
-        {"continuing_subword_prefix", "##"},
-        {"max_input_chars_per_word", 100}}},
-      {"added_tokens",
-       {{{"id", 0}, {"content", "[PAD]"}, {"special", true}},
-        {{"id", 2}, {"content", "[CLS]"}, {"special", true}},
-        {{"id", 3}, {"content", "[SEP]"}, {"special", true}}}},
-      {"normalizer", {{"type", "BertNormalizer"}, {"lowercase", true}}},
-      {"pre_tokenizer", {{"type", "BertPreTokenizer"}}},
-      {"post_processor",
-       {{"type", "BertProcessing"}, {"sep", {"[SEP]", 3}}, {"cls", {"[CLS]", 2}}}},
-      {"decoder", {{"type", "WordPiece"}, {"prefix", "##"}}}};
+  const json byte_level = test::gpt2_style_tokenizer();
+  const json sentencepiece = test::llama_style_tokenizer();
+  const json wordpiece = test::bert_style_tokenizer();
   std::vector<Seed> out;
   for (const auto* j : {&byte_level, &sentencepiece, &wordpiece})
     out.push_back({"tokenizer.json", j->dump(1), {}});
@@ -312,15 +238,18 @@ methods:
     targets: [all-linear]
   - {name: ia3, targets: [ffn.down], layers: [0, "1-2"]}
 train:
-  steps: 6
-  batch_size: 4
-  lr: 1.0e-2
-  schedule: cosine
-  warmup_steps: 2
+  steps: 12
+  batch_size: 2
+  gradient_accumulation: 2
+  optimizer: adamw
+  lr: 3.0e-3
+  weight_decay: 0.01
+  max_grad_norm: 1.0
+  schedule: linear
 eval:
-  every: 3
-  batches: 2
-  metrics: [loss, perplexity]
+  every: 4
+  batches: 3
+  metrics: [loss, perplexity, accuracy]
 generate:
   prompt: "the cat"
   max_new_tokens: 8
