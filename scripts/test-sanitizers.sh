@@ -8,8 +8,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 build=${GRAFT_ASAN_BUILD_DIR:-$root/build-asan}
 jobs=${GRAFT_JOBS:-$(nproc)}
 "$root/scripts/setup.sh"
-# -O1 keeps the sanitized code near the speed of the tests' budgets and its reports exact.
-cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g" \
+X
+cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
   -DGRAFT_SANITIZE=address,undefined -DGRAFT_BUILD_BENCH=OFF >/dev/null
 cmake --build "$build" -j "$jobs" --target graft_tests
 # libtorch and the plugins stay loaded until exit: what they hold then is not a leak to report.

@@ -571,15 +571,15 @@ void read_pre_tokenizer(HfTokenizer& t, const json& p, const std::string& where)
   if (p.is_null()) return;
   const auto type = p.value("type", "");
   if (type == "Sequence") {
-    for (const auto& q : p["pretokenizers"]) read_pre_tokenizer(t, q, where);
+    for (const auto& q : p.at("pretokenizers")) read_pre_tokenizer(t, q, where);
   } else if (type == "ByteLevel") {
     t.byte_level = true;
     t.add_prefix_space = p.value("add_prefix_space", false);
     if (p.value("use_regex", true) && t.split == Split::none) t.split = Split::gpt2;
   } else if (type == "Split") {
-    if (!p.contains("pattern") || !p["pattern"].contains("Regex"))
+    if (!p.contains("pattern") || !p.at("pattern").contains("Regex"))
       unsupported(where, "pre-tokenizer", p);
-    t.split = split_from_regex(where, p["pattern"]["Regex"].get<std::string>());
+    t.split = split_from_regex(where, p.at("pattern").at("Regex").get<std::string>());
   } else if (type == "Metaspace") {
     t.metaspace = true;
     const auto scheme =
@@ -597,18 +597,18 @@ void read_normalizer(HfTokenizer& t, const json& n, const std::string& where) {
   if (n.is_null()) return;
   const auto type = n.value("type", "");
   if (type == "Sequence") {
-    for (const auto& m : n["normalizers"]) read_normalizer(t, m, where);
+    for (const auto& m : n.at("normalizers")) read_normalizer(t, m, where);
   } else if (type == "BertNormalizer") {
     t.bert_normalize = true;
     t.lowercase = n.value("lowercase", true);
-    t.strip_accents = n.contains("strip_accents") && !n["strip_accents"].is_null()
-                          ? n["strip_accents"].get<bool>()
+    t.strip_accents = n.contains("strip_accents") && !n.at("strip_accents").is_null()
+                          ? n.at("strip_accents").get<bool>()
                           : t.lowercase;
   } else if (type == "Prepend" && n.value("prepend", "") == kMeta) {
     t.metaspace = true;
     t.prepend_meta = true;
   } else if (type == "Replace" && n.contains("pattern") &&
-             n["pattern"].value("String", "") == " " && n.value("content", "") == kMeta) {
+             n.at("pattern").value("String", "") == " " && n.value("content", "") == kMeta) {
     t.metaspace = true;
   } else if (type == "NFC" && t.byte_level) {
     // Qwen2 normalises to NFC; text that is already NFC (nearly all) is unchanged.
@@ -626,21 +626,21 @@ void read_post_processor(HfTokenizer& t, const json& p, const std::string& where
   if (p.is_null()) return;
   const auto type = p.value("type", "");
   if (type == "Sequence") {
-    for (const auto& q : p["processors"]) read_post_processor(t, q, where);
+    for (const auto& q : p.at("processors")) read_post_processor(t, q, where);
   } else if (type == "BertProcessing" || type == "RobertaProcessing") {
-    t.prefix_ids = {special_id(p["cls"])};
-    t.suffix_ids = {special_id(p["sep"])};
+    t.prefix_ids = {special_id(p.at("cls"))};
+    t.suffix_ids = {special_id(p.at("sep"))};
   } else if (type == "TemplateProcessing") {
-    const auto& specials = p["special_tokens"];
+    const auto& specials = p.at("special_tokens");
     bool after = false;
-    for (const auto& item : p["single"]) {
+    for (const auto& item : p.at("single")) {
       if (item.contains("Sequence")) {
         after = true;
       } else if (item.contains("SpecialToken")) {
-        const auto name = item["SpecialToken"]["id"].get<std::string>();
+        const auto name = item.at("SpecialToken").at("id").get<std::string>();
         if (!specials.contains(name))
           throw FileError(where, "post_processor names unknown special token " + name);
-        for (const auto& id : specials[name]["ids"])
+        for (const auto& id : specials.at(name).at("ids"))
           (after ? t.suffix_ids : t.prefix_ids).push_back(id.get<std::int64_t>());
       }
     }
@@ -664,7 +664,7 @@ void read_decoder(HfTokenizer& t, const json& d, const std::string& where) {
         d.value("prepend_scheme", "always") != "never" && d.value("add_prefix_space", true);
   } else if (type == "Sequence") {
     t.decoder = HfTokenizer::Decoder::metaspace;
-    for (const auto& e : d["decoders"]) {
+    for (const auto& e : d.at("decoders")) {
       const auto et = e.value("type", "");
       if (et == "Strip")
         t.strip_leading_space = e.value("start", 0) > 0;
@@ -730,8 +730,8 @@ std::shared_ptr<Tokenizer> load_tokenizer_json(const std::filesystem::path& path
       }
       t->byte_fallback = model.value("byte_fallback", false);
       t->ignore_merges = model.value("ignore_merges", false);
-      if (model.contains("unk_token") && model["unk_token"].is_string())
-        t->unk_token = model["unk_token"];
+      if (model.contains("unk_token") && model.at("unk_token").is_string())
+        t->unk_token = model.at("unk_token");
       t->decoder = HfTokenizer::Decoder::byte_level;
     } else if (type == "WordPiece") {
       t->kind = HfTokenizer::Kind::wordpiece;
@@ -744,7 +744,7 @@ std::shared_ptr<Tokenizer> load_tokenizer_json(const std::filesystem::path& path
           where, "model type \"" + type + "\" is not supported (graft reads BPE and WordPiece)");
     }
     if (j.contains("added_tokens"))
-      for (const auto& a : j["added_tokens"])
+      for (const auto& a : j.at("added_tokens"))
         t->added.push_back({a.at("content").get<std::string>(),
                             check_id(a.at("id").get<std::int64_t>(), "added token"),
                             a.value("special", false)});
