@@ -369,8 +369,8 @@ Outcome run_one(const Target& target, const Seed& seed, const std::string& bytes
     for (std::string line; std::getline(lines, line);) {
       if (line.find(dir.string()) == std::string::npos)
         out.problem = "an error line names no file: " + line;
-      for (const char* word : kJargon)
-        if (line.find(word) != std::string::npos)
+      for (const char* word : kJargon)  // (a name quoted from the input may hold anything)
+        if (line.find(word) != std::string::npos && bytes.find(word) == std::string::npos)
           out.problem = std::string("the error says ") + word;
     }
   } catch (const std::exception& e) {

@@ -247,7 +247,13 @@ io::TensorMap with_rope_order(const ModelConfig& c, io::TensorMap t, RopeStyle f
   for (auto& [name, w] : t) {
     const bool q = name.find(".attn.q.") != std::string::npos;
     const bool k = name.find(".attn.k.") != std::string::npos;
-    if (q || k) w = permute_rope_rows(w, q ? c.num_heads : c.num_kv_heads, from, to);
+    if (!q && !k) continue;
+    const auto heads = q ? c.num_heads : c.num_kv_heads;
+    if (w.dim() < 1 || w.size(0) != heads * c.head_dim)  // checked before its rows are reordered
+      throw Error("tensor '" + name + "' has shape " + c10::str(w.sizes()) + ", but " +
+                  std::to_string(heads) + " heads of " + std::to_string(c.head_dim) + " need " +
+                  std::to_string(heads * c.head_dim) + " rows");
+    w = permute_rope_rows(w, heads, from, to);
   }
   return t;
 }
