@@ -48,7 +48,7 @@ bool is_graft_adapter(const fs::path& dir) {
   const auto cfg_path = dir / "adapter_config.json";
   if (!fs::exists(cfg_path)) return false;
   try {
-    return json::parse(io::read_text_file(cfg_path)).value("format", "") == "graft-adapter";
+    return io::read_json_file(cfg_path).value("format", "") == "graft-adapter";
   } catch (const std::exception&) {
     return false;
   }

@@ -2,6 +2,7 @@
 #include <graft/chat.h>
 #include <graft/error.h>
 #include <graft/io/file.h>
+#include <graft/io/json.h>
 #include <graft/plugin.h>
 #include <graft/recipe.h>
 #include <yaml-cpp/yaml.h>
@@ -263,7 +264,7 @@ fs::path recipe_base_dir(const fs::path& file) {
   const auto manifest = file.parent_path() / "manifest.json";
   if (file.filename() == "recipe.yaml" && fs::exists(manifest)) {
     try {
-      const auto j = nlohmann::json::parse(io::read_text_file(manifest));
+      const auto j = io::read_json_file(manifest);
       const fs::path original = j.value("recipe", std::string());
       if (original.is_absolute()) return original.parent_path();
     } catch (const std::exception&) {

@@ -678,16 +678,17 @@ void save_checkpoint(Session& s, torch::optim::Optimizer& opt, const Position& p
   // Keep the newest `keep` of the checkpoints graft wrote (by their marker; nothing else in the
   // folder is touched), by step number.
   auto all = checkpoints_in(run);
-  all.erase(std::remove_if(all.begin(), all.end(),
-                           [](const auto& c) {
-                             try {
-                               return json::parse(io::read_text_file(c.second / "trainer.json"))
-                                          .value("format", "") != kCheckpointFormat;
-                             } catch (const std::exception&) {
-                               return true;  // not one graft wrote
-                             }
-                           }),
-            all.end());
+  all.erase(
+      std::remove_if(all.begin(), all.end(),
+                     [](const auto& c) {
+                       try {
+                         return io::read_json_file(c.second / "trainer.json").value("format", "") !=
+                                kCheckpointFormat;
+                       } catch (const std::exception&) {
+                         return true;  // not one graft wrote
+                       }
+                     }),
+      all.end());
   for (std::size_t i = 0; i + keep < all.size(); ++i) fs::remove_all(all[i].second);
 }
 
