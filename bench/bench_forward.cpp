@@ -1,8 +1,9 @@
 // Llama forward throughput at a realistic shape with random weights, reported against a plain
 // matrix multiply measured in the same run on the same threads.
 //
-//   graft_bench [--d 512] [--layers 8] [--heads 8] [--seq 256] [--batch 8] [--threads N]
-//               [--repeat 5] [--matmul-only] [--hooks]
+//   graft_bench [--d 512] [--layers 8] [--heads 8] [--ffn 1376] [--seq 256] [--batch 8]
+//               [--threads N] [--repeat 5] [--matmul-only] [--hooks]
+//   graft_bench --train METHODS ...   the training step (bench_train.cpp)
 //
 // Prints tokens/s, the forward's achieved GFLOP/s, the plain matmuls' GFLOP/s and their ratio.
 // With --hooks, also the cost of the hook machinery with nothing attached: the model's forward
@@ -18,11 +19,14 @@
 #include <string>
 #include <vector>
 
+#include "bench_train.h"
 #include "models/common.h"
 #include "models/families.h"
+#include "timing.h"
 
 namespace {
 
+using graft::bench::median_seconds;
 using graft::models::apply_rope;
 using graft::models::attend;
 using graft::models::positions_from_mask;
@@ -61,29 +65,14 @@ at::Tensor direct_forward(graft::Model& m, const at::Tensor& ids) {
   return torch::linear(x, p["head.weight"]);
 }
 
-using Clock = std::chrono::steady_clock;
-
-// Median wall time of `repeat` runs of `fn`, after one warm-up run.
-template <typename F>
-double median_seconds(int repeat, F&& fn) {
-  fn();
-  std::vector<double> t;
-  for (int i = 0; i < repeat; ++i) {
-    auto start = Clock::now();
-    fn();
-    t.push_back(std::chrono::duration<double>(Clock::now() - start).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   graft::wait_passively(argv);
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each figure as it is measured, even into a pipe
-  std::int64_t d = 512, layers = 8, heads = 8, seq = 256, batch = 8;
-  int threads = 0, repeat = 5;
+  std::int64_t d = 512, layers = 8, heads = 8, ffn = 1376, vocab = 32000, seq = 256, batch = 8;
+  int threads = 0, repeat = 0;
+  std::string train;
   bool matmul_only = false, hooks = false;
   for (int i = 1; i < argc; ++i) {
     auto next = [&](const char* name) -> long long {
@@ -100,7 +89,17 @@ int main(int argc, char** argv) {
       layers = next("--layers");
     else if (a == "--heads")
       heads = next("--heads");
-    else if (a == "--seq")
+    else if (a == "--ffn")
+      ffn = next("--ffn");
+    else if (a == "--vocab")
+      vocab = next("--vocab");
+    else if (a == "--train") {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "graft_bench: --train needs a value\n");
+        return 2;
+      }
+      train = argv[++i];
+    } else if (a == "--seq")
       seq = next("--seq");
     else if (a == "--batch")
       batch = next("--batch");
@@ -117,15 +116,38 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  for (auto [name, v] : {std::pair{"--d", d},
+                         {"--layers", layers},
+                         {"--heads", heads},
+                         {"--ffn", ffn},
+                         {"--vocab", vocab},
+                         {"--seq", seq},
+                         {"--batch", batch}})
+    if (v < 1) {
+      std::fprintf(stderr, "graft_bench: %s must be at least 1\n", name);
+      return 2;
+    }
+  if (d % heads != 0) {
+    std::fprintf(stderr, "graft_bench: --heads must divide --d\n");
+    return 2;
+  }
   graft::set_threads(threads);
+  if (!train.empty()) {
+    graft::bench::TrainBenchOptions o;
+    o.methods = train;
+    o.d = d, o.layers = layers, o.heads = heads, o.ffn = ffn, o.vocab = vocab, o.seq = seq;
+    o.batch = batch;
+    o.repeat = repeat > 0 ? repeat : 3;
+    return graft::bench::train_bench(o);
+  }
+  if (repeat <= 0) repeat = 5;
   torch::NoGradGuard no_grad;
   const std::int64_t tokens = batch * seq;
-  const std::int64_t ffn = ((8 * d / 3 + 63) / 64) * 64;  // llama's SwiGLU width, rounded
 
   // The reference: the plain matrix products a forward of this shape performs (per layer q, k,
   // v, o, gate, up, down and attention's two batched products; then the LM head), each timed on
   // its own. Their total time is what the forward would take if nothing but matmuls cost time.
-  const std::int64_t vocab = 32000, hd = d / heads;
+  const std::int64_t hd = d / heads;
   struct Product {
     const char* name;
     at::Tensor a, b;

@@ -28,6 +28,7 @@ class Nf4Weight : public WeightTransform {
     return q_.dequantize().to(weight.dtype());
   }
   bool mergeable() const override { return true; }
+  bool recomputable() const override { return true; }  // the backward dequantises again
   at::Tensor dequantized() {
     sync();
     return q_.dequantize();

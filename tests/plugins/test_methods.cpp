@@ -10,6 +10,7 @@
 #include <torch/torch.h>
 
 #include <fstream>
+#include <set>
 
 #include "method_params.h"
 #include "numeric.h"
@@ -282,6 +283,61 @@ TEST_CASE("QLoRA computes the same whichever of quantize and lora is listed firs
   const auto a = logits(*first, ids), b = logits(*second, ids);
   CHECK(torch::equal(a, b));
   CHECK_FALSE(torch::equal(a, logits(*make(), ids)));  // and both differ from the plain base
+}
+
+TEST_CASE("QLoRA's backward dequantises the NF4 base again, with the held weights' gradients") {
+  // A frozen quantised site keeps its input for the backward, not a dequantised F32 copy of its
+  // weight; the gradients are those of the same model with the dequantised weights put back.
+  load_test_plugins();
+  auto config = graft::test::tiny_config("llama");
+  config.hidden_size = 64;
+  config.head_dim = 16;
+  config.intermediate_size = 128;
+  auto make = [&] {
+    auto model = models::make_model(config);
+    models::init_parameters(*model, 3, 0.05);
+    for (auto& p : model->parameters()) p.set_requires_grad(false);
+    return model;
+  };
+  const auto lora_params = params({{"r", "4"}, {"targets", "[all-linear]"}});
+  auto nf4 = make(), held = make();
+  auto q1 = make_method("quantize", params({})), l1 = make_method("lora", lora_params);
+  auto q2 = make_method("quantize", params({})), l2 = make_method("lora", lora_params);
+  q1->attach(*nf4);
+  l1->attach(*nf4);
+  nudge(*l1);
+  q2->attach(*held);
+  l2->attach(*held);
+  l2->load_state(l1->state(), "l1");
+  q2->merge(*held);  // the dequantised weights back as plain frozen weights
+  const auto ids = torch::randint(config.vocab_size, {2, 7}, torch::kLong);
+  auto upstream = torch::randn({2, 7, config.vocab_size});
+  auto grads = [&](Model& m, Method& lora) {
+    auto out = m.forward({ids, {}, {}, {}}, nullptr).logits;
+    (out * upstream).sum().backward();
+    std::vector<at::Tensor> g;
+    for (auto& [name, t] : lora.trainable_parameters()) g.push_back(t.grad());
+    return std::pair{out, g};
+  };
+  auto [out_nf4, g_nf4] = grads(*nf4, *l1);
+  auto [out_held, g_held] = grads(*held, *l2);
+  // The recomputing node is in the graph (a later layer's input needs its gradient).
+  std::vector<torch::autograd::Node*> todo{out_nf4.grad_fn().get()};
+  std::set<torch::autograd::Node*> seen;
+  bool recomputes = false;
+  while (!todo.empty()) {
+    auto* n = todo.back();
+    todo.pop_back();
+    if (!n || !seen.insert(n).second) continue;
+    recomputes |= n->name().find("RecomputedWeightLinear") != std::string::npos;
+    for (const auto& e : n->next_edges()) todo.push_back(e.function.get());
+  }
+  CHECK(recomputes);
+  const auto terms = 2 * graft::test::forward_terms(config, 7);
+  GRAFT_CHECK_CLOSE(out_nf4, out_held, graft::test::reorder_tolerance(out_held, terms));
+  REQUIRE(g_nf4.size() == g_held.size());
+  for (std::size_t i = 0; i < g_nf4.size(); ++i)
+    GRAFT_CHECK_CLOSE(g_nf4[i], g_held[i], graft::test::reorder_tolerance(g_held[i], terms));
 }
 
 TEST_CASE("the Fastfood projection is regenerated from its seed, never stored") {

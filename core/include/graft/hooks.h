@@ -38,6 +38,10 @@ class WeightTransform : public Hook {
   virtual at::Tensor transform(const at::Tensor& weight, const LinearImpl& site) = 0;
   /// Whether transform() may be folded into the stored weight.
   virtual bool mergeable() const { return false; }
+  /// Whether transform() trains nothing and may simply run again in the backward pass. When every
+  /// transform at a frozen site says so, the site keeps its input for the backward rather than
+  /// the transformed weight (a quantised base stays quantised between forward and backward).
+  virtual bool recomputable() const { return false; }
 };
 
 /// Adds to a linear site's output: y += delta(x). x: [..., in] -> [..., out] (low-rank or

@@ -134,6 +134,9 @@ struct ForwardInput {
   /// Also return the hidden states and logits at the prompt positions an embed site prepends (in
   /// front of the tokens' own), as peft's forward does; by default they are dropped.
   bool prompt_outputs = false;
+  /// A language model's final hidden states only: the head is not applied and logits stay
+  /// undefined (the training loss applies the head itself, a chunk of rows at a time).
+  bool hidden_only = false;
 };
 
 /// The outputs of one forward pass.

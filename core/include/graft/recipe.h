@@ -16,6 +16,8 @@ namespace graft {
 /// Reads a YAML file into settings (scalars keep their text; sources are file:line:column).
 /// A syntax error is a FileError naming the file, line and column.
 Params read_yaml(const std::filesystem::path& path);
+/// The same for YAML text; `name` stands for the file in sources and errors.
+Params read_yaml_text(const std::string& text, const std::string& name);
 
 /// The folder holding the shipped recipes/ and configs/: the source checkout graft was built
 /// from, else where `cmake --install` put them (share/graft). Throws graft::Error when neither has

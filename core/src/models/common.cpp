@@ -1,11 +1,14 @@
 #include "models/common.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/record_function.h>
 #include <graft/error.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+
+#include "models/fused.h"
 
 namespace graft {
 
@@ -36,12 +39,32 @@ at::Tensor LinearImpl::effective_weight() const {
   return w;
 }
 
+namespace {
+
+// Whether the site's weight is frozen and every transform of it may run again in the backward.
+bool recomputes_weight(const SiteHooks& hooks, const at::Tensor& weight) {
+  if (hooks.weight_transforms.empty() || weight.requires_grad()) return false;
+  for (const auto& t : hooks.weight_transforms)
+    if (!t->recomputable()) return false;
+  return true;
+}
+
+}  // namespace
+
 at::Tensor LinearImpl::hooked(const at::Tensor& x) {
-  const auto w = effective_weight();
   at::Tensor in = x;
   for (const auto& s : hooks_->scales)
     if (s->side() == LinearScale::Side::input) in = in * s->scale().to(in.dtype());
-  auto y = bias.defined() ? torch::linear(in, w, bias) : torch::linear(in, w);
+  at::Tensor y;
+  auto self = weak_from_this().lock();
+  if (self && recomputes_weight(*hooks_, weight) && torch::GradMode::is_enabled() &&
+      in.requires_grad()) {
+    y = models::linear_recomputing_weight(in, std::static_pointer_cast<LinearImpl>(self));
+    if (bias.defined()) y = y + bias;
+  } else {
+    const auto w = effective_weight();
+    y = bias.defined() ? torch::linear(in, w, bias) : torch::linear(in, w);
+  }
   // A method's parameters may be float32 over a bfloat16 model: the output keeps the model's dtype.
   for (const auto& d : hooks_->deltas) y = y + d->delta(in, *this).to(y.dtype());
   for (const auto& s : hooks_->scales)
@@ -289,6 +312,7 @@ NormImpl::NormImpl(std::int64_t width, double eps_, bool layer_norm_)
 }
 
 at::Tensor NormImpl::forward(const at::Tensor& x) {
+  RECORD_USER_SCOPE("graft::norm");
   if (layer_norm) return torch::layer_norm(x, {x.size(-1)}, weight, bias, eps);
   // RMSNorm in float32, as transformers and llama.cpp compute it, whatever the model's dtype.
   auto xf = x.to(torch::kFloat);
@@ -331,22 +355,13 @@ std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, std::
 
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       RopeStyle style) {
-  const auto half = x.size(-1) / 2;
-  auto xf = x.to(torch::kFloat);
-  at::Tensor out;
-  if (style == RopeStyle::interleaved) {
-    auto pairs = xf.unflatten(-1, {half, 2});
-    auto x0 = pairs.select(-1, 0), x1 = pairs.select(-1, 1);
-    out = torch::stack({x0 * cos - x1 * sin, x0 * sin + x1 * cos}, -1).flatten(-2);
-  } else {
-    auto x0 = xf.narrow(-1, 0, half), x1 = xf.narrow(-1, half, half);
-    out = torch::cat({x0 * cos - x1 * sin, x1 * cos + x0 * sin}, -1);
-  }
-  return out.to(x.scalar_type());
+  RECORD_USER_SCOPE("graft::rope");
+  return rotate(x, cos, sin, style);
 }
 
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& key_mask, bool causal, std::int64_t window) {
+  RECORD_USER_SCOPE("graft::attention");
   const auto batch = q.size(0), heads = q.size(1), seq = q.size(2), dim = q.size(3);
   const auto kv_heads = k.size(1), keys = k.size(2);
   TORCH_CHECK(heads % kv_heads == 0, "attention: ", heads, " query heads are not a multiple of ",
@@ -356,7 +371,6 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     kk = k.repeat_interleave(heads / kv_heads, 1);
     vv = v.repeat_interleave(heads / kv_heads, 1);
   }
-  auto scores = torch::matmul(q, kk.transpose(-2, -1)).to(torch::kFloat) / std::sqrt(double(dim));
   auto allowed = key_mask.to(torch::kBool).view({batch, 1, 1, keys});
   if (causal) {
     auto opts = torch::TensorOptions().dtype(torch::kLong).device(q.device());
@@ -366,9 +380,7 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     if (window > 0) visible = visible & (kpos > qpos - window);
     allowed = allowed & visible.view({1, 1, seq, keys});
   }
-  scores = scores.masked_fill(allowed.logical_not(), std::numeric_limits<float>::lowest());
-  auto probs = torch::softmax(scores, -1).to(v.scalar_type());
-  auto out = torch::matmul(probs, vv);  // [B, H, T, dim]
+  auto out = attention_core(q, kk, vv, allowed);  // [B, H, T, dim]
   return out.transpose(1, 2).reshape({batch, seq, heads * dim});
 }
 
@@ -463,13 +475,14 @@ at::Tensor last_token_index(const at::Tensor& input_ids, const at::Tensor& mask,
 
 ForwardOutput decoder_outputs(const at::Tensor& x, const ForwardInput& in, std::int64_t prompt,
                               const ModelConfig& config, LinearImpl& head) {
+  RECORD_USER_SCOPE("graft::head");
   ForwardOutput out;
   out.hidden = in.prompt_outputs ? x : x.slice(1, prompt);
   if (config.classifier == "score") {
     auto last = last_token_index(in.input_ids, in.attention_mask, config.pad_token_id) + prompt;
     out.pooled = x.index({torch::arange(x.size(0), last.options()), last});
     out.logits = head.forward(out.pooled);
-  } else {
+  } else if (!in.hidden_only) {
     out.logits = head.forward(out.hidden);
   }
   return out;

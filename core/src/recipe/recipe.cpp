@@ -350,6 +350,11 @@ Params read_yaml(const fs::path& path) {
   return from_yaml(parse_yaml(text, path.string()), path.string(), "", left);
 }
 
+Params read_yaml_text(const std::string& text, const std::string& name) {
+  std::size_t left = kMaxYamlValues;
+  return from_yaml(parse_yaml(text, name), name, "", left);
+}
+
 namespace {
 void emit(YAML::Emitter& out, const Params& p, bool flow) {
   switch (p.kind()) {

@@ -35,6 +35,7 @@
 #include <type_traits>
 
 #include "build_config.h"
+#include "recipe/loss.h"
 #include "util/file.h"
 
 namespace graft {
@@ -244,21 +245,10 @@ at::Tensor task_logits(Session& s, const Batch& b) {
   return s.head->linear(pooled.to(s.head->linear->weight.dtype()));
 }
 
-struct LossParts {
-  at::Tensor loss;       // mean over the batch's targets
-  std::int64_t targets;  // tokens or examples scored
-};
-
 LossParts task_loss(Session& s, const Batch& b) {
+  if (!s.classification) return causal_lm_loss(s.model(), b);
   auto logits = task_logits(s, b).to(torch::kFloat);
-  if (s.classification) return {torch::cross_entropy_loss(logits, b.labels), b.labels.size(0)};
-  auto pred = logits.slice(1, 0, -1).reshape({-1, logits.size(-1)});
-  auto target = b.labels.slice(1, 1).reshape({-1});
-  const auto n = target.ne(-100).sum().item<std::int64_t>();
-  auto loss = torch::nn::functional::cross_entropy(
-      pred, target,
-      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
-  return {loss / std::max<std::int64_t>(n, 1), n};
+  return {torch::cross_entropy_loss(logits, b.labels), b.labels.size(0)};
 }
 
 Batch to_device(Batch b, const torch::Device& d) {
@@ -285,8 +275,8 @@ json evaluate(Session& s, const std::vector<Example>& data, std::int64_t batch_s
     std::vector<std::size_t> which;
     for (std::size_t i = at; i < std::min(data.size(), at + batch_size); ++i) which.push_back(i);
     auto b = to_device(make_batch(data, which, s.pad_id, s.classification), s.device);
-    auto logits = task_logits(s, b).to(torch::kFloat);
     if (s.classification) {
+      auto logits = task_logits(s, b).to(torch::kFloat);
       loss_sum +=
           torch::cross_entropy_loss(logits, b.labels, {}, at::Reduction::Sum).item<double>();
       auto pred = logits.argmax(-1).cpu();
@@ -305,16 +295,10 @@ json evaluate(Session& s, const std::vector<Example>& data, std::int64_t batch_s
       }
       scored += pred.size(0);
     } else {
-      auto pred = logits.slice(1, 0, -1).reshape({-1, logits.size(-1)});
-      auto target = b.labels.slice(1, 1).reshape({-1});
-      auto valid = target.ne(-100);
-      loss_sum += torch::nn::functional::cross_entropy(
-                      pred, target,
-                      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(
-                          torch::kSum))
-                      .item<double>();
-      correct += (pred.argmax(-1).eq(target) & valid).sum().item<std::int64_t>();
-      scored += valid.sum().item<std::int64_t>();
+      const auto lm = score_causal_lm(s.model(), b);
+      loss_sum += lm.loss_sum;
+      correct += lm.correct;
+      scored += lm.scored;
     }
   }
   json out = json::object();
