@@ -36,6 +36,22 @@ void nudge(Method& method) {
   for (auto& [name, t] : method.trainable_parameters()) t.add_(torch::randn_like(t) * 0.3);
 }
 
+// A llama wide enough for NF4's blocks of 64, and a frozen model of it with reproducible weights.
+ModelConfig qlora_config() {
+  auto config = graft::test::tiny_config("llama");
+  config.hidden_size = 64;
+  config.head_dim = 16;
+  config.intermediate_size = 128;
+  return config;
+}
+
+std::shared_ptr<Model> frozen_model(const ModelConfig& config) {
+  auto model = models::make_model(config);
+  models::init_parameters(*model, 3, 0.05);
+  for (auto& p : model->parameters()) p.set_requires_grad(false);
+  return model;
+}
+
 }  // namespace
 
 TEST_CASE("soft prompts work with padding on either side and with the key/value cache") {
@@ -256,15 +272,10 @@ TEST_CASE("QLoRA computes the same whichever of quantize and lora is listed firs
   // A linear site applies its weight transforms (NF4) to the base weight and then adds the
   // deltas, whatever order the methods attached in: the recipe order is not a trap (recipes.md).
   load_test_plugins();
-  auto config = graft::test::tiny_config("llama");
-  config.hidden_size = 64;
-  config.head_dim = 16;
-  config.intermediate_size = 128;
+  const auto config = qlora_config();
   auto make = [&] {
-    auto model = models::make_model(config);
-    models::init_parameters(*model, 3, 0.05);
+    auto model = frozen_model(config);
     model->eval();
-    for (auto& p : model->parameters()) p.set_requires_grad(false);
     return model;
   };
   const auto lora_params = params({{"r", "4"}, {"targets", "[all-linear]"}});
@@ -289,16 +300,8 @@ TEST_CASE("QLoRA's backward dequantises the NF4 base again, with the held weight
   // A frozen quantised site keeps its input for the backward, not a dequantised F32 copy of its
   // weight; the gradients are those of the same model with the dequantised weights put back.
   load_test_plugins();
-  auto config = graft::test::tiny_config("llama");
-  config.hidden_size = 64;
-  config.head_dim = 16;
-  config.intermediate_size = 128;
-  auto make = [&] {
-    auto model = models::make_model(config);
-    models::init_parameters(*model, 3, 0.05);
-    for (auto& p : model->parameters()) p.set_requires_grad(false);
-    return model;
-  };
+  const auto config = qlora_config();
+  auto make = [&] { return frozen_model(config); };
   const auto lora_params = params({{"r", "4"}, {"targets", "[all-linear]"}});
   auto nf4 = make(), held = make();
   auto q1 = make_method("quantize", params({})), l1 = make_method("lora", lora_params);

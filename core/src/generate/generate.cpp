@@ -73,10 +73,16 @@ at::Tensor generate(Model& model, const at::Tensor& input_ids, const at::Tensor&
   KVCache cache;
   auto ids = input_ids, full_ids = input_ids, full_mask = mask;
   ForwardInput in{input_ids, mask, {}, {}};
+  // The head on each row's last position only: the prompt's other positions need no logits.
+  auto last_logits = [&](ForwardInput fin, KVCache* c) {
+    fin.hidden_only = true;
+    auto out = model.forward(fin, c);
+    if (out.logits.defined()) return out.logits.select(1, out.logits.size(1) - 1);
+    return model.linear("head")->forward(out.hidden.select(1, out.hidden.size(1) - 1));
+  };
   for (std::int64_t step = 0; step < o.max_new_tokens; ++step) {
-    auto logits = o.use_cache ? model.forward(in, &cache).logits
-                              : model.forward({full_ids, full_mask, {}, {}}, nullptr).logits;
-    auto last = logits.select(1, logits.size(1) - 1);
+    auto last =
+        o.use_cache ? last_logits(in, &cache) : last_logits({full_ids, full_mask, {}, {}}, nullptr);
     std::vector<std::int64_t> next(batch);
     for (std::int64_t b = 0; b < batch; ++b) {
       next[b] = done[b] ? -1 : choose_token(last[b], o, state);
