@@ -3,7 +3,7 @@
 //
 //   graft_bench [--d 512] [--layers 8] [--heads 8] [--ffn 1376] [--seq 256] [--batch 8]
 //               [--threads N] [--repeat 5] [--matmul-only] [--hooks]
-//   graft_bench --train METHODS ...   the training step (bench_train.cpp)
+//   graft_bench --train METHODS [--bf16] ...   the training step (bench_train.cpp)
 //
 // Prints tokens/s, the forward's achieved GFLOP/s, the plain matmuls' GFLOP/s and their ratio.
 // With --hooks, also the cost of the hook machinery with nothing attached: the model's forward
@@ -73,6 +73,7 @@ int main(int argc, char** argv) {
   std::int64_t d = 512, layers = 8, heads = 8, ffn = 1376, vocab = 32000, seq = 256, batch = 8;
   int threads = 0, repeat = 0;
   std::string train;
+  bool bf16 = false;
   bool matmul_only = false, hooks = false;
   for (int i = 1; i < argc; ++i) {
     auto next = [&](const char* name) -> long long {
@@ -93,6 +94,8 @@ int main(int argc, char** argv) {
       ffn = next("--ffn");
     else if (a == "--vocab")
       vocab = next("--vocab");
+    else if (a == "--bf16")
+      bf16 = true;
     else if (a == "--train") {
       if (i + 1 >= argc) {
         std::fprintf(stderr, "graft_bench: --train needs a value\n");
@@ -138,6 +141,7 @@ int main(int argc, char** argv) {
     o.d = d, o.layers = layers, o.heads = heads, o.ffn = ffn, o.vocab = vocab, o.seq = seq;
     o.batch = batch;
     o.repeat = repeat > 0 ? repeat : 3;
+    o.bf16 = bf16;
     return graft::bench::train_bench(o);
   }
   if (repeat <= 0) repeat = 5;

@@ -9,7 +9,8 @@
 // The step is the trainer's own: make_batch, causal_lm_loss, backward, AdamW. Its FLOPs are
 // counted, not estimated: one step runs with an observer on libtorch's dispatcher that records
 // the shape of every matrix product (mm, addmm, bmm, baddbmm) in the forward and the backward;
-// those products are then timed one by one as plain products of contiguous random matrices. The
+// those products are then timed one by one as plain products of contiguous random matrices of
+// the same dtype (bfloat16 ones under --bf16). The
 // ratio of the two rates says how close the step comes to costing nothing but its products.
 // Peak RSS is the process's high-water mark after the timed steps, before the reference
 // matrices are made. The per-phase breakdown comes from the named scopes of the model's forward
@@ -93,15 +94,25 @@ void scope_end(const at::RecordFunction& fn, at::ObserverContext* ctx) {
 
 struct Product {
   std::int64_t batch, m, k, n;  // batch 0: a plain [m, k] x [k, n] product
+  at::ScalarType dtype;
   bool operator<(const Product& o) const {
-    return std::tie(batch, m, k, n) < std::tie(o.batch, o.m, o.k, o.n);
+    return std::tie(batch, m, k, n, dtype) < std::tie(o.batch, o.m, o.k, o.n, o.dtype);
   }
   double flops() const { return 2.0 * std::max<std::int64_t>(batch, 1) * m * k * n; }
 };
 
 std::map<Product, std::int64_t> products;
 
-std::unique_ptr<at::ObserverContext> count_product(const at::RecordFunction& fn) {
+// A product call in flight. Autocast's kernel for a product calls the product again with its
+// operands cast (both calls pass the dispatcher): only a call with no product inside counts.
+struct ProductCall : at::ObserverContext {
+  Product product{};
+  bool nested = false;
+  ProductCall* parent = nullptr;
+};
+thread_local ProductCall* current_product = nullptr;
+
+std::unique_ptr<at::ObserverContext> product_start(const at::RecordFunction& fn) {
   const std::string name = fn.name();
   // The operands: mm(a, b), bmm(a, b); addmm(c, a, b), baddbmm(c, a, b) and their in-place
   // forms (the chunked loss accumulates the head's weight gradient with addmm_).
@@ -116,12 +127,22 @@ std::unique_ptr<at::ObserverContext> count_product(const at::RecordFunction& fn)
   const auto inputs = fn.inputs();
   if (inputs.size() < first + 2 || !inputs[first].isTensor() || !inputs[first + 1].isTensor())
     return nullptr;
-  const auto a = inputs[first].toTensor().sizes(), b = inputs[first + 1].toTensor().sizes();
-  if (a.size() == 2)
-    ++products[{0, a[0], a[1], b[1]}];
-  else
-    ++products[{a[0], a[1], a[2], b[2]}];
-  return nullptr;
+  const auto& ta = inputs[first].toTensor();
+  const auto a = ta.sizes(), b = inputs[first + 1].toTensor().sizes();
+  auto call = std::make_unique<ProductCall>();
+  call->product = a.size() == 2 ? Product{0, a[0], a[1], b[1], ta.scalar_type()}
+                                : Product{a[0], a[1], a[2], b[2], ta.scalar_type()};
+  if (current_product) current_product->nested = true;
+  call->parent = current_product;
+  current_product = call.get();
+  return call;
+}
+
+void product_end(const at::RecordFunction&, at::ObserverContext* ctx) {
+  if (!ctx) return;
+  auto* call = static_cast<ProductCall*>(ctx);
+  if (!call->nested) ++products[call->product];
+  current_product = call->parent;
 }
 
 // --- the step -------------------------------------------------------------------------------
@@ -232,7 +253,11 @@ int train_bench(const TrainBenchOptions& o) {
     const auto batch = make_batch(examples, rows, 0, false);
     t.data += seconds_since(start);
     start = Clock::now();
-    auto loss = causal_lm_loss(*model, batch).loss;
+    at::Tensor loss;
+    {
+      Autocast autocast(o.bf16, torch::kCPU);
+      loss = causal_lm_loss(*model, batch).loss;
+    }
     t.forward += seconds_since(start);
     start = Clock::now();
     loss.backward();
@@ -246,6 +271,7 @@ int train_bench(const TrainBenchOptions& o) {
   std::printf("threads            %d\n", torch::get_num_threads());
   std::printf("allocator          %s\n", tcmalloc_property() ? "tcmalloc" : "glibc malloc");
   std::printf("methods            %s\n", methods_yaml.c_str());
+  std::printf("precision          %s\n", o.bf16 ? "bf16 autocast, float32 weights" : "float32");
   std::printf(
       "shape              d %lld, %lld layers, %lld heads, ffn %lld, vocab %lld, batch %lld x "
       "seq %lld\n",
@@ -273,7 +299,7 @@ int train_bench(const TrainBenchOptions& o) {
 
   // One step more with the product counter on.
   auto count_handle = at::addGlobalCallback(
-      at::RecordFunctionCallback(count_product)
+      at::RecordFunctionCallback(product_start, product_end)
           .needsInputs(true)
           .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION}));
   StepTimes counted;
@@ -286,7 +312,11 @@ int train_bench(const TrainBenchOptions& o) {
   double heap_forward = 0;
   {
     const auto batch = make_batch(examples, rows, 0, false);
-    auto loss = causal_lm_loss(*model, batch).loss;
+    at::Tensor loss;
+    {
+      Autocast autocast(o.bf16, torch::kCPU);
+      loss = causal_lm_loss(*model, batch).loss;
+    }
     heap_forward = live_heap_mib();
     auto handle = at::addGlobalCallback(
         at::RecordFunctionCallback(sample_heap).scopes({at::RecordScope::BACKWARD_FUNCTION}));
@@ -301,13 +331,15 @@ int train_bench(const TrainBenchOptions& o) {
   // The same products as plain products of contiguous matrices.
   double plain_s = 0;
   for (const auto& [p, n] : products) {
-    const double s =
-        p.batch == 0
-            ? median_seconds(o.repeat, [&, a = torch::randn({p.m, p.k}),
-                                        b = torch::randn({p.k, p.n})] { auto r = torch::mm(a, b); })
-            : median_seconds(
-                  o.repeat, [&, a = torch::randn({p.batch, p.m, p.k}),
-                             b = torch::randn({p.batch, p.k, p.n})] { auto r = torch::bmm(a, b); });
+    const auto type = torch::TensorOptions().dtype(p.dtype);
+    auto plain = [&](at::Tensor a, at::Tensor b) {
+      return median_seconds(o.repeat,
+                            [&] { auto r = p.batch == 0 ? torch::mm(a, b) : torch::bmm(a, b); });
+    };
+    const double s = p.batch == 0
+                         ? plain(torch::randn({p.m, p.k}, type), torch::randn({p.k, p.n}, type))
+                         : plain(torch::randn({p.batch, p.m, p.k}, type),
+                                 torch::randn({p.batch, p.k, p.n}, type));
     plain_s += n * s;
   }
 

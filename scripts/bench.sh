@@ -5,7 +5,8 @@
 #     reference libblas put first on the library path).
 # `scripts/bench.sh train [options]` instead runs the training step (graft_bench --train) for
 # lora, full, qlora, bottleneck and prefix with the allocator graft's programs link (tcmalloc),
-# then the forward and lora's step again with glibc's malloc; options pass through to each.
+# lora under bf16 autocast, then the forward, and lora's step again with glibc's malloc; options
+# pass through to each.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${GRAFT_BUILD_DIR:-$root/build}
@@ -22,6 +23,9 @@ if [[ ${1:-} == train ]]; then
     LD_PRELOAD=$tcmalloc "$build/graft_bench" --train "$method" "$@"
     echo
   done
+  echo "== training step: lora, train.precision: bf16"
+  LD_PRELOAD=$tcmalloc "$build/graft_bench" --train lora --bf16 "$@"
+  echo
   echo "== forward (no gradients)"
   LD_PRELOAD=$tcmalloc "$build/graft_bench" "$@"
   echo

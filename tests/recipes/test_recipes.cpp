@@ -175,6 +175,27 @@ TEST_CASE("the same recipe and seed give bit-identical metrics and adapter, and 
   CHECK_THROWS_WITH_AS(run_recipe(other, resume), doctest::Contains("differs from the one"), Error);
 }
 
+TEST_CASE("train.precision: bf16 trains float32 master weights under autocast, reproducibly") {
+  Workspace w;
+  InDir in(w.dir);
+  CHECK_THROWS_WITH_AS(w.recipe("lm.yaml", {"train.precision=fp16"}),
+                       doctest::Contains("train.precision"), ParamError);
+  CHECK_THROWS_WITH_AS(w.recipe("lm.yaml", {"train.precision=bf16", "model.dtype=bfloat16"}),
+                       doctest::Contains("float32 master weights"), ParamError);
+  auto bf16 = w.recipe("lm.yaml", {"output.dir=runs/bf16", "train.precision=bf16"});
+  auto again = w.recipe("lm.yaml", {"output.dir=runs/again", "train.precision=bf16"});
+  auto f32 = w.recipe("lm.yaml", {"output.dir=runs/f32"});
+  const auto summary = run_recipe(bf16, w.quiet());
+  run_recipe(again, w.quiet());
+  run_recipe(f32, w.quiet());
+  CHECK(summary["eval_after"]["loss"].get<double>() < summary["eval_before"]["loss"].get<double>());
+  CHECK(read("runs/bf16/metrics.jsonl") == read("runs/again/metrics.jsonl"));
+  CHECK(read("runs/bf16/metrics.jsonl") != read("runs/f32/metrics.jsonl"));  // autocast is on
+  for (const auto& [name, t] :
+       io::read_safetensors("runs/bf16/adapter/adapter.safetensors").tensors)
+    CHECK_MESSAGE((t.scalar_type() == torch::kFloat), name);
+}
+
 TEST_CASE("SIGINT stops a run at a step boundary with a checkpoint; --resume continues exactly") {
   Workspace w;
   InDir in(w.dir);

@@ -173,3 +173,49 @@ TEST_CASE("the chunked LM loss is the full-vocabulary cross-entropy, with the sa
     }
   }
 }
+
+TEST_CASE("bf16 autocast: products in bfloat16, float32 loss and master-weight gradients") {
+  auto c = tiny_config("llama");
+  c.vocab_size = 97;
+  auto model = models::make_model(c);
+  models::init_parameters(*model, 9, 0.3);
+  Batch b;
+  b.input_ids = torch::randint(c.vocab_size, {2, 9}, torch::kLong);
+  b.attention_mask = torch::ones({2, 9}, torch::kLong);
+  b.labels = b.input_ids.clone();
+  auto loss_and_grads = [&](bool bf16) {
+    model->zero_grad();
+    at::Tensor loss;
+    {
+      Autocast autocast(bf16, torch::kCPU);
+      loss = causal_lm_loss(*model, b).loss;
+    }
+    loss.backward();  // outside autocast, as the trainer does
+    std::vector<at::Tensor> g;
+    for (auto& p : model->parameters()) g.push_back(p.grad().clone());
+    return std::pair{loss.detach(), g};
+  };
+  const auto [f32, g32] = loss_and_grads(false);
+  const auto [bf, gbf] = loss_and_grads(true);
+  CHECK((bf.scalar_type() == torch::kFloat));
+  const auto m = torch::randn({3, 3});
+  CHECK((torch::mm(m, m).scalar_type() == torch::kFloat));  // the guard turned autocast off again
+  {
+    Autocast autocast(true, torch::kCPU);
+    CHECK((torch::mm(m, m).scalar_type() == torch::kBFloat16));
+  }
+  for (const auto& g : gbf) CHECK((g.scalar_type() == torch::kFloat));
+  // Each product rounds both operands to bfloat16 (2^-8 relative each); the logits pass through
+  // `depth` products (q/k/v, scores, mix, o, gate/up, down per layer, then the head), and the loss
+  // moves by at most twice the largest change of a logit.
+  const double depth = 6.0 * c.num_layers + 1;
+  torch::NoGradGuard no_grad;
+  const auto logits = model->forward({b.input_ids, b.attention_mask, {}, {}}, nullptr).logits;
+  const double bound = 2 * depth * 2 * 0x1p-8 * max_abs(logits);
+  CHECK(max_diff(bf, f32) <= bound);
+  CHECK(max_diff(bf, f32) > reorder_tolerance(f32, forward_terms(c, 9)));  // not float32
+  bool some_gradient_moved = false;
+  for (std::size_t i = 0; i < g32.size(); ++i)
+    some_gradient_moved |= max_diff(gbf[i], g32[i]) > reorder_tolerance(g32[i], 64);
+  CHECK(some_gradient_moved);
+}

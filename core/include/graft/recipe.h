@@ -75,6 +75,8 @@ struct TrainSpec {
   std::int64_t warmup_steps = 0;
   double max_grad_norm = 1.0;  ///< 0 = no clipping
   std::int64_t log_every = 10;
+  /// float32, or bf16: forward and loss under bfloat16 autocast, float32 master weights
+  std::string precision = "float32";
 };
 
 struct EvalSpec {

@@ -1,7 +1,9 @@
 #include "recipe/loss.h"
 
+#include <ATen/autocast_mode.h>
 #include <ATen/record_function.h>
 #include <torch/torch.h>
+#include <torch/version.h>
 
 #include <algorithm>
 
@@ -148,6 +150,61 @@ LmScore score_causal_lm(Model& model, const Batch& batch, std::int64_t chunk_row
   s.loss_sum = loss.item<double>();
   s.correct = correct.item<std::int64_t>();
   return s;
+}
+
+// libtorch 2.4 names the device in one call where earlier versions had one call per device.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+#define GRAFT_AUTOCAST_BY_DEVICE 1
+#endif
+
+namespace {
+
+bool autocast_enabled(bool cuda) {
+#ifdef GRAFT_AUTOCAST_BY_DEVICE
+  return at::autocast::is_autocast_enabled(cuda ? at::kCUDA : at::kCPU);
+#else
+  return cuda ? at::autocast::is_enabled() : at::autocast::is_cpu_enabled();
+#endif
+}
+
+at::ScalarType autocast_dtype(bool cuda) {
+#ifdef GRAFT_AUTOCAST_BY_DEVICE
+  return at::autocast::get_autocast_dtype(cuda ? at::kCUDA : at::kCPU);
+#else
+  return cuda ? at::autocast::get_autocast_gpu_dtype() : at::autocast::get_autocast_cpu_dtype();
+#endif
+}
+
+void set_autocast(bool cuda, bool enabled, at::ScalarType dtype) {
+#ifdef GRAFT_AUTOCAST_BY_DEVICE
+  at::autocast::set_autocast_enabled(cuda ? at::kCUDA : at::kCPU, enabled);
+  at::autocast::set_autocast_dtype(cuda ? at::kCUDA : at::kCPU, dtype);
+#else
+  if (cuda) {
+    at::autocast::set_enabled(enabled);
+    at::autocast::set_autocast_gpu_dtype(dtype);
+  } else {
+    at::autocast::set_cpu_enabled(enabled);
+    at::autocast::set_autocast_cpu_dtype(dtype);
+  }
+#endif
+}
+
+}  // namespace
+
+Autocast::Autocast(bool bf16, const torch::Device& device) : on_(bf16), cuda_(device.is_cuda()) {
+  if (!on_) return;
+  was_enabled_ = autocast_enabled(cuda_);
+  was_dtype_ = autocast_dtype(cuda_);
+  set_autocast(cuda_, true, at::kBFloat16);
+  at::autocast::increment_nesting();
+}
+
+Autocast::~Autocast() {
+  if (!on_) return;
+  // The casts of the weights are cached while autocast is on; free them with the scope.
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  set_autocast(cuda_, was_enabled_, was_dtype_);
 }
 
 }  // namespace graft

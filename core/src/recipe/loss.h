@@ -4,6 +4,7 @@
 
 #include <graft/data.h>
 #include <graft/model.h>
+#include <torch/types.h>
 
 #include <cstdint>
 
@@ -28,5 +29,21 @@ struct LmScore {
   std::int64_t correct = 0, scored = 0;
 };
 LmScore score_causal_lm(Model& model, const Batch& batch, std::int64_t chunk_rows = 0);
+
+/// Mixed precision for the scope of the object: with `bf16`, matrix products and the other
+/// operations libtorch's autocast lists run in bfloat16 on `device`, while parameters (the
+/// master weights), norms, softmax and the loss stay float32. Wrap the forward and the loss,
+/// not the backward (autograd replays the casts). Does nothing without `bf16`.
+class Autocast {
+ public:
+  Autocast(bool bf16, const torch::Device& device);
+  ~Autocast();
+  Autocast(const Autocast&) = delete;
+  Autocast& operator=(const Autocast&) = delete;
+
+ private:
+  bool on_ = false, cuda_ = false, was_enabled_ = false;
+  at::ScalarType was_dtype_ = at::kFloat;
+};
 
 }  // namespace graft

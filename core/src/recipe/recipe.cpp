@@ -519,7 +519,7 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
     const auto& tr = section(p, "train");
     tr.check_keys({"steps", "epochs", "batch_size", "gradient_accumulation", "optimizer", "lr",
                    "weight_decay", "momentum", "beta1", "beta2", "eps", "schedule", "warmup_steps",
-                   "max_grad_norm", "log_every"});
+                   "max_grad_norm", "log_every", "precision"});
     r.train.steps = non_negative(tr, "steps", 0);
     r.train.epochs = tr.get_positive_int("epochs", 1);
     if (tr.has("steps") && tr.has("epochs"))
@@ -541,6 +541,11 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
       tr.at("max_grad_norm").fail("expected a number >= 0 (0 turns clipping off)");
     r.train.max_grad_norm = tr.get_double("max_grad_norm", 1.0);
     r.train.log_every = tr.get_positive_int("log_every", 10);
+    r.train.precision = tr.get_choice("precision", {"float32", "bf16"}, "float32");
+    if (r.train.precision == "bf16" && r.model.dtype != "float32")
+      tr.at("precision")
+          .fail("bf16 autocast keeps float32 master weights, but model.dtype is " + r.model.dtype +
+                ": use one or the other");
     if (r.train.steps && r.train.warmup_steps > r.train.steps)
       tr.at("warmup_steps")
           .fail("warmup_steps " + std::to_string(r.train.warmup_steps) + " is longer than the " +

@@ -85,6 +85,7 @@ struct Session {
   bool model_head = false;  // the model's own classifier has the task's width
   std::int64_t pad_id = 0;
   torch::Device device = torch::kCPU;
+  bool bf16 = false;                 // train.precision: bf16 (forward and loss under autocast)
   std::optional<ChatTemplate> chat;  // instruction tasks with task.template
   Model& model() { return *loaded.model; }
 };
@@ -95,6 +96,11 @@ Session open_session(const Recipe& r) {
   if (s.device.is_cuda() && !torch::cuda::is_available())
     r.params.at("model").at("device").fail(
         "this machine has no CUDA device (or libtorch has no CUDA)");
+  s.bf16 = r.train.precision == "bf16";
+  if (s.bf16 && !matmul_supported(torch::kBFloat16, s.device))
+    r.params.at("train")
+        .at("precision")
+        .fail("bfloat16 matrix products are not available on " + s.device.str());
   LoadOptions lo;
   lo.family = r.model.family;
   lo.dtype = dtype_of(r.model.dtype);
@@ -245,7 +251,9 @@ at::Tensor task_logits(Session& s, const Batch& b) {
   return s.head->linear(pooled.to(s.head->linear->weight.dtype()));
 }
 
+// The forward and loss of one batch, under the recipe's precision (the backward runs outside).
 LossParts task_loss(Session& s, const Batch& b) {
+  Autocast autocast(s.bf16, s.device);
   if (!s.classification) return causal_lm_loss(s.model(), b);
   auto logits = task_logits(s, b).to(torch::kFloat);
   return {torch::cross_entropy_loss(logits, b.labels), b.labels.size(0)};
@@ -266,6 +274,7 @@ void set_training(Session& s, bool on) {
 json evaluate(Session& s, const std::vector<Example>& data, std::int64_t batch_size,
               std::int64_t max_batches, const std::vector<std::string>& metrics) {
   torch::NoGradGuard no_grad;
+  Autocast autocast(s.bf16, s.device);
   set_training(s, false);
   double loss_sum = 0;
   std::int64_t scored = 0, correct = 0, batches = 0;
