@@ -55,10 +55,11 @@ at::Tensor LinearImpl::hooked(const at::Tensor& x) {
   at::Tensor in = x;
   for (const auto& s : hooks_->scales)
     if (s->side() == LinearScale::Side::input) in = in * s->scale().to(in.dtype());
+  std::shared_ptr<torch::nn::Module> self;  // set when the backward may transform again
+  if (recomputes_weight(*hooks_, weight) && torch::GradMode::is_enabled() && in.requires_grad())
+    self = weak_from_this().lock();
   at::Tensor y;
-  auto self = weak_from_this().lock();
-  if (self && recomputes_weight(*hooks_, weight) && torch::GradMode::is_enabled() &&
-      in.requires_grad()) {
+  if (self) {
     y = models::linear_recomputing_weight(in, std::static_pointer_cast<LinearImpl>(self));
     if (bias.defined()) y = y + bias;
   } else {
