@@ -16,7 +16,8 @@ if [[ ${1:-} == train ]]; then
   shift
   # graft_bench links no allocator of its own, so that both can be measured: preload the one
   # the graft executable links.
-  tcmalloc=$(ldd "$build/graft" | awk '/libtcmalloc/ {print $3; exit}')
+  # awk reads to the end: leaving early would fail ldd on a closed pipe (pipefail).
+  tcmalloc=$(ldd "$build/graft" | awk '/libtcmalloc/ && !found {print $3; found = 1}')
   [[ -n $tcmalloc ]] || echo "(graft links no tcmalloc: every run below uses glibc's malloc)"
   for method in lora full qlora bottleneck prefix; do
     echo "== training step: $method"
