@@ -242,10 +242,10 @@ void check_lengths(Session& s, const Recipe& r) {
   }
 }
 
-// The logits the task's loss reads: [B, T, V] for language modelling, [B, labels] otherwise.
+// A classification task's logits [B, labels]: the model's own classifier, or the task head on
+// its pooled states. (Language modelling goes through causal_lm_loss / score_causal_lm.)
 at::Tensor task_logits(Session& s, const Batch& b) {
   auto out = s.model().forward({b.input_ids, b.attention_mask, {}, {}}, nullptr);
-  if (!s.classification) return out.logits;
   if (s.model_head) return out.logits;
   const auto pooled = pooled_for_classification(s.model(), out, b.attention_mask);
   return s.head->linear(pooled.to(s.head->linear->weight.dtype()));
