@@ -1,9 +1,15 @@
-// Compacter (Mahabadi et al. 2021): bottleneck adapters whose down and up projections are
-// parameterised hypercomplex multiplication (PHM) layers
-//   W = sum_{i=1..n} A_i (x) B_i,   A_i: n x n rule matrices shared by every PHM layer of the
-//                                   model,  B_i = s_i t_i^T (rank one, one per layer)
-// applied without forming W. `compacter` sits after attention and the feed-forward, `compacter++`
-// after the feed-forward only; both reduction 32, gelu, n = 4. Widths must be divisible by n.
+// Compacter (Mahabadi et al. 2021) = AdapterHub's CompacterConfig / CompacterPlusPlusConfig:
+// bottleneck adapters (adapter.h) whose down and up projections are parameterised hypercomplex
+// multiplication (PHM) layers
+//   H = sum_{i=1..n} kron(A_i, W_i)  [in, out],   y = x H + b
+// A_i: n x n rule matrices (phm_rule [n, n, n]; factorized_phm_rule: phm_rule_left [n, n, 1] @
+// phm_rule_right [n, 1, n]), shared by every PHM layer of the adapter (shared_phm_rule) or one per
+// layer; W_i: [in/n, out/n] (factorized_phm_W: W_left [n, in/n, phm_rank] @ W_right [n, phm_rank,
+// out/n]), one per layer or shared by every adapter's down (and up) projection (shared_W_phm).
+// `compacter` sits after attention and the feed-forward on the sublayer output (DoubleSeqBn
+// placement), `compacter++` after the feed-forward on the normalised sum (SeqBn placement); both
+// reduction 32, gelu, n = 4. Widths must be divisible by n.
+#include <graft/adapterhub.h>
 #include <graft/plugin.h>
 
 #include "../bottleneck/adapter.h"
@@ -11,139 +17,351 @@
 namespace graft::plugins::adapters {
 namespace {
 
-/// One PHM layer in -> out: s [n, in/n], t [n, out/n]; rules [n, n, n] shared (A_i = rules[i]).
-struct Phm {
-  at::Tensor s, t, bias;
-  // x [..., in] -> [..., out]. With X = x viewed [..., n, in/n]:
-  //   y[c, e] = sum_i t_i[e] sum_a A_i[a, c] (X[a, :] . s_i)
-  at::Tensor apply(const at::Tensor& x, const at::Tensor& rules) const {
-    const auto n = rules.size(0);
-    auto X = x.unflatten(-1, {n, x.size(-1) / n});                         // [..., a, b]
-    auto u = torch::matmul(X, s.to(x.dtype()).t());                        // [..., a, i]
-    auto v = torch::einsum("...ai,iac->...ci", {u, rules.to(x.dtype())});  // [..., c, i]
-    auto y = torch::matmul(v, t.to(x.dtype()));                            // [..., c, e]
-    return y.flatten(-2) + bias.to(x.dtype());
-  }
+struct PhmConfig {
+  std::int64_t n = 4, rank = 1;
+  bool shared_rule = true, factorized_rule = false, shared_W = false, factorized_W = true;
+  bool bias = true, learn_rule = true;
 };
+
+/// The tensors of one PHM projection; a shared one holds the model-wide tensors.
+struct PhmTensors {
+  at::Tensor rule, rule_left, rule_right, W, W_left, W_right;
+};
+
+// kron(A_i, W_i) summed over i: [n p, n q].
+at::Tensor phm_matrix(const at::Tensor& rule, const at::Tensor& W) {
+  const auto n = rule.size(0), p = W.size(1), q = W.size(2);
+  return torch::einsum("iac,ibe->abce", {rule, W}).reshape({n * p, n * q});
+}
+
+// Registers the tensors of one projection `prefix` ("down_", "up_", or "" model-wide) on `m`.
+PhmTensors make_phm(torch::nn::Module& m, const std::string& prefix, const PhmConfig& c,
+                    std::int64_t in, std::int64_t out, bool rules, bool weights) {
+  PhmTensors t;
+  const auto n = c.n;
+  torch::NoGradGuard no_grad;
+  if (rules) {
+    // AdapterHub: N(0, 1e-4) for a shared rule (phm_init_range), N(0, 0.01) for a layer's own.
+    const double std = prefix.empty() ? 1e-4 : 1e-2;
+    if (c.factorized_rule) {
+      t.rule_left = m.register_parameter(prefix + "phm_rule_left",
+                                         torch::randn({n, n, 1}) * std, c.learn_rule);
+      t.rule_right = m.register_parameter(prefix + "phm_rule_right",
+                                          torch::randn({n, 1, n}) * std, c.learn_rule);
+    } else {
+      t.rule = m.register_parameter(prefix + "phm_rule", torch::randn({n, n, n}) * std,
+                                    c.learn_rule);
+    }
+  }
+  if (weights) {
+    // Glorot-normal per i (AdapterHub's init_W).
+    auto glorot = [](std::int64_t a, std::int64_t b, std::int64_t n) {
+      return torch::randn({n, a, b}) * std::sqrt(2.0 / double(a + b));
+    };
+    if (c.factorized_W) {
+      t.W_left = m.register_parameter(prefix + "W_left", glorot(in / n, c.rank, n));
+      t.W_right = m.register_parameter(prefix + "W_right", glorot(c.rank, out / n, n));
+    } else {
+      t.W = m.register_parameter(prefix + "W", glorot(in / n, out / n, n));
+    }
+  }
+  return t;
+}
 
 class CompacterAdapter : public Adapter {
  public:
-  CompacterAdapter(const AdapterConfig& c, std::int64_t d, std::int64_t k, std::int64_t n,
-                   at::Tensor rules)
-      : Adapter(c, d, k, false), rules_(std::move(rules)) {
-    down_.s = register_parameter("down_s", torch::randn({n, d / n}) / std::sqrt(double(d)));
-    down_.t = register_parameter("down_t", torch::randn({n, k / n}));
-    down_.bias = register_parameter("down_bias", torch::zeros({k}));
-    up_.s = register_parameter("up_s", torch::randn({n, k / n}) / std::sqrt(double(k)));
-    up_.t = register_parameter("up_t", torch::zeros({n, d / n}));  // W_up = 0: a no-op at first
-    up_.bias = register_parameter("up_bias", torch::zeros({d}));
+  CompacterAdapter(const AdapterConfig& a, const PhmConfig& c, std::int64_t d, std::int64_t k,
+                   std::shared_ptr<torch::nn::Module> shared)
+      : Adapter(a, d, k, false), c_(c), shared_(std::move(shared)) {
+    down_ = make_phm(*this, "down_", c, d, k, !c.shared_rule, !c.shared_W);
+    up_ = make_phm(*this, "up_", c, k, d, !c.shared_rule, !c.shared_W);
+    if (c.bias) {
+      down_bias = register_parameter("down_bias", torch::zeros({k}));
+      up_bias = register_parameter("up_bias", torch::zeros({d}));
+    }
   }
 
  protected:
-  at::Tensor down(const at::Tensor& h) override { return down_.apply(h, rules_); }
-  at::Tensor up(const at::Tensor& h) override { return up_.apply(h, rules_); }
+  at::Tensor down(const at::Tensor& h) override { return apply(h, down_, "down_", down_bias); }
+  at::Tensor up(const at::Tensor& h) override { return apply(h, up_, "up_", up_bias); }
 
  private:
-  Phm down_, up_;
-  at::Tensor rules_;
+  at::Tensor apply(const at::Tensor& x, const PhmTensors& own, const std::string& side,
+                   const at::Tensor& bias) {
+    auto get = [&](const at::Tensor& mine, const std::string& name) {
+      return mine.defined() ? mine : shared_->named_parameters(false)[name];
+    };
+    at::Tensor rule = c_.factorized_rule
+                          ? torch::bmm(get(own.rule_left, "phm_rule_left"),
+                                       get(own.rule_right, "phm_rule_right"))
+                          : get(own.rule, "phm_rule");
+    at::Tensor W = c_.factorized_W ? torch::bmm(get(own.W_left, "W_" + side + "left"),
+                                                get(own.W_right, "W_" + side + "right"))
+                                   : get(own.W, "W_" + side.substr(0, side.size() - 1));
+    auto y = torch::matmul(x, phm_matrix(rule, W).to(x.dtype()));
+    return bias.defined() ? y + bias.to(x.dtype()) : y;
+  }
+  PhmConfig c_;
+  std::shared_ptr<torch::nn::Module> shared_;
+  PhmTensors down_, up_;
 };
 
 class Compacter : public HookMethod {
  public:
-  Compacter(std::string name, AdapterConfig c, std::int64_t n)
-      : name_(std::move(name)), c_(std::move(c)), n_(n) {}
+  Compacter(std::string name, AdapterConfig a, PhmConfig c)
+      : name_(std::move(name)), a_(std::move(a)), c_(c) {}
   std::string name() const override { return name_; }
   nlohmann::json config() const override {
-    auto j = c_.to_json();
-    j["n"] = n_;
+    auto j = a_.to_json();
+    j.update({{"n", c_.n},
+              {"phm_rank", c_.rank},
+              {"shared_phm_rule", c_.shared_rule},
+              {"factorized_phm_rule", c_.factorized_rule},
+              {"shared_W_phm", c_.shared_W},
+              {"factorized_phm_W", c_.factorized_W},
+              {"phm_bias", c_.bias},
+              {"learn_phm", c_.learn_rule}});
     return j;
   }
+  const AdapterConfig& adapter() const { return a_; }
+  const PhmConfig& phm() const { return c_; }
 
   void attach(Model& model) override {
-    const auto sites = select_sites(model, c_.selection, name());
+    const auto sites = select_sites(model, a_.selection, name());
+    std::int64_t d = -1, k = -1;
     for (const auto& site : sites) {  // every width checked before anything is allocated
-      if (site.point != "attn.out" && site.point != "ffn.out")
+      if (!is_sublayer_point(site.point))
         throw Error(name() + ": site '" + site.name + "' (point " + site.point +
                     ") is not a sublayer output; compacter sits at attn.out or ffn.out");
-      const auto d = site.out_features, k = c_.width(site, name());
-      if (d % n_ != 0 || k % n_ != 0)
+      d = site.out_features, k = a_.width(site, name());
+      if (d % c_.n != 0 || k % c_.n != 0)
         throw Error(name() + ": site '" + site.name + "': its width " + std::to_string(d) +
                     " and bottleneck width " + std::to_string(k) + " (" + std::to_string(d) +
-                    " / reduction_factor) must both be divisible by n = " + std::to_string(n_) +
-                    "; change reduction_factor or n");
+                    " / reduction_factor) must both be divisible by n = " +
+                    std::to_string(c_.n) + "; change reduction_factor or n");
     }
-    if (!rules_.defined()) {
-      // A_i ~ N(0, 1/n): with s ~ N(0, 1/d) and t ~ N(0, 1), W's entries have variance 1/d.
-      torch::NoGradGuard no_grad;
-      rules_ = (torch::randn({n_, n_, n_}) / std::sqrt(double(n_)))
-                   .to(model.parameters().front().device())
-                   .requires_grad_(true);
+    shared_ = std::make_shared<torch::nn::Module>();
+    if (c_.shared_rule) make_phm(*shared_, "", c_, 0, 0, true, false);
+    if (c_.shared_W) {
+      make_phm(*shared_, "W_down_", c_, d, k, false, true);
+      make_phm(*shared_, "W_up_", c_, k, d, false, true);
+      rename_shared_W();
     }
+    shared_->to(model.parameters().front().device());
     for (const auto& site : sites)
       add_hook(model, site.name,
-               std::make_shared<CompacterAdapter>(c_, site.out_features, c_.width(site, name()), n_,
-                                                  rules_));
+               std::make_shared<CompacterAdapter>(a_, c_, site.out_features,
+                                                  a_.width(site, name()), shared_));
   }
-  // The shared rule matrices are the method's, named "phm_rule", held once.
+  void detach(Model& model) override {
+    HookMethod::detach(model);
+    shared_.reset();
+  }
+  // The model-wide tensors are the method's, held once under their own names.
   std::vector<std::pair<std::string, at::Tensor>> trainable_parameters() override {
     auto out = HookMethod::trainable_parameters();
-    if (rules_.defined()) out.emplace_back("phm_rule", rules_);
+    if (shared_)
+      for (const auto& p : shared_->named_parameters(false))
+        if (p.value().requires_grad()) out.emplace_back(p.key(), p.value());
     return out;
   }
   io::TensorMap state() override {
     auto out = HookMethod::state();
-    if (rules_.defined()) out["phm_rule"] = rules_;
+    if (shared_)
+      for (const auto& p : shared_->named_parameters(false)) out[p.key()] = p.value();
     return out;
   }
   void load_state(const io::TensorMap& state, const std::string& source) override {
+    if (!shared_) throw Error(name() + ": not attached to a model");
     auto own = state;
-    auto it = own.find("phm_rule");
-    if (it == own.end()) throw FileError(source, name() + ": missing tensor 'phm_rule'");
-    if (!rules_.defined()) throw Error(name() + ": not attached to a model");
-    if (it->second.sizes() != rules_.sizes())
-      throw FileError(source, name() + ": 'phm_rule' has shape " + c10::str(it->second.sizes()) +
-                                  " but n = " + std::to_string(n_) + " needs " +
-                                  c10::str(rules_.sizes()));
-    {
-      torch::NoGradGuard no_grad;
-      rules_.copy_(it->second);
+    torch::NoGradGuard no_grad;
+    for (auto& p : shared_->named_parameters(false)) {
+      auto it = own.find(p.key());
+      if (it == own.end()) throw FileError(source, name() + ": missing tensor '" + p.key() + "'");
+      if (it->second.sizes() != p.value().sizes())
+        throw FileError(source, name() + ": '" + p.key() + "' has shape " +
+                                    c10::str(it->second.sizes()) + " but n = " +
+                                    std::to_string(c_.n) + " needs " +
+                                    c10::str(p.value().sizes()));
+      p.value().copy_(it->second);
+      own.erase(it);
     }
-    own.erase(it);
     HookMethod::load_state(own, source);
   }
 
  private:
+  // make_phm named the shared W tensors "W_down_W_left" and so on; AdapterHub's names are
+  // W_down_left, W_down_right, W_down (and up): keep those.
+  void rename_shared_W() {
+    auto fresh = std::make_shared<torch::nn::Module>();
+    for (const auto& p : shared_->named_parameters(false)) {
+      auto key = p.key();
+      for (const std::string side : {"down", "up"}) {
+        const auto from = "W_" + side + "_W";
+        if (key.rfind(from, 0) == 0) key = "W_" + side + key.substr(from.size());
+      }
+      fresh->register_parameter(key, p.value(), p.value().requires_grad());
+    }
+    shared_ = fresh;
+  }
+
   std::string name_;
-  AdapterConfig c_;
-  std::int64_t n_;
-  at::Tensor rules_;
+  AdapterConfig a_;
+  PhmConfig c_;
+  std::shared_ptr<torch::nn::Module> shared_;
 };
 
+const std::vector<std::string> kPhmKeys = {"n",           "phm_rank",         "shared_phm_rule",
+                                           "factorized_phm_rule", "shared_W_phm", "factorized_phm_W",
+                                           "phm_bias",    "learn_phm"};
+
+PhmConfig phm_from_params(const Params& p) {
+  PhmConfig c;
+  c.n = p.get_positive_int("n", c.n);
+  c.rank = p.get_positive_int("phm_rank", c.rank);
+  c.shared_rule = p.get_bool("shared_phm_rule", c.shared_rule);
+  c.factorized_rule = p.get_bool("factorized_phm_rule", c.factorized_rule);
+  c.shared_W = p.get_bool("shared_W_phm", c.shared_W);
+  c.factorized_W = p.get_bool("factorized_phm_W", c.factorized_W);
+  c.bias = p.get_bool("phm_bias", c.bias);
+  c.learn_rule = p.get_bool("learn_phm", c.learn_rule);
+  return c;
+}
+
+// The AdapterHub names of a compacter adapter's own tensors (graft name, AdapterHub suffix).
+NamePairs phm_names(const AdapterConfig& a, const PhmConfig& c) {
+  auto names = hub_names(a, false);
+  const auto down = "adapter_down." + down_index(a) + ".";
+  for (const auto& [side, hub] : {std::pair<std::string, std::string>{"down_", down},
+                                  std::pair<std::string, std::string>{"up_", "adapter_up."}}) {
+    if (!c.shared_rule) {
+      if (c.factorized_rule) {
+        names.push_back({side + "phm_rule_left", hub + "phm_rule_left"});
+        names.push_back({side + "phm_rule_right", hub + "phm_rule_right"});
+      } else {
+        names.push_back({side + "phm_rule", hub + "phm_rule"});
+      }
+    }
+    if (!c.shared_W) {
+      if (c.factorized_W) {
+        names.push_back({side + "W_left", hub + "W_left"});
+        names.push_back({side + "W_right", hub + "W_right"});
+      } else {
+        names.push_back({side + "W", hub + "W"});
+      }
+    }
+    if (c.bias) names.push_back({side + "bias", hub + "b"});
+  }
+  return names;
+}
+
+bool reads_part(const nlohmann::json& part) {
+  const auto& a = part.value("architecture", nlohmann::json());
+  return (a.is_null() || a == "bottleneck") && part.value("phm_layer", false) == true;
+}
+
+std::vector<std::unique_ptr<Method>> read_part(const nlohmann::json& part, const std::string& name,
+                                               io::TensorMap& tensors, Model& model,
+                                               const std::string& source) {
+  auto settings =
+      bottleneck_settings(part, name, tensors, model, source,
+                          {"phm_dim", "phm_rank", "shared_phm_rule", "factorized_phm_rule",
+                           "shared_W_phm", "factorized_phm_W", "phm_bias"});
+  const Source where{source, 0, 0};
+  auto set = [&](const std::string& key, const std::string& hub, const nlohmann::json& fallback) {
+    const auto v = part.value(hub, fallback);
+    settings.set(key, Params::scalar(v.is_boolean() ? (v.get<bool>() ? "true" : "false") : v.dump(),
+                                     hub, where));
+  };
+  set("n", "phm_dim", 4);
+  set("phm_rank", "phm_rank", 1);
+  for (const auto* key : {"shared_phm_rule", "factorized_phm_rule", "shared_W_phm",
+                          "factorized_phm_W", "phm_bias"})
+    set(key, key, false);
+  const auto c = phm_from_params(settings);
+  // AdapterHub (to 1.1 at least) keeps shared tensors in shared_parameters, which save_adapter
+  // does not write: such a file lacks the tensors its adapter computes with.
+  if (c.shared_rule || c.shared_W)
+    throw FileError(source, std::string("the adapter shares ") +
+                                (c.shared_rule ? "its PHM rule (shared_phm_rule)"
+                                               : "its PHM weights (shared_W_phm)") +
+                                " across layers, which AdapterHub's save_adapter does not save; "
+                                "the file cannot hold what the adapter computes");
+  auto a = AdapterConfig::from_params(settings, AdapterConfig(), {"ffn.out"}, kPhmKeys);
+  auto method = std::make_unique<Compacter>("compacter", a, c);
+  try {
+    method->attach(model);
+  } catch (const Error& e) {
+    throw FileError(source, std::string("cannot attach to this model: ") + e.what());
+  }
+  method->load_state(from_hub(tensors, name, method->state(), model, phm_names(a, c), source),
+                     source);
+  std::vector<std::unique_ptr<Method>> out;
+  out.push_back(std::move(method));
+  return out;
+}
+
+std::pair<nlohmann::json, io::TensorMap> write_part(Method& method, const Model& model,
+                                                    const std::string& name) {
+  auto* m = dynamic_cast<Compacter*>(&method);
+  if (!m) throw Error(method.name() + ": not a compacter adapter");
+  const auto& c = m->phm();
+  if (c.shared_rule || c.shared_W)
+    throw Error(method.name() + ": shared PHM tensors (shared_phm_rule, shared_W_phm) have no "
+                                "place in AdapterHub's saved files (save_adapter leaves them out); "
+                                "train with shared_phm_rule: false and shared_W_phm: false to "
+                                "export");
+  auto part = bottleneck_part(m->adapter(), model, method.name());
+  part.update({{"phm_layer", true},
+               {"phm_dim", c.n},
+               {"phm_rank", c.rank},
+               {"shared_phm_rule", false},
+               {"factorized_phm_rule", c.factorized_rule},
+               {"shared_W_phm", false},
+               {"factorized_phm_W", c.factorized_W},
+               {"phm_bias", c.bias},
+               {"learn_phm", c.learn_rule},
+               {"phm_c_init", "normal"},
+               {"phm_init_range", 0.0001},
+               {"hypercomplex_nonlinearity", "glorot-uniform"}});
+  return {part, to_hub(method.state(), name, model, phm_names(m->adapter(), c))};
+}
+
 void add(Registry& registry, const std::string& name, const std::string& description,
-         std::vector<std::string> targets) {
+         std::vector<std::string> targets, bool ln_before_sum) {
   AdapterConfig preset;
   preset.reduction_factor = 32;
   preset.non_linearity = "gelu";
+  preset.original_ln_before = ln_before_sum;
   MethodInfo info;
   info.name = name;
-  info.version = "1.0.0";
+  info.version = "2.0.0";
   info.description = description;
   info.points = {"attn.out", "ffn.out"};
   registry.add(info, [=](const Params& p) -> std::unique_ptr<Method> {
-    auto c = AdapterConfig::from_params(p, preset, targets, {"n"});
-    const auto n = p.get_positive_int("n", 4);
-    return std::make_unique<Compacter>(name, c, n);
+    auto a = AdapterConfig::from_params(p, preset, targets, kPhmKeys);
+    return std::make_unique<Compacter>(name, a, phm_from_params(p));
   });
+  AdapterFormat hub;
+  hub.name = adapterhub::kFormat;
+  hub.method = name;
+  hub.write_part = write_part;
+  if (name == "compacter") {
+    hub.reads_part = reads_part;
+    hub.read_part = read_part;
+  }
+  registry.add_format(hub);
 }
 
 void register_compacter(Registry& registry) {
   add(registry, "compacter",
-      "PHM (Kronecker) adapters after attention and feed-forward, shared rules",
-      {"attn.out", "ffn.out"});
-  add(registry, "compacter++", "compacter after the feed-forward only", {"ffn.out"});
+      "AdapterHub compacter: PHM adapters after attention and feed-forward",
+      {"attn.out", "ffn.out"}, false);
+  add(registry, "compacter++", "AdapterHub compacter++: PHM adapter after the feed-forward",
+      {"ffn.out"}, true);
 }
 
 }  // namespace
 }  // namespace graft::plugins::adapters
 
-GRAFT_PLUGIN("compacter", "1.0.0", graft::plugins::adapters::register_compacter)
+GRAFT_PLUGIN("compacter", "2.0.0", graft::plugins::adapters::register_compacter)

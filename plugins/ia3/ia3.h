@@ -44,6 +44,15 @@ class Ia3 : public HookMethod {
   Ia3Config c_;
 };
 
+/// AdapterHub's IA3 (its LoRA architecture in scale mode), as parts of its adapters.
+bool reads_hub_part(const nlohmann::json& part);
+std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
+                                                   const std::string& name,
+                                                   io::TensorMap& tensors, Model& model,
+                                                   const std::string& source);
+std::pair<nlohmann::json, io::TensorMap> write_hub_part(Method& method, const Model& model,
+                                                        const std::string& name);
+
 bool detect_peft(const std::filesystem::path& dir);
 std::vector<std::unique_ptr<Method>> read_peft(const std::filesystem::path& dir, Model& model);
 void write_peft(const std::vector<Method*>& methods, const Model& model,

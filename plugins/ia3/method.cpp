@@ -1,5 +1,6 @@
 // IA3 (Liu et al. 2022): learned vectors rescaling the keys, the values and the feed-forward
 // activation. Mergeable: rows of W_k and W_v, columns of W_down.
+#include <graft/adapterhub.h>
 #include <graft/plugin.h>
 
 #include <algorithm>
@@ -52,6 +53,13 @@ void register_ia3(Registry& registry) {
     return std::make_unique<Ia3>(Ia3Config::from_params(p));
   });
   registry.add_format({"peft", "ia3", detect_peft, read_peft, write_peft});
+  AdapterFormat hub;
+  hub.name = adapterhub::kFormat;
+  hub.method = "ia3";
+  hub.reads_part = reads_hub_part;
+  hub.read_part = read_hub_part;
+  hub.write_part = write_hub_part;
+  registry.add_format(hub);
 }
 
 }  // namespace

@@ -26,9 +26,10 @@ LoraDelta::LoraDelta(std::int64_t in, std::int64_t out, std::int64_t r, double s
 
 at::Tensor LoraDelta::delta(const at::Tensor& x, const LinearImpl&) {
   auto h = dropout->options.p() > 0 ? dropout(x) : x;
-  auto y = torch::linear(torch::linear(h, A.to(x.dtype())), B.to(x.dtype())) * scaling;
-  if (gate) y = y * torch::sigmoid(gate(x.to(gate->weight.dtype()))).mean(-2, true).to(y.dtype());
-  return y;
+  auto y = torch::linear(torch::linear(h, A.to(x.dtype())), B.to(x.dtype()));
+  // A gate replaces the scaling (AdapterHub's gated LoRA, as in UniPELT).
+  if (gate) return y * torch::sigmoid(gate(x.to(gate->weight.dtype()))).mean(-2, true).to(y.dtype());
+  return y * scaling;
 }
 
 at::Tensor LoraDelta::delta_weight(const LinearImpl&) {

@@ -7,7 +7,8 @@
 
 namespace graft::plugins::lora {
 
-/// A: [r, in] (lora_A), B: [out, r] (lora_B); delta = scaling * B A dropout(x).
+/// A: [r, in] (lora_A), B: [out, r] (lora_B); delta = scaling * B A dropout(x), or with a gate
+/// (UniPELT, as AdapterHub computes it) gate(x) * B A dropout(x) without the scaling.
 class LoraDelta : public LinearDelta {
  public:
   LoraDelta(std::int64_t in, std::int64_t out, std::int64_t r, double scaling, double dropout,

@@ -41,6 +41,15 @@ std::vector<std::unique_ptr<Method>> read_peft(const std::filesystem::path& dir,
 void write_peft(const std::vector<Method*>& methods, const Model& model,
                 const std::filesystem::path& dir);
 
+// AdapterHub's LoRA configurations (composition_mode "add"), as parts of its adapters.
+bool reads_hub_part(const nlohmann::json& part);
+std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
+                                                   const std::string& name,
+                                                   io::TensorMap& tensors, Model& model,
+                                                   const std::string& source);
+std::pair<nlohmann::json, io::TensorMap> write_hub_part(Method& method, const Model& model,
+                                                        const std::string& name);
+
 // llama.cpp's GGUF LoRA adapters, read and written.
 bool detect_gguf_lora(const std::filesystem::path& file);
 std::vector<std::unique_ptr<Method>> read_gguf_lora(const std::filesystem::path& file,

@@ -1,4 +1,5 @@
 // LoRA (Hu et al. 2021), with rsLoRA scaling (Kalajdzievski 2023) and DoRA (Liu et al. 2024).
+#include <graft/adapterhub.h>
 #include <graft/plugin.h>
 
 #include <cmath>
@@ -94,6 +95,13 @@ void register_lora(Registry& registry) {
   });
   registry.add_format({"peft", "lora", detect_peft, read_peft, write_peft});
   registry.add_format({"gguf", "lora", detect_gguf_lora, read_gguf_lora, write_gguf_lora});
+  AdapterFormat hub;
+  hub.name = adapterhub::kFormat;
+  hub.method = "lora";
+  hub.reads_part = reads_hub_part;
+  hub.read_part = read_hub_part;
+  hub.write_part = write_hub_part;
+  registry.add_format(hub);
 }
 
 }  // namespace

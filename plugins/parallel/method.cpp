@@ -1,6 +1,9 @@
-// Parallel adapters (He et al. 2022): h_out <- sublayer(x) + s * up(f(down(x))), reading the
-// sublayer's input x. Defaults as in the MAM adapter: on the feed-forward, reduction 2, relu,
-// scaling 4.0, init `mam` (up = 0, so the model is unchanged at the start).
+// Parallel adapters (He et al. 2022) = AdapterHub's ParBnConfig: beside the sublayer, reading the
+// residual stream x (the sublayer's input before any pre-norm),
+//   out <- sublayer(x) + s * up(f(down(x)))
+// on the feed-forward, reduction 2, relu, scaling 4.0, init `mam` (up = 0, so the model is
+// unchanged at the start). The adapter is the bottleneck plugin's (adapter.h), with parallel: true.
+#include <graft/adapterhub.h>
 #include <graft/plugin.h>
 
 #include "../bottleneck/adapter.h"
@@ -8,46 +11,32 @@
 namespace graft::plugins::adapters {
 namespace {
 
-class Parallel : public HookMethod {
- public:
-  explicit Parallel(AdapterConfig c) : c_(std::move(c)) {}
-  std::string name() const override { return "parallel"; }
-  nlohmann::json config() const override { return c_.to_json(); }
-
-  void attach(Model& model) override {
-    for (const auto& site : select_sites(model, c_.selection, name())) {
-      if (site.point != "attn.out" && site.point != "ffn.out")
-        throw Error("parallel: site '" + site.name + "' (point " + site.point +
-                    ") is not a sublayer output; parallel adapters sit at attn.out or ffn.out");
-      add_hook(model, site.name,
-               std::make_shared<Adapter>(c_, site.out_features, c_.width(site, name())));
-    }
-  }
-
- private:
-  AdapterConfig c_;
-};
-
 void register_parallel(Registry& registry) {
   AdapterConfig mam;
   mam.reduction_factor = 2;
   mam.non_linearity = "relu";
   mam.scaling = 4.0;
   mam.init = "mam";
-  mam.reads_input = true;
+  mam.parallel = true;
+  mam.original_ln_before = false;
   MethodInfo info;
   info.name = "parallel";
-  info.version = "1.0.0";
-  info.description = "parallel adapters reading the sublayer input (MAM: ffn, reduction 2, s 4)";
+  info.version = "2.0.0";
+  info.description = "AdapterHub par_bn: beside the feed-forward, reading its input (reduction 2, s 4)";
   info.points = {"attn.out", "ffn.out"};
   registry.add(info, [=](const Params& p) -> std::unique_ptr<Method> {
     auto c = AdapterConfig::from_params(p, mam, {"ffn.out"});
-    c.reads_input = true;
-    return std::make_unique<Parallel>(c);
+    if (!c.parallel) p.at("parallel").fail("the parallel method is parallel; use bottleneck");
+    return std::make_unique<Bottleneck>("parallel", c);
   });
+  AdapterFormat hub;
+  hub.name = adapterhub::kFormat;
+  hub.method = "parallel";
+  hub.write_part = write_bottleneck_part;
+  registry.add_format(hub);
 }
 
 }  // namespace
 }  // namespace graft::plugins::adapters
 
-GRAFT_PLUGIN("parallel", "1.0.0", graft::plugins::adapters::register_parallel)
+GRAFT_PLUGIN("parallel", "2.0.0", graft::plugins::adapters::register_parallel)

@@ -6,6 +6,8 @@
 //   linear sites:    weight transforms (in attach order) -> input scales -> y = x W^T + b
 //                    -> + every linear delta (summed) -> output scales
 //   sublayer sites:  (attn.out, ffn.out, attn.in, ffn.in, ffn.act) transforms in attach order
+//   residual step:   (attn.out, ffn.out) after the transforms, residual transforms in attach
+//                    order, then the residual add and post-norm (unless the last one closes it)
 //   attn.kv:         key/value prefixes concatenated in attach order, before the tokens' keys
 //   embed:           prompt vectors concatenated in attach order, before the tokens
 #pragma once
@@ -14,6 +16,7 @@
 #include <torch/nn/module.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -72,6 +75,22 @@ class SublayerTransform : public Hook {
   virtual at::Tensor transform(const at::Tensor& out, const at::Tensor& in) = 0;
 };
 
+/// Takes over the step after a sublayer (attn.out, ffn.out) where the model adds the residual and,
+/// in a post-norm family (BERT), normalises: AdapterHub's bottleneck adapters sit there. Receives
+/// the sublayer's output `out` [batch, seq, d] (after the site's sublayer transforms), the
+/// residual stream `residual` it is added to (the sublayer's input before any pre-norm), and the
+/// layer's post-norm (null in a pre-norm family); returns the output to pass on. Several at one
+/// site run in attach order, each reading the previous one's output (AdapterHub's Stack). After
+/// the last one the model adds the residual and applies its post-norm, unless that one closes()
+/// the step itself, in which case its output is the layer's output as it stands.
+class ResidualTransform : public Hook {
+ public:
+  using Norm = std::function<at::Tensor(const at::Tensor&)>;
+  virtual at::Tensor transform(const at::Tensor& out, const at::Tensor& residual,
+                               const Norm* norm) = 0;
+  virtual bool closes() const { return false; }
+};
+
 /// Prepends learned keys and values to a layer's attention (soft prefixes). Receives the
 /// attention's (normalised) input [batch, seq, d] of the first pass (a gate may read it) and
 /// returns [batch, kv_heads, prefix, head_dim] each; every query may attend to them. With a
@@ -82,6 +101,13 @@ class KvExtension : public Hook {
   virtual std::pair<at::Tensor, at::Tensor> prefix(const at::Tensor& input) = 0;
   /// How many positions prefix() returns.
   virtual std::int64_t length() const = 0;
+  /// Whether prefix() has one head per query head ([batch, heads, ...]: AdapterHub's prefixes,
+  /// concatenated after the keys are repeated for grouped-query attention) rather than one per
+  /// key/value head.
+  virtual bool query_heads() const { return false; }
+  /// Whether the real tokens' positions start after this prefix (peft's past_key_values), or stay
+  /// 0..S-1 (AdapterHub, which concatenates inside the attention).
+  virtual bool shifts_positions() const { return true; }
 };
 
 /// Prepends learned vectors to the token embeddings (soft prompts). Returns [batch, prompt, d].
@@ -89,6 +115,11 @@ class KvExtension : public Hook {
 class EmbeddingExtension : public Hook {
  public:
   virtual at::Tensor prompt(std::int64_t batch) = 0;
+  /// Where the prompt goes: before the position embeddings and the embedding norm, the virtual
+  /// tokens taking the first positions (peft), or after the whole embedding module, the real
+  /// tokens keeping positions 0..S-1 (AdapterHub; families with an embedding module of their
+  /// own: BERT).
+  virtual bool after_embedding() const { return false; }
 };
 
 /// Everything attached at one site, by kind, in attach order.
@@ -97,6 +128,7 @@ struct SiteHooks {
   std::vector<std::shared_ptr<LinearDelta>> deltas;
   std::vector<std::shared_ptr<LinearScale>> scales;
   std::vector<std::shared_ptr<SublayerTransform>> transforms;
+  std::vector<std::shared_ptr<ResidualTransform>> residual;
   std::vector<std::shared_ptr<KvExtension>> kv;
   std::vector<std::shared_ptr<EmbeddingExtension>> embeddings;
   std::vector<std::string> owners;  ///< methods that attached here, in order

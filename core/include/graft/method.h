@@ -147,6 +147,25 @@ struct AdapterFormat {
   /// modules_to_save); one it has no place for is an error. Empty when read-only.
   std::function<void(const std::vector<Method*>&, const Model&, const std::filesystem::path&)>
       write;
+
+  /// Formats whose one configuration holds the parts of several methods (AdapterHub's
+  /// adapter_config.json, whose "config" may be a "union" of configurations; see
+  /// graft/adapterhub.h): the core reads the files and hands each part to the plugin that says
+  /// it reads it. read_part builds the method(s) of `part`, attaches them to `model` and loads
+  /// their state, taking their tensors out of `tensors` (what is left belongs to other parts;
+  /// anything left at the end is refused). `name` is the adapter's name inside the tensor names.
+  std::function<bool(const nlohmann::json& part)> reads_part;
+  std::function<std::vector<std::unique_ptr<Method>>(const nlohmann::json& part,
+                                                     const std::string& name,
+                                                     io::TensorMap& tensors, Model& model,
+                                                     const std::string& source)>
+      read_part;
+  /// The other direction: `method` (made by this plugin, attached to `model`) as one part of such
+  /// a configuration and the tensors it saves, named for adapter `name`. Errors say what of the
+  /// method has no place in the format.
+  std::function<std::pair<nlohmann::json, io::TensorMap>(Method& method, const Model& model,
+                                                         const std::string& name)>
+      write_part;
 };
 
 /// Plugins register their methods (and the foreign formats they read and write) here.

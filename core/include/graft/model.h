@@ -199,9 +199,11 @@ class Model : public torch::nn::Module {
   /// The linear projection points, in layer order, the head last.
   static const std::vector<std::string>& linear_points();
 
-  /// The longest key/value prefix any layer's attn.kv site adds: the real tokens' positions
-  /// start after it (transformers numbers tokens after the cached prefix).
+  /// The longest key/value prefix any layer's attn.kv site adds that shifts positions: the real
+  /// tokens' positions start after it (transformers numbers tokens after the cached prefix).
   std::int64_t prefix_length() const;
+  /// The most key/value positions any layer's prefixes add, shifting positions or not.
+  std::int64_t prefix_keys() const;
 
   /// The tokenizer the checkpoint carried (set by load_model), or nullptr: for methods that
   /// initialise from text (soft prompts).

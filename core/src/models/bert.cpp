@@ -18,17 +18,21 @@ class BertLayerImpl : public torch::nn::Module {
     ffn = register_module("ffn", Ffn(c, false, true));
     ffn_norm = register_module("ffn_norm", Norm(c.hidden_size, c.norm_eps, true));
   }
+  // The sublayer outputs pass through residual_step(), where AdapterHub's adapters sit.
   at::Tensor forward(at::Tensor x, const at::Tensor& key_mask, std::int64_t layer) {
     auto h = tap(taps.attn_in, x, x);
     auto q = split_heads(attn->q(h), c_.num_heads, c_.head_dim);
     auto k = split_heads(attn->k(h), c_.num_heads, c_.head_dim);
     auto v = split_heads(attn->v(h), c_.num_heads, c_.head_dim);
     auto kv = layer_keys(taps.attn_kv, h, k, v, key_mask, nullptr, layer);
-    x = attn_norm(x +
-                  tap(taps.attn_out, attn->o(attend(q, kv.keys, kv.values, kv.mask, false)), h));
+    const ResidualTransform::Norm norm1 = [this](const at::Tensor& t) { return attn_norm(t); };
+    x = residual_step(
+        taps.attn_out,
+        tap(taps.attn_out, attn->o(attend(q, kv.keys, kv.values, kv.mask, false)), h), x, &norm1);
     h = tap(taps.ffn_in, x, x);
     auto act = tap(taps.ffn_act, activate(ffn->up(h), c_.hidden_act), h);
-    return ffn_norm(x + tap(taps.ffn_out, ffn->down(act), h));
+    const ResidualTransform::Norm norm2 = [this](const at::Tensor& t) { return ffn_norm(t); };
+    return residual_step(taps.ffn_out, tap(taps.ffn_out, ffn->down(act), h), x, &norm2);
   }
   LayerTaps taps;
   Attention attn{nullptr};
@@ -73,7 +77,7 @@ class Bert : public Model {
     TORCH_CHECK(cache == nullptr, "bert is an encoder: it has no key/value cache");
     auto words = embed(in.input_ids);
     auto key_mask = token_mask(in.input_ids, in.attention_mask);
-    const auto prompt = add_prompts(embed_site_, words, key_mask, nullptr);
+    auto prompt = add_prompts(embed_site_, words, key_mask, nullptr);
     const auto batch = words.size(0), seq = words.size(1);
     // Tokens are numbered after a key/value prefix, as transformers does with a cache.
     const auto prefix = prefix_length();
@@ -91,6 +95,9 @@ class Bert : public Model {
     auto types = in.token_type_ids.defined() ? in.token_type_ids : torch::zeros_like(in.input_ids);
     if (prompt > 0) types = torch::cat({torch::zeros({batch, prompt}, types.options()), types}, 1);
     auto x = embed_norm(words + pos_embed(positions) + type_embed(types));
+    // AdapterHub's prompts go after the embedding module; the tokens keep their positions.
+    const auto late = add_prompts(embed_site_, x, key_mask, nullptr, true);
+    prompt += late;
     for (std::size_t i = 0; i < layers->size(); ++i)
       x = layers->ptr<BertLayerImpl>(i)->forward(x, key_mask, i);
     // As in peft, the classifier reads the first position, a prompt vector when there are any;

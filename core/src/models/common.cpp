@@ -123,13 +123,25 @@ SiteHooks* Model::add_site(Site site) {
   return hooks_.back().get();
 }
 
+std::int64_t Model::prefix_keys() const {
+  std::int64_t longest = 0;
+  for (std::size_t i = 0; i < sites_.size(); ++i) {
+    std::int64_t n = 0;
+    if (hooks_[i]->active)
+      for (const auto& e : hooks_[i]->kv) n += e->length();
+    longest = std::max(longest, n);
+  }
+  return longest;
+}
+
 std::int64_t Model::prefix_length() const {
   std::int64_t longest = 0;
   for (std::size_t i = 0; i < sites_.size(); ++i) {
     const auto& h = *hooks_[i];
     if (!h.active || h.kv.empty()) continue;
     std::int64_t n = 0;
-    for (const auto& e : h.kv) n += e->length();
+    for (const auto& e : h.kv)
+      if (e->shifts_positions()) n += e->length();
     longest = std::max(longest, n);
   }
   return longest;
@@ -211,11 +223,18 @@ void Model::attach(const std::string& name, std::shared_ptr<Hook> hook, const st
   } else if (auto t = std::dynamic_pointer_cast<SublayerTransform>(hook)) {
     if (!sublayer_site) refuse("sublayer transform");
     h.transforms.push_back(t);
+  } else if (auto r = std::dynamic_pointer_cast<ResidualTransform>(hook)) {
+    if (site.point != "attn.out" && site.point != "ffn.out") refuse("residual transform");
+    h.residual.push_back(r);
   } else if (auto kv = std::dynamic_pointer_cast<KvExtension>(hook)) {
     if (site.point != "attn.kv") refuse("key/value extension");
     h.kv.push_back(kv);
   } else if (auto e = std::dynamic_pointer_cast<EmbeddingExtension>(hook)) {
     if (site.point != "embed") refuse("embedding extension");
+    // Only an encoder with an embedding module of its own (positions, norm) has an "after".
+    if (e->after_embedding() && config_.family != "bert")
+      throw Error(method + ": prompts placed after the embedding module need a BERT-family "
+                           "model (as in AdapterHub); this is a " + config_.family + " model");
     h.embeddings.push_back(e);
   } else {
     throw Error(method + ": hook of unknown kind at site '" + name + "'");
@@ -239,10 +258,11 @@ void Model::detach(const std::string& name, const std::shared_ptr<Hook>& hook) {
   drop(h.deltas);
   drop(h.scales);
   drop(h.transforms);
+  drop(h.residual);
   drop(h.kv);
   drop(h.embeddings);
   h.active = !(h.weight_transforms.empty() && h.deltas.empty() && h.scales.empty() &&
-               h.transforms.empty() && h.kv.empty() && h.embeddings.empty());
+               h.transforms.empty() && h.residual.empty() && h.kv.empty() && h.embeddings.empty());
 }
 
 nlohmann::json ModelConfig::to_json() const {
@@ -408,22 +428,37 @@ LayerKeys layer_keys(SiteHooks* kv, const at::Tensor& input, at::Tensor k, at::T
                      const at::Tensor& key_mask, KVCache* cache, std::int64_t layer) {
   const bool first_pass = !cache || static_cast<std::int64_t>(cache->keys.size()) <= layer ||
                           !cache->keys[layer].defined();
+  // Prefixes with one head per query head (AdapterHub's) need the keys repeated to as many heads
+  // first, as transformers' repeat_kv does before AdapterHub concatenates; a cache then holds
+  // the repeated keys, and later tokens are repeated to match it.
+  auto widen = [](at::Tensor t, std::int64_t heads) {
+    return t.size(1) == heads ? t : t.repeat_interleave(heads / t.size(1), 1);
+  };
   std::int64_t prefix = 0;
   if (kv && kv->active && first_pass) {
-    std::vector<at::Tensor> ks, vs;
+    std::vector<std::pair<at::Tensor, at::Tensor>> prefixes;
+    std::int64_t heads = k.size(1);
     for (const auto& e : kv->kv) {
       auto [pk, pv] = e->prefix(input);
-      TORCH_CHECK(pk.dim() == 4 && pk.size(1) == k.size(1) && pk.size(3) == k.size(3),
+      TORCH_CHECK(pk.dim() == 4 && pk.size(3) == k.size(3) && pk.size(1) % k.size(1) == 0,
                   "key/value prefix of shape ", pk.sizes(), " does not fit keys of shape ",
                   k.sizes());
-      ks.push_back(pk.to(k.dtype()));
-      vs.push_back(pv.to(v.dtype()));
+      heads = std::max(heads, pk.size(1));
+      prefixes.emplace_back(pk.to(k.dtype()), pv.to(v.dtype()));
       prefix += pk.size(2);
     }
-    ks.push_back(k);
-    vs.push_back(v);
+    std::vector<at::Tensor> ks, vs;
+    for (auto& [pk, pv] : prefixes) {
+      ks.push_back(widen(pk, heads));
+      vs.push_back(widen(pv, heads));
+    }
+    ks.push_back(widen(k, heads));
+    vs.push_back(widen(v, heads));
     k = torch::cat(ks, 2);
     v = torch::cat(vs, 2);
+  } else if (!first_pass && cache->keys[layer].size(1) != k.size(1)) {
+    k = widen(k, cache->keys[layer].size(1));
+    v = widen(v, cache->keys[layer].size(1));
   }
   auto [keys, values] = extend_cache(cache, layer, std::move(k), std::move(v));
   if (cache) {
@@ -489,16 +524,19 @@ ForwardOutput decoder_outputs(const at::Tensor& x, const ForwardInput& in, std::
   return out;
 }
 
-std::int64_t add_prompts(SiteHooks* embed, at::Tensor& x, at::Tensor& mask, const KVCache* cache) {
+std::int64_t add_prompts(SiteHooks* embed, at::Tensor& x, at::Tensor& mask, const KVCache* cache,
+                         bool after_embedding) {
   if (!embed || !embed->active || embed->embeddings.empty() || (cache && cache->length() > 0))
     return 0;
   std::vector<at::Tensor> parts;
   for (const auto& e : embed->embeddings) {
+    if (e->after_embedding() != after_embedding) continue;
     auto p = e->prompt(x.size(0));
     TORCH_CHECK(p.dim() == 3 && p.size(0) == x.size(0) && p.size(2) == x.size(2),
                 "prompt of shape ", p.sizes(), " does not fit embeddings of shape ", x.sizes());
     parts.push_back(p.to(x.dtype()));
   }
+  if (parts.empty()) return 0;
   std::int64_t n = 0;
   for (const auto& p : parts) n += p.size(1);
   parts.push_back(x);

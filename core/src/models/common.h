@@ -69,8 +69,10 @@ LayerKeys layer_keys(SiteHooks* kv, const at::Tensor& input, at::Tensor k, at::T
                      const at::Tensor& key_mask, KVCache* cache, std::int64_t layer);
 
 /// Prepends the embed site's prompt vectors to x [batch, seq, d] and ones to mask [batch, seq]
-/// on the first pass (no cache, or an empty one). Returns how many positions were prepended.
-std::int64_t add_prompts(SiteHooks* embed, at::Tensor& x, at::Tensor& mask, const KVCache* cache);
+/// on the first pass (no cache, or an empty one): those placed before the embedding module, or
+/// with `after_embedding` those placed after it. Returns how many positions were prepended.
+std::int64_t add_prompts(SiteHooks* embed, at::Tensor& x, at::Tensor& mask, const KVCache* cache,
+                         bool after_embedding = false);
 
 /// Positions given by the caller (ForwardInput::position_ids, [batch, seq]) moved past `prefix`
 /// learned key/value positions and `prompt` prompt positions, with the positions of the `added`
@@ -106,6 +108,19 @@ inline at::Tensor tap(SiteHooks* site, at::Tensor out, const at::Tensor& in) {
   if (!site || !site->active) return out;
   for (const auto& t : site->transforms) out = t->transform(out, in);
   return out;
+}
+
+/// The step after a sublayer: `residual` + `out` (then `norm`, in a post-norm family), with the
+/// site's residual transforms in between (AdapterHub's bottleneck adapters), which may close the
+/// step themselves.
+inline at::Tensor residual_step(SiteHooks* site, const at::Tensor& out, const at::Tensor& residual,
+                                const ResidualTransform::Norm* norm = nullptr) {
+  if (!site || !site->active || site->residual.empty())
+    return norm ? (*norm)(residual + out) : residual + out;
+  auto h = out;
+  for (const auto& r : site->residual) h = r->transform(h, residual, norm);
+  if (site->residual.back()->closes()) return h;
+  return norm ? (*norm)(residual + h) : residual + h;
 }
 
 /// The activation sites of one layer, consulted by the family's forward.

@@ -47,7 +47,7 @@ class LlamaLayerImpl : public torch::nn::Module {
     k = apply_rope(k, cos, sin, c_.rope_style);
     auto kv = layer_keys(taps.attn_kv, h, k, v, key_mask, cache, layer);
     auto a = attn->o(attend(q, kv.keys, kv.values, kv.mask, true, c_.sliding_window));
-    return x + tap(taps.attn_out, a, h);
+    return residual_step(taps.attn_out, tap(taps.attn_out, a, h), x);
   }
 
   at::Tensor ffn_block(const at::Tensor& x) {
@@ -57,7 +57,7 @@ class LlamaLayerImpl : public torch::nn::Module {
     auto act =
         tap(taps.ffn_act,
             c_.hidden_act == "silu" ? swiglu(gate, up) : activate(gate, c_.hidden_act) * up, h);
-    return x + tap(taps.ffn_out, ffn->down(act), h);
+    return residual_step(taps.ffn_out, tap(taps.ffn_out, ffn->down(act), h), x);
   }
 
   ModelConfig c_;

@@ -1,4 +1,5 @@
 #include <graft/adapter.h>
+#include <graft/adapterhub.h>
 #include <graft/io/file.h>
 #include <graft/io/json.h>
 #include <graft/io/safetensors.h>
@@ -99,6 +100,13 @@ void save_adapter_as(const std::string& format, const fs::path& path, const Mode
                      const std::vector<Method*>& methods) {
   if (format == "graft") {
     save_adapter(path, model, methods);
+    return;
+  }
+  // AdapterHub keeps every method of an adapter in one configuration (a union), named after
+  // the folder as its save_adapter names it after the adapter.
+  if (format == adapterhub::kFormat) {
+    const auto name = path.filename().string();
+    adapterhub::save(path, model, methods, name.empty() || name == "." ? "adapter" : name);
     return;
   }
   // The methods with a writer for the format, each with it; the others go beside the first
@@ -208,6 +216,7 @@ std::vector<std::unique_ptr<Method>> load_adapter(const fs::path& dir, Model& mo
   const auto cfg_path = dir / "adapter_config.json";
   const std::string where = cfg_path.string();
   if (!is_graft_adapter(dir)) {
+    if (adapterhub::is_adapter(dir)) return adapterhub::load(dir, model);
     for (const auto& f : adapter_formats())
       if (f.read && f.detect && f.detect(dir)) return f.read(dir, model);
   }
