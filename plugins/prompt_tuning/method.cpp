@@ -4,6 +4,7 @@
 // embeddings) or `text` (the embeddings of `init_text`, repeated or cut to length P). Reads and
 // writes Hugging Face peft's PROMPT_TUNING format (prompt_embeddings [P, d]).
 #include <ATen/CPUGeneratorImpl.h>
+#include <graft/adapterhub.h>
 #include <graft/peft.h>
 #include <graft/plugin.h>
 #include <torch/torch.h>
@@ -16,11 +17,17 @@ namespace fs = std::filesystem;
 
 class Prompt : public EmbeddingExtension {
  public:
-  explicit Prompt(at::Tensor init) { prompt_ = register_parameter("prompt", std::move(init)); }
+  Prompt(at::Tensor init, bool after) : after_(after) {
+    prompt_ = register_parameter("prompt", std::move(init));
+  }
+  bool after_embedding() const override { return after_; }
   at::Tensor prompt(std::int64_t batch) override {
     return prompt_.unsqueeze(0).expand({batch, -1, -1});
   }
   at::Tensor prompt_;
+
+ private:
+  bool after_;
 };
 
 struct Config {
@@ -28,12 +35,16 @@ struct Config {
   std::string init = "random";
   std::string init_text;
   std::uint64_t seed = 0;  ///< for `vocab`: which tokens are copied
+  /// peft: before the position embeddings and the embedding norm, the prompt taking the first
+  /// positions; adapterhub: after the whole embedding module, the tokens keeping theirs (BERT).
+  std::string style = "peft";
 };
 
 class PromptTuning : public HookMethod {
  public:
   explicit PromptTuning(const Params& p) : where_(p) {
-    check_method_keys(p, {"num_virtual_tokens", "init", "init_text", "seed"});
+    check_method_keys(p, {"num_virtual_tokens", "init", "init_text", "seed", "style"});
+    c_.style = p.get_choice("style", {"peft", "adapterhub"}, c_.style);
     c_.num_virtual_tokens = p.get_positive_int("num_virtual_tokens", c_.num_virtual_tokens);
     c_.init = p.get_choice("init", {"random", "vocab", "text"}, c_.init);
     c_.init_text = p.get_string("init_text", "");
@@ -50,6 +61,7 @@ class PromptTuning : public HookMethod {
     nlohmann::json j = {{"num_virtual_tokens", c_.num_virtual_tokens}, {"init", c_.init}};
     if (!c_.init_text.empty()) j["init_text"] = c_.init_text;
     if (c_.seed) j["seed"] = c_.seed;
+    if (c_.style != "peft") j["style"] = c_.style;
     return j;
   }
 
@@ -61,7 +73,7 @@ class PromptTuning : public HookMethod {
     if (!table.defined()) throw Error("prompt_tuning: this model has no token embedding table");
     const auto P = c_.num_virtual_tokens, d = table.size(1);
     const auto positions = model.config().max_positions;
-    if (positions > 0 && P > positions)
+    if (c_.style == "peft" && positions > 0 && P > positions)
       throw Error("prompt_tuning: num_virtual_tokens " + std::to_string(P) + " is more than the " +
                   std::to_string(positions) + " positions this model has");
     at::Tensor init;
@@ -85,7 +97,7 @@ class PromptTuning : public HookMethod {
                  .to(torch::kFloat)
                  .cpu();
     }
-    auto hook = std::make_shared<Prompt>(init.contiguous());
+    auto hook = std::make_shared<Prompt>(init.contiguous(), c_.style == "adapterhub");
     hook->to(table.device());
     add_hook(model, "embed", hook);
   }
@@ -93,6 +105,9 @@ class PromptTuning : public HookMethod {
  private:
   Config c_;
   Params where_;
+
+ public:
+  const Config& settings() const { return c_; }
 };
 
 bool detect_peft(const fs::path& dir) { return peft::is_adapter(dir, "PROMPT_TUNING"); }
@@ -129,6 +144,10 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
 }
 
 void write_peft(const std::vector<Method*>& methods, const Model& model, const fs::path& dir) {
+  auto* m = dynamic_cast<PromptTuning*>(methods.at(0));
+  if (m && m->settings().style != "peft")
+    throw Error("peft format: prompt_tuning in AdapterHub's style (after the embedding module) "
+                "has no peft equivalent; export it as adapters");
   auto state = methods.at(0)->state();
   const auto& c = model.config();
   const auto prompt = state.at("embed.prompt").detach().to(torch::kFloat).contiguous();
@@ -144,6 +163,63 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
   peft::write_adapter(dir, cfg, saved.tensors);
 }
 
+// AdapterHub's PromptTuningConfig (BERT family): "<base>prompt_tuning.prompt_tunings.<name>.
+// prompt_embedding.weight" [P, d], prepended after the embedding module (combine "prefix").
+bool reads_hub_part(const nlohmann::json& part) {
+  return part.value("architecture", nlohmann::json()) == "prompt_tuning";
+}
+
+std::string hub_key(const Model& model, const std::string& name) {
+  return adapterhub::base_prefix(model.config()) + "prompt_tuning.prompt_tunings." + name +
+         ".prompt_embedding.weight";
+}
+
+std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
+                                                   const std::string& name,
+                                                   io::TensorMap& tensors, Model& model,
+                                                   const std::string& source) {
+  adapterhub::check_part(part, source, {"prompt_length", "combine"});
+  if (part.value("combine", std::string("prefix")) != "prefix")
+    throw FileError(source, "prompt tuning combine " + part.at("combine").dump() +
+                                " is not implemented (graft prepends: \"prefix\")");
+  const auto t = adapterhub::take(tensors, hub_key(model, name), source);
+  if (t.dim() != 2 || t.size(1) != model.config().hidden_size)
+    throw FileError(source, "'" + hub_key(model, name) + "' has shape " + c10::str(t.sizes()) +
+                                " but this model's embeddings are " +
+                                std::to_string(model.config().hidden_size) + " wide");
+  const Source where{source, 0, 0};
+  auto settings = Params::map("", where);
+  settings.set("num_virtual_tokens",
+               Params::scalar(std::to_string(t.size(0)), "prompt_length", where));
+  settings.set("style", Params::scalar("adapterhub", "architecture", where));
+  auto method = std::make_unique<PromptTuning>(settings);
+  try {
+    method->attach(model);
+  } catch (const Error& e) {
+    throw FileError(source, std::string("cannot attach to this model: ") + e.what());
+  }
+  method->load_state({{"embed.prompt", t}}, source);
+  std::vector<std::unique_ptr<Method>> out;
+  out.push_back(std::move(method));
+  return out;
+}
+
+std::pair<nlohmann::json, io::TensorMap> write_hub_part(Method& method, const Model& model,
+                                                        const std::string& name) {
+  auto* m = dynamic_cast<PromptTuning*>(&method);
+  if (!m) throw Error(method.name() + ": not a prompt_tuning method");
+  if (m->settings().style != "adapterhub")
+    throw Error("adapters format: prompt_tuning in peft's style (before the position embeddings) "
+                "has no AdapterHub equivalent; train with style: adapterhub");
+  const auto prompt = method.state().at("embed.prompt");
+  nlohmann::json part = {{"architecture", "prompt_tuning"},
+                         {"prompt_length", prompt.size(0)},
+                         {"prompt_init", "random_uniform"},
+                         {"prompt_init_text", nullptr},
+                         {"combine", "prefix"}};
+  return {part, {{hub_key(model, name), prompt}}};
+}
+
 void register_prompt_tuning(Registry& registry) {
   MethodInfo info;
   info.name = "prompt_tuning";
@@ -154,6 +230,13 @@ void register_prompt_tuning(Registry& registry) {
     return std::make_unique<PromptTuning>(p);
   });
   registry.add_format({"peft", "prompt_tuning", detect_peft, read_peft, write_peft});
+  AdapterFormat hub;
+  hub.name = adapterhub::kFormat;
+  hub.method = "prompt_tuning";
+  hub.reads_part = reads_hub_part;
+  hub.read_part = read_hub_part;
+  hub.write_part = write_hub_part;
+  registry.add_format(hub);
 }
 
 }  // namespace
