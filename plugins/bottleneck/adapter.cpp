@@ -7,7 +7,7 @@
 namespace graft::plugins::adapters {
 namespace {
 
-const std::vector<std::string> kNonLinearities = {"relu", "gelu",      "gelu_new", "silu",
+const std::vector<std::string> kNonLinearities = {"relu",  "gelu", "gelu_new",  "silu",
                                                   "swish", "tanh", "leakyrelu", "sigmoid"};
 
 at::Tensor activate(const at::Tensor& h, const std::string& f) {
@@ -226,10 +226,11 @@ std::vector<std::pair<std::string, std::string>> key_pairs(const io::TensorMap& 
   std::vector<std::pair<std::string, std::string>> out;
   for (const auto& site : model.sites()) {
     if (!is_sublayer_point(site.point)) continue;
-    const auto hub = adapterhub::bottleneck_location(model.config(), site) + ".adapters." + name +
-                     ".";
+    const auto hub =
+        adapterhub::bottleneck_location(model.config(), site) + ".adapters." + name + ".";
     for (const auto& [param, suffix] : names)
-      if (state.count(site.name + "." + param)) out.emplace_back(site.name + "." + param, hub + suffix);
+      if (state.count(site.name + "." + param))
+        out.emplace_back(site.name + "." + param, hub + suffix);
   }
   return out;
 }
@@ -314,8 +315,9 @@ Params bottleneck_settings(const nlohmann::json& part, const std::string& name,
   auto fname = f.get<std::string>();
   for (auto& ch : fname) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   if (std::find(kNonLinearities.begin(), kNonLinearities.end(), fname) == kNonLinearities.end())
-    throw FileError(source, "non_linearity \"" + fname + "\" is not implemented (graft has relu, "
-                            "gelu, gelu_new, swish/silu, tanh, leakyrelu, sigmoid)");
+    throw FileError(source, "non_linearity \"" + fname +
+                                "\" is not implemented (graft has relu, "
+                                "gelu, gelu_new, swish/silu, tanh, leakyrelu, sigmoid)");
   set("non_linearity", fname, "non_linearity");
   const auto& s = part.value("scaling", nlohmann::json(1.0));
   if (s.is_number()) {
@@ -335,13 +337,15 @@ Params bottleneck_settings(const nlohmann::json& part, const std::string& name,
            {"adapter_residual_before_ln", "adapter_residual_before_ln"}})
     set(key, flag(hub) ? "true" : "false", hub);
   const auto& r = part.value("residual_before_ln", nlohmann::json(true));
-  set("residual_before_ln", r.is_boolean() ? (r.get<bool>() ? "true" : "false") : r.get<std::string>(),
+  set("residual_before_ln",
+      r.is_boolean() ? (r.get<bool>() ? "true" : "false") : r.get<std::string>(),
       "residual_before_ln");
   auto targets = Params::list("targets", where);
   if (flag("mh_adapter")) targets.add(Params::scalar("attn.out", "mh_adapter", where));
   if (flag("output_adapter")) targets.add(Params::scalar("ffn.out", "output_adapter", where));
   if (!flag("mh_adapter") && !flag("output_adapter"))
-    throw FileError(source, "neither mh_adapter nor output_adapter is set: the adapter sits nowhere");
+    throw FileError(source,
+                    "neither mh_adapter nor output_adapter is set: the adapter sits nowhere");
   p.set("targets", targets);
   const auto& leave = part.value("leave_out", nlohmann::json::array());
   if (!leave.is_array()) throw FileError(source, "leave_out " + leave.dump() + " is not a list");
@@ -418,10 +422,10 @@ std::vector<std::unique_ptr<Method>> read_bottleneck_part(const nlohmann::json& 
                                                           io::TensorMap& tensors, Model& model,
                                                           const std::string& source) {
   // The PHM keys configure PHM layers, which this part (phm_layer false) does not have.
-  const auto settings = bottleneck_settings(
-      part, name, tensors, model, source,
-      {"phm_dim", "phm_rank", "shared_phm_rule", "factorized_phm_rule", "shared_W_phm",
-       "factorized_phm_W", "phm_bias"});
+  const auto settings =
+      bottleneck_settings(part, name, tensors, model, source,
+                          {"phm_dim", "phm_rank", "shared_phm_rule", "factorized_phm_rule",
+                           "shared_W_phm", "factorized_phm_W", "phm_bias"});
   auto c = AdapterConfig::from_params(settings, AdapterConfig(), {"ffn.out"});
   auto method = std::make_unique<Bottleneck>("bottleneck", c);
   try {

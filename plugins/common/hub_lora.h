@@ -22,10 +22,10 @@ namespace graft::plugins::hub_lora {
 
 struct Location {
   Site site;
-  std::string module;          ///< transformers module path ("model.layers.3.self_attn.q_proj")
-  std::int64_t index = 0;      ///< which of the module's adapted matrices (fused c_attn)
-  std::int64_t count = 1;      ///< how many it has
-  std::int64_t rows = 0;       ///< the site's output rows
+  std::string module;      ///< transformers module path ("model.layers.3.self_attn.q_proj")
+  std::int64_t index = 0;  ///< which of the module's adapted matrices (fused c_attn)
+  std::int64_t count = 1;  ///< how many it has
+  std::int64_t rows = 0;   ///< the site's output rows
 };
 
 inline std::string intermediate_point(const ModelConfig& c) {
@@ -129,9 +129,10 @@ inline nlohmann::json part_for(const std::set<std::string>& sites, const Model& 
   std::set<std::string> expressed;
   for (const auto& l : locations(part, model, method)) expressed.insert(l.site.name);
   if (expressed != sites)
-    throw Error(method + ": its sites have no AdapterHub LoRA configuration (AdapterHub adapts "
-                         "attention q/k/v, the intermediate and output projections, in every "
-                         "layer but leave_out)");
+    throw Error(method +
+                ": its sites have no AdapterHub LoRA configuration (AdapterHub adapts "
+                "attention q/k/v, the intermediate and output projections, in every "
+                "layer but leave_out)");
   return part;
 }
 

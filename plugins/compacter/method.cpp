@@ -41,16 +41,19 @@ PhmTensors make_phm(torch::nn::Module& m, const std::string& prefix, const PhmCo
   const auto n = c.n;
   torch::NoGradGuard no_grad;
   if (rules) {
-    // AdapterHub: N(0, 1e-4) for a shared rule (phm_init_range), N(0, 0.01) for a layer's own.
-    const double std = prefix.empty() ? 1e-4 : 1e-2;
+    // A_i ~ N(0, 1/n) (factorised: each factor N(0, n^-1/2)), graft's choice: AdapterHub draws
+    // N(0, 1e-4) or N(0, 0.01), which leaves the adapter's output too small for a bfloat16 step
+    // to move at first.
+    const double std = 1.0 / std::sqrt(double(n));
     if (c.factorized_rule) {
-      t.rule_left = m.register_parameter(prefix + "phm_rule_left",
-                                         torch::randn({n, n, 1}) * std, c.learn_rule);
-      t.rule_right = m.register_parameter(prefix + "phm_rule_right",
-                                          torch::randn({n, 1, n}) * std, c.learn_rule);
+      const double f = std::sqrt(std);
+      t.rule_left =
+          m.register_parameter(prefix + "phm_rule_left", torch::randn({n, n, 1}) * f, c.learn_rule);
+      t.rule_right = m.register_parameter(prefix + "phm_rule_right", torch::randn({n, 1, n}) * f,
+                                          c.learn_rule);
     } else {
-      t.rule = m.register_parameter(prefix + "phm_rule", torch::randn({n, n, n}) * std,
-                                    c.learn_rule);
+      t.rule =
+          m.register_parameter(prefix + "phm_rule", torch::randn({n, n, n}) * std, c.learn_rule);
     }
   }
   if (weights) {
@@ -91,10 +94,9 @@ class CompacterAdapter : public Adapter {
     auto get = [&](const at::Tensor& mine, const std::string& name) {
       return mine.defined() ? mine : shared_->named_parameters(false)[name];
     };
-    at::Tensor rule = c_.factorized_rule
-                          ? torch::bmm(get(own.rule_left, "phm_rule_left"),
-                                       get(own.rule_right, "phm_rule_right"))
-                          : get(own.rule, "phm_rule");
+    at::Tensor rule = c_.factorized_rule ? torch::bmm(get(own.rule_left, "phm_rule_left"),
+                                                      get(own.rule_right, "phm_rule_right"))
+                                         : get(own.rule, "phm_rule");
     at::Tensor W = c_.factorized_W ? torch::bmm(get(own.W_left, "W_" + side + "left"),
                                                 get(own.W_right, "W_" + side + "right"))
                                    : get(own.W, "W_" + side.substr(0, side.size() - 1));
@@ -137,8 +139,8 @@ class Compacter : public HookMethod {
       if (d % c_.n != 0 || k % c_.n != 0)
         throw Error(name() + ": site '" + site.name + "': its width " + std::to_string(d) +
                     " and bottleneck width " + std::to_string(k) + " (" + std::to_string(d) +
-                    " / reduction_factor) must both be divisible by n = " +
-                    std::to_string(c_.n) + "; change reduction_factor or n");
+                    " / reduction_factor) must both be divisible by n = " + std::to_string(c_.n) +
+                    "; change reduction_factor or n");
     }
     shared_ = std::make_shared<torch::nn::Module>();
     if (c_.shared_rule) make_phm(*shared_, "", c_, 0, 0, true, false);
@@ -150,8 +152,8 @@ class Compacter : public HookMethod {
     shared_->to(model.parameters().front().device());
     for (const auto& site : sites)
       add_hook(model, site.name,
-               std::make_shared<CompacterAdapter>(a_, c_, site.out_features,
-                                                  a_.width(site, name()), shared_));
+               std::make_shared<CompacterAdapter>(a_, c_, site.out_features, a_.width(site, name()),
+                                                  shared_));
   }
   void detach(Model& model) override {
     HookMethod::detach(model);
@@ -181,8 +183,7 @@ class Compacter : public HookMethod {
       if (it->second.sizes() != p.value().sizes())
         throw FileError(source, name() + ": '" + p.key() + "' has shape " +
                                     c10::str(it->second.sizes()) + " but n = " +
-                                    std::to_string(c_.n) + " needs " +
-                                    c10::str(p.value().sizes()));
+                                    std::to_string(c_.n) + " needs " + c10::str(p.value().sizes()));
       p.value().copy_(it->second);
       own.erase(it);
     }
@@ -211,9 +212,14 @@ class Compacter : public HookMethod {
   std::shared_ptr<torch::nn::Module> shared_;
 };
 
-const std::vector<std::string> kPhmKeys = {"n",           "phm_rank",         "shared_phm_rule",
-                                           "factorized_phm_rule", "shared_W_phm", "factorized_phm_W",
-                                           "phm_bias",    "learn_phm"};
+const std::vector<std::string> kPhmKeys = {"n",
+                                           "phm_rank",
+                                           "shared_phm_rule",
+                                           "factorized_phm_rule",
+                                           "shared_W_phm",
+                                           "factorized_phm_W",
+                                           "phm_bias",
+                                           "learn_phm"};
 
 PhmConfig phm_from_params(const Params& p) {
   PhmConfig c;
@@ -275,8 +281,8 @@ std::vector<std::unique_ptr<Method>> read_part(const nlohmann::json& part, const
   };
   set("n", "phm_dim", 4);
   set("phm_rank", "phm_rank", 1);
-  for (const auto* key : {"shared_phm_rule", "factorized_phm_rule", "shared_W_phm",
-                          "factorized_phm_W", "phm_bias"})
+  for (const auto* key :
+       {"shared_phm_rule", "factorized_phm_rule", "shared_W_phm", "factorized_phm_W", "phm_bias"})
     set(key, key, false);
   const auto c = phm_from_params(settings);
   // AdapterHub (to 1.1 at least) keeps shared tensors in shared_parameters, which save_adapter
@@ -307,10 +313,11 @@ std::pair<nlohmann::json, io::TensorMap> write_part(Method& method, const Model&
   if (!m) throw Error(method.name() + ": not a compacter adapter");
   const auto& c = m->phm();
   if (c.shared_rule || c.shared_W)
-    throw Error(method.name() + ": shared PHM tensors (shared_phm_rule, shared_W_phm) have no "
-                                "place in AdapterHub's saved files (save_adapter leaves them out); "
-                                "train with shared_phm_rule: false and shared_W_phm: false to "
-                                "export");
+    throw Error(method.name() +
+                ": shared PHM tensors (shared_phm_rule, shared_W_phm) have no "
+                "place in AdapterHub's saved files (save_adapter leaves them out); "
+                "train with shared_phm_rule: false and shared_W_phm: false to "
+                "export");
   auto part = bottleneck_part(m->adapter(), model, method.name());
   part.update({{"phm_layer", true},
                {"phm_dim", c.n},
@@ -354,8 +361,7 @@ void add(Registry& registry, const std::string& name, const std::string& descrip
 }
 
 void register_compacter(Registry& registry) {
-  add(registry, "compacter",
-      "AdapterHub compacter: PHM adapters after attention and feed-forward",
+  add(registry, "compacter", "AdapterHub compacter: PHM adapters after attention and feed-forward",
       {"attn.out", "ffn.out"}, false);
   add(registry, "compacter++", "AdapterHub compacter++: PHM adapter after the feed-forward",
       {"ffn.out"}, true);

@@ -15,9 +15,8 @@ bool reads_hub_part(const nlohmann::json& part) {
 }
 
 std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
-                                                   const std::string& name,
-                                                   io::TensorMap& tensors, Model& model,
-                                                   const std::string& source) {
+                                                   const std::string& name, io::TensorMap& tensors,
+                                                   Model& model, const std::string& source) {
   adapterhub::check_part(part, source,
                          {"r", "alpha", "attn_matrices", "selfattn_lora", "intermediate_lora",
                           "output_lora", "composition_mode", "leave_out"});

@@ -52,7 +52,7 @@ void register_ia3(Registry& registry) {
   registry.add(info, [](const Params& p) -> std::unique_ptr<Method> {
     return std::make_unique<Ia3>(Ia3Config::from_params(p));
   });
-  registry.add_format({"peft", "ia3", detect_peft, read_peft, write_peft});
+  registry.add_format({"peft", "ia3", detect_peft, read_peft, write_peft, {}, {}, {}});
   AdapterFormat hub;
   hub.name = adapterhub::kFormat;
   hub.method = "ia3";

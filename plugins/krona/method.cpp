@@ -140,7 +140,7 @@ void register_krona(Registry& registry) {
   registry.add(info, [](const Params& p) -> std::unique_ptr<Method> {
     return std::make_unique<Krona>(KronaConfig::from_params(p), p);
   });
-  registry.add_format({"peft", "krona", detect_peft, read_peft, write_peft});
+  registry.add_format({"peft", "krona", detect_peft, read_peft, write_peft, {}, {}, {}});
 }
 
 }  // namespace

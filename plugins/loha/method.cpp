@@ -87,7 +87,7 @@ void register_loha(Registry& registry) {
   registry.add(info, [](const Params& p) -> std::unique_ptr<Method> {
     return std::make_unique<Loha>(LohaConfig::from_params(p));
   });
-  registry.add_format({"peft", "loha", detect_peft, read_peft, write_peft});
+  registry.add_format({"peft", "loha", detect_peft, read_peft, write_peft, {}, {}, {}});
 }
 
 }  // namespace

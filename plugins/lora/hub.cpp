@@ -17,9 +17,8 @@ bool reads_hub_part(const nlohmann::json& part) {
 }
 
 std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
-                                                   const std::string& name,
-                                                   io::TensorMap& tensors, Model& model,
-                                                   const std::string& source) {
+                                                   const std::string& name, io::TensorMap& tensors,
+                                                   Model& model, const std::string& source) {
   adapterhub::check_part(part, source,
                          {"r", "alpha", "attn_matrices", "selfattn_lora", "intermediate_lora",
                           "output_lora", "composition_mode", "use_gating", "leave_out"});
@@ -32,8 +31,7 @@ std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
   for (const auto& l : locs)
     if (gating && l.count > 1)
       throw FileError(source, "a gated LoRA on " + l.module + " (one gate for " +
-                                  std::to_string(l.count) +
-                                  " fused matrices) is not implemented");
+                                  std::to_string(l.count) + " fused matrices) is not implemented");
   peft_shared::Settings s(source);
   s.set("r", r.get<std::int64_t>(), "r");
   s.set("alpha", alpha.get<double>(), "alpha");
@@ -50,7 +48,8 @@ std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
   for (const auto& l : locs) {
     const auto A = hub_lora::take(tensors, fused, l, name, "lora_A", source);
     const auto B = hub_lora::take(tensors, fused, l, name, "lora_B", source);
-    if (A.dim() != 2 || B.dim() != 2 || A.size(0) != l.count * rank || B.size(0) != l.count * l.rows)
+    if (A.dim() != 2 || B.dim() != 2 || A.size(0) != l.count * rank ||
+        B.size(0) != l.count * l.rows)
       throw FileError(source, "'" + hub_lora::key(l, name, "lora_A") + "' / lora_B have shapes " +
                                   c10::str(A.sizes()) + " / " + c10::str(B.sizes()) +
                                   ", which do not fit r " + std::to_string(rank) + " on " +
@@ -76,11 +75,16 @@ std::pair<nlohmann::json, io::TensorMap> write_hub_part(Method& method, const Mo
   if (!lora) throw Error(method.name() + ": not a lora method");
   const auto& c = lora->settings();
   if (c.dora || c.rslora || c.scale != 1.0 || !c.rank_pattern.empty() || !c.alpha_pattern.empty())
-    throw Error("lora: DoRA, rsLoRA, a scale and rank or alpha patterns have no place in "
-                "AdapterHub's LoRA configuration");
+    throw Error(
+        "lora: DoRA, rsLoRA, a scale and rank or alpha patterns have no place in "
+        "AdapterHub's LoRA configuration");
   std::set<std::string> sites;
   for (const auto& [site, hook] : lora->hooks()) sites.insert(site);
   auto part = hub_lora::part_for(sites, model, "lora");
+  for (const auto& l : hub_lora::locations(part, model, "lora"))
+    if (c.gating && l.count > 1)
+      throw Error("lora: a gated LoRA on several matrices of " + l.module +
+                  " would share one gate in AdapterHub; graft gates each site");
   part.update({{"r", c.r},
                {"alpha", c.alpha},
                {"composition_mode", "add"},

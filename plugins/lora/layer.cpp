@@ -28,7 +28,8 @@ at::Tensor LoraDelta::delta(const at::Tensor& x, const LinearImpl&) {
   auto h = dropout->options.p() > 0 ? dropout(x) : x;
   auto y = torch::linear(torch::linear(h, A.to(x.dtype())), B.to(x.dtype()));
   // A gate replaces the scaling (AdapterHub's gated LoRA, as in UniPELT).
-  if (gate) return y * torch::sigmoid(gate(x.to(gate->weight.dtype()))).mean(-2, true).to(y.dtype());
+  if (gate)
+    return y * torch::sigmoid(gate(x.to(gate->weight.dtype()))).mean(-2, true).to(y.dtype());
   return y * scaling;
 }
 

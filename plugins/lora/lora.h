@@ -44,9 +44,8 @@ void write_peft(const std::vector<Method*>& methods, const Model& model,
 // AdapterHub's LoRA configurations (composition_mode "add"), as parts of its adapters.
 bool reads_hub_part(const nlohmann::json& part);
 std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
-                                                   const std::string& name,
-                                                   io::TensorMap& tensors, Model& model,
-                                                   const std::string& source);
+                                                   const std::string& name, io::TensorMap& tensors,
+                                                   Model& model, const std::string& source);
 std::pair<nlohmann::json, io::TensorMap> write_hub_part(Method& method, const Model& model,
                                                         const std::string& name);
 

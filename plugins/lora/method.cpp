@@ -93,8 +93,9 @@ void register_lora(Registry& registry) {
   registry.add(info, [](const Params& p) -> std::unique_ptr<Method> {
     return std::make_unique<Lora>(LoraConfig::from_params(p));
   });
-  registry.add_format({"peft", "lora", detect_peft, read_peft, write_peft});
-  registry.add_format({"gguf", "lora", detect_gguf_lora, read_gguf_lora, write_gguf_lora});
+  registry.add_format({"peft", "lora", detect_peft, read_peft, write_peft, {}, {}, {}});
+  registry.add_format(
+      {"gguf", "lora", detect_gguf_lora, read_gguf_lora, write_gguf_lora, {}, {}, {}});
   AdapterFormat hub;
   hub.name = adapterhub::kFormat;
   hub.method = "lora";

@@ -22,7 +22,8 @@ void register_parallel(Registry& registry) {
   MethodInfo info;
   info.name = "parallel";
   info.version = "2.0.0";
-  info.description = "AdapterHub par_bn: beside the feed-forward, reading its input (reduction 2, s 4)";
+  info.description =
+      "AdapterHub par_bn: beside the feed-forward, reading its input (reduction 2, s 4)";
   info.points = {"attn.out", "ffn.out"};
   registry.add(info, [=](const Params& p) -> std::unique_ptr<Method> {
     auto c = AdapterConfig::from_params(p, mam, {"ffn.out"});

@@ -252,8 +252,9 @@ void write_peft(const std::vector<Method*>& methods, const Model& model, const f
   if (prefix->settings().gating)
     throw Error("peft format: prefix_tuning with gating (UniPELT) has no peft equivalent");
   if (prefix->settings().style != "peft")
-    throw Error("peft format: prefix_tuning in AdapterHub's style (a prefix per query head, "
-                "positions not shifted) has no peft equivalent; export it as adapters");
+    throw Error(
+        "peft format: prefix_tuning in AdapterHub's style (a prefix per query head, "
+        "positions not shifted) has no peft equivalent; export it as adapters");
   const auto& c = model.config();
   const auto flat = prefix->state().at("prefix").detach().to(torch::kFloat).contiguous();
   auto saved = peft_shared::write(methods, model, {}, peft_shared::Extras::prompt_learning);
@@ -297,15 +298,15 @@ std::string gate_key(const Model& model, std::int64_t layer, const std::string& 
 }
 
 std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
-                                                   const std::string& name,
-                                                   io::TensorMap& tensors, Model& model,
-                                                   const std::string& source) {
+                                                   const std::string& name, io::TensorMap& tensors,
+                                                   Model& model, const std::string& source) {
   adapterhub::check_part(part, source,
                          {"prefix_length", "bottleneck_size", "flat", "non_linearity",
                           "encoder_prefix", "cross_prefix", "use_gating", "shared_gating"});
   if (part.value("encoder_prefix", true) != true)
-    throw FileError(source, "encoder_prefix false (no prefix in the encoder's self-attention) is "
-                            "not implemented");
+    throw FileError(source,
+                    "encoder_prefix false (no prefix in the encoder's self-attention) is "
+                    "not implemented");
   const auto& mc = model.config();
   const auto P = part.value("prefix_length", nlohmann::json());
   if (!P.is_number_integer() || P.get<std::int64_t>() < 1)
@@ -329,9 +330,9 @@ std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
     const auto b2 = adapterhub::take(tensors, key + "control_trans.2.bias", source);
     if (wte.dim() != 2 || wte.size(0) != T || w2.size(0) != width)
       throw FileError(source, "the prefix MLP's shapes (wte " + c10::str(wte.sizes()) +
-                                  ", output " + c10::str(w2.sizes()) + ") do not fit prefix_length " +
-                                  std::to_string(T) + " on this model (output width " +
-                                  std::to_string(width) + ")");
+                                  ", output " + c10::str(w2.sizes()) +
+                                  ") do not fit prefix_length " + std::to_string(T) +
+                                  " on this model (output width " + std::to_string(width) + ")");
     torch::NoGradGuard no_grad;
     const auto f = part.value("non_linearity", std::string("tanh"));
     flat = torch::linear(hub_activation(torch::linear(wte, w1, b1), f, source), w2, b2);
@@ -368,8 +369,9 @@ std::pair<nlohmann::json, io::TensorMap> write_hub_part(Method& method, const Mo
   if (!prefix) throw Error(method.name() + ": not a prefix_tuning method");
   const auto& c = prefix->settings();
   if (c.style != "adapterhub")
-    throw Error("adapters format: prefix_tuning in peft's style (a prefix per key/value head, "
-                "positions shifted) has no AdapterHub equivalent; train with style: adapterhub");
+    throw Error(
+        "adapters format: prefix_tuning in peft's style (a prefix per key/value head, "
+        "positions shifted) has no AdapterHub equivalent; train with style: adapterhub");
   const auto state = method.state();
   io::TensorMap out;
   out[pool_key(model, name) + "control_trans"] = state.at("prefix").reshape({-1});
@@ -401,7 +403,7 @@ void register_prefix_tuning(Registry& registry) {
   registry.add(info, [](const Params& p) -> std::unique_ptr<Method> {
     return std::make_unique<PrefixTuning>(p);
   });
-  registry.add_format({"peft", "prefix_tuning", detect_peft, read_peft, write_peft});
+  registry.add_format({"peft", "prefix_tuning", detect_peft, read_peft, write_peft, {}, {}, {}});
   AdapterFormat hub;
   hub.name = adapterhub::kFormat;
   hub.method = "prefix_tuning";

@@ -146,8 +146,9 @@ std::vector<std::unique_ptr<Method>> read_peft(const fs::path& dir, Model& model
 void write_peft(const std::vector<Method*>& methods, const Model& model, const fs::path& dir) {
   auto* m = dynamic_cast<PromptTuning*>(methods.at(0));
   if (m && m->settings().style != "peft")
-    throw Error("peft format: prompt_tuning in AdapterHub's style (after the embedding module) "
-                "has no peft equivalent; export it as adapters");
+    throw Error(
+        "peft format: prompt_tuning in AdapterHub's style (after the embedding module) "
+        "has no peft equivalent; export it as adapters");
   auto state = methods.at(0)->state();
   const auto& c = model.config();
   const auto prompt = state.at("embed.prompt").detach().to(torch::kFloat).contiguous();
@@ -175,9 +176,8 @@ std::string hub_key(const Model& model, const std::string& name) {
 }
 
 std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
-                                                   const std::string& name,
-                                                   io::TensorMap& tensors, Model& model,
-                                                   const std::string& source) {
+                                                   const std::string& name, io::TensorMap& tensors,
+                                                   Model& model, const std::string& source) {
   adapterhub::check_part(part, source, {"prompt_length", "combine"});
   if (part.value("combine", std::string("prefix")) != "prefix")
     throw FileError(source, "prompt tuning combine " + part.at("combine").dump() +
@@ -209,8 +209,9 @@ std::pair<nlohmann::json, io::TensorMap> write_hub_part(Method& method, const Mo
   auto* m = dynamic_cast<PromptTuning*>(&method);
   if (!m) throw Error(method.name() + ": not a prompt_tuning method");
   if (m->settings().style != "adapterhub")
-    throw Error("adapters format: prompt_tuning in peft's style (before the position embeddings) "
-                "has no AdapterHub equivalent; train with style: adapterhub");
+    throw Error(
+        "adapters format: prompt_tuning in peft's style (before the position embeddings) "
+        "has no AdapterHub equivalent; train with style: adapterhub");
   const auto prompt = method.state().at("embed.prompt");
   nlohmann::json part = {{"architecture", "prompt_tuning"},
                          {"prompt_length", prompt.size(0)},
@@ -229,7 +230,7 @@ void register_prompt_tuning(Registry& registry) {
   registry.add(info, [](const Params& p) -> std::unique_ptr<Method> {
     return std::make_unique<PromptTuning>(p);
   });
-  registry.add_format({"peft", "prompt_tuning", detect_peft, read_peft, write_peft});
+  registry.add_format({"peft", "prompt_tuning", detect_peft, read_peft, write_peft, {}, {}, {}});
   AdapterFormat hub;
   hub.name = adapterhub::kFormat;
   hub.method = "prompt_tuning";

@@ -165,6 +165,39 @@ std::vector<Case> cases() {
        },
        true,
        false},
+      // AdapterHub's options: a learned scalar scaling, a norm after, the residual added before
+      // it, the adapter closing the residual step itself (no post-norm, no residual after it).
+      {"bottleneck, AdapterHub options: post_add residual, learned scaling, closes the step",
+       {{"bottleneck", params({{"reduction_factor", "4"},
+                               {"init", "mam"},
+                               {"residual_before_ln", "post_add"},
+                               {"adapter_residual_before_ln", "true"},
+                               {"original_ln_after", "false"},
+                               {"ln_after", "true"},
+                               {"scaling", "learned"}})}},
+       [](const ModelConfig& c) {
+         const auto d = c.hidden_size, k = d / 4;
+         return c.num_layers * (2 * d * k + k + d + 1 + 2 * d);
+       },
+       false,
+       false},
+      {"compacter, a factorised rule per layer, W of rank 2, channel scaling",
+       {{"compacter", params({{"reduction_factor", "2"},
+                              {"n", "2"},
+                              {"shared_phm_rule", "false"},
+                              {"factorized_phm_rule", "true"},
+                              {"phm_rank", "2"},
+                              {"scaling", "channel"}})}},
+       [](const ModelConfig& c) {
+         const std::int64_t d = c.hidden_size, k = d / 2, n = 2;
+         // per PHM layer: rules 2 n^2, W_left in * rank, W_right rank * out, bias out.
+         const auto phm = [&](std::int64_t in, std::int64_t out) {
+           return 2 * n * n + 2 * in + 2 * out + out;
+         };
+         return 2 * c.num_layers * (phm(d, k) + phm(k, d) + d);
+       },
+       false,
+       false},
       {"prompt_tuning, 3 vocab tokens",
        {{"prompt_tuning", params({{"num_virtual_tokens", "3"}, {"init", "vocab"}})}},
        [](const ModelConfig& c) { return 3 * c.hidden_size; },
@@ -176,6 +209,19 @@ std::vector<Case> cases() {
        [](const ModelConfig& c) {
          const std::int64_t d = c.hidden_size, b = 8, w = c.num_layers * 2 * kv_width(c);
          return 4 * d + (d * b + b) + (b * w + w);
+       },
+       false,
+       false},
+      // AdapterHub's prefix: one per query head, positions not shifted, a gate per layer.
+      {"prefix_tuning, AdapterHub style, gated",
+       {{"prefix_tuning", params({{"num_virtual_tokens", "4"},
+                                  {"bottleneck", "8"},
+                                  {"style", "adapterhub"},
+                                  {"gating", "true"}})}},
+       [](const ModelConfig& c) {
+         const std::int64_t d = c.hidden_size, b = 8,
+                            w = c.num_layers * 2 * c.num_heads * c.head_dim;
+         return 4 * d + (d * b + b) + (b * w + w) + c.num_layers * (d + 1);
        },
        false,
        false},

@@ -4,7 +4,8 @@
 //   DIR/adapter_config.json   {"config": {...} | {"architecture": "union", "configs": [...]},
 //                              "name": <adapter name>, "model_type", "hidden_size", "version"}
 //   DIR/adapter.safetensors   tensors named by transformers module paths with the adapter's name
-//                             inside: "bert.encoder.layer.3.output.adapters.<name>.adapter_up.weight"
+//                             inside:
+//                             "bert.encoder.layer.3.output.adapters.<name>.adapter_up.weight"
 //   DIR/head_config.json + model_head.safetensors   the model's own (static) head, optional
 //   DIR/adapter_setup.json    instead of the above: a composition ({"type": "Stack", ...}) of the
 //                             adapters in the sub-folders DIR/<name>/
@@ -34,15 +35,15 @@ inline const std::string kFormat = "adapters";
 bool is_adapter(const std::filesystem::path& dir);
 
 /// Loads the adapter or composition in `dir` onto `model`: every part through its plugin, the
-/// folders of a Stack in order (each one's hooks after the previous one's at shared sites), a
-/// static head whose tensors differ from the model's as a layer_select method. A file holding
-/// only pickled weights, a configuration no loaded plugin reads, a composition other than Stack,
+/// folders of a Stack in order (each one's hooks after the previous one's at shared sites); a
+/// static head must equal the model's own (a trained one is refused). A file holding only
+/// pickled weights, a configuration no loaded plugin reads, a composition other than Stack,
 /// a flex head, and any tensor no part took are refused in one line naming the file.
 std::vector<std::unique_ptr<Method>> load(const std::filesystem::path& dir, Model& model);
 
 /// Writes `methods` as one AdapterHub adapter named `name` (a union when there are several).
-void save(const std::filesystem::path& dir, const Model& model,
-          const std::vector<Method*>& methods, const std::string& name);
+void save(const std::filesystem::path& dir, const Model& model, const std::vector<Method*>& methods,
+          const std::string& name);
 
 /// The model's module path prefix of the base model ("bert.", "roberta.", "transformer.",
 /// "model.", or "" for a bare BertModel).

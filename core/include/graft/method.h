@@ -155,10 +155,9 @@ struct AdapterFormat {
   /// their state, taking their tensors out of `tensors` (what is left belongs to other parts;
   /// anything left at the end is refused). `name` is the adapter's name inside the tensor names.
   std::function<bool(const nlohmann::json& part)> reads_part;
-  std::function<std::vector<std::unique_ptr<Method>>(const nlohmann::json& part,
-                                                     const std::string& name,
-                                                     io::TensorMap& tensors, Model& model,
-                                                     const std::string& source)>
+  std::function<std::vector<std::unique_ptr<Method>>(
+      const nlohmann::json& part, const std::string& name, io::TensorMap& tensors, Model& model,
+      const std::string& source)>
       read_part;
   /// The other direction: `method` (made by this plugin, attached to `model`) as one part of such
   /// a configuration and the tensors it saves, named for adapter `name`. Errors say what of the

@@ -26,9 +26,9 @@ class BertLayerImpl : public torch::nn::Module {
     auto v = split_heads(attn->v(h), c_.num_heads, c_.head_dim);
     auto kv = layer_keys(taps.attn_kv, h, k, v, key_mask, nullptr, layer);
     const ResidualTransform::Norm norm1 = [this](const at::Tensor& t) { return attn_norm(t); };
-    x = residual_step(
-        taps.attn_out,
-        tap(taps.attn_out, attn->o(attend(q, kv.keys, kv.values, kv.mask, false)), h), x, &norm1);
+    x = residual_step(taps.attn_out,
+                      tap(taps.attn_out, attn->o(attend(q, kv.keys, kv.values, kv.mask, false)), h),
+                      x, &norm1);
     h = tap(taps.ffn_in, x, x);
     auto act = tap(taps.ffn_act, activate(ffn->up(h), c_.hidden_act), h);
     const ResidualTransform::Norm norm2 = [this](const at::Tensor& t) { return ffn_norm(t); };

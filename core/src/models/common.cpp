@@ -233,8 +233,10 @@ void Model::attach(const std::string& name, std::shared_ptr<Hook> hook, const st
     if (site.point != "embed") refuse("embedding extension");
     // Only an encoder with an embedding module of its own (positions, norm) has an "after".
     if (e->after_embedding() && config_.family != "bert")
-      throw Error(method + ": prompts placed after the embedding module need a BERT-family "
-                           "model (as in AdapterHub); this is a " + config_.family + " model");
+      throw Error(method +
+                  ": prompts placed after the embedding module need a BERT-family "
+                  "model (as in AdapterHub); this is a " +
+                  config_.family + " model");
     h.embeddings.push_back(e);
   } else {
     throw Error(method + ": hook of unknown kind at site '" + name + "'");

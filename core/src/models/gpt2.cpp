@@ -23,7 +23,8 @@ class Gpt2LayerImpl : public torch::nn::Module {
     auto v = split_heads(attn->v(h), c_.num_heads, c_.head_dim);
     auto kv = layer_keys(taps.attn_kv, h, k, v, key_mask, cache, layer);
     x = residual_step(taps.attn_out,
-                      tap(taps.attn_out, attn->o(attend(q, kv.keys, kv.values, kv.mask, true)), h), x);
+                      tap(taps.attn_out, attn->o(attend(q, kv.keys, kv.values, kv.mask, true)), h),
+                      x);
     h = tap(taps.ffn_in, ffn_norm(x), x);
     auto act = tap(taps.ffn_act, activate(ffn->up(h), c_.hidden_act), h);
     return residual_step(taps.ffn_out, tap(taps.ffn_out, ffn->down(act), h), x);

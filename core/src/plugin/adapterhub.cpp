@@ -69,9 +69,9 @@ std::string describe(const json& part) {
   return a.is_string() ? a.get<std::string>() : "bottleneck (architecture null)";
 }
 
-// The static head of an adapter folder: tensors the model's own head has. Ones equal to the
-// model's are nothing to load; others load as a layer_select method (as peft's modules_to_save).
-void read_head(const fs::path& dir, Model& model, std::vector<std::unique_ptr<Method>>& out) {
+// The static head of an adapter folder: tensors the model's own head has, which must equal the
+// model's (AdapterHub saves a copy of the model's head beside every adapter).
+void read_head(const fs::path& dir, Model& model) {
   if (!fs::exists(dir / kHeadConfig)) return;
   const auto cfg_path = (dir / kHeadConfig).string();
   const auto cfg = io::read_json_file(dir / kHeadConfig);
@@ -90,8 +90,9 @@ void read_head(const fs::path& dir, Model& model, std::vector<std::unique_ptr<Me
     const auto* embed = current.find("embed.weight");
     if (name == "lm_head.weight" && !current.find("head.weight") && embed) {
       if (!torch::equal(embed->detach().to(torch::kFloat).cpu(), t.to(torch::kFloat).cpu()))
-        throw FileError(source, "'lm_head.weight' differs from this model's embedding, to which "
-                                "its head is tied; graft does not untie heads");
+        throw FileError(source,
+                        "'lm_head.weight' differs from this model's embedding, to which "
+                        "its head is tied; graft does not untie heads");
       continue;
     }
     named[peft::kPrefix + name] = t;
@@ -104,26 +105,26 @@ void read_head(const fs::path& dir, Model& model, std::vector<std::unique_ptr<Me
       changed[name] = t;
   }
   if (changed.empty()) return;
-  const Source where{source, 0, 0};
-  auto settings = Params::map("", where);
-  auto names = Params::list("parameters", where);
-  for (const auto& [name, t] : changed) names.add(Params::scalar(name, "parameters", where));
-  settings.set("parameters", names);
-  std::unique_ptr<Method> method;
-  try {
-    method = make_method("layer_select", settings);
-  } catch (const Error& e) {
-    throw FileError(source, std::string("holds a trained head, which graft loads with the "
-                                        "layer_select plugin: ") +
-                                e.what());
-  }
-  method->attach(model);
-  method->load_state(changed, source);
-  out.push_back(std::move(method));
+  // A trained static head: the model's own head with other values. Not loaded yet.
+  throw FileError(source, "holds a head whose '" + changed.begin()->first +
+                              "' differs from this model's; graft reads AdapterHub's static "
+                              "heads only where they equal the model's own (load the trained "
+                              "head into the model first)");
 }
 
-// One adapter folder (adapter_config.json + adapter.safetensors).
-std::vector<std::unique_ptr<Method>> load_one(const fs::path& dir, Model& model) {
+// Detaches what a load attached before it failed: a refused file leaves the model as it was.
+struct Undo {
+  Model& model;
+  std::vector<std::unique_ptr<Method>>& methods;
+  bool done = false;
+  ~Undo() {
+    if (done) return;
+    for (auto it = methods.rbegin(); it != methods.rend(); ++it) (*it)->detach(model);
+  }
+};
+
+// One adapter folder (adapter_config.json + adapter.safetensors), its methods appended to `out`.
+void load_one(const fs::path& dir, Model& model, std::vector<std::unique_ptr<Method>>& out) {
   const auto cfg_path = (dir / kConfig).string();
   if (!fs::exists(dir / kConfig)) throw FileError(dir.string(), "has no adapter_config.json");
   const auto cfg = io::read_json_file(dir / kConfig);
@@ -137,7 +138,6 @@ std::vector<std::unique_ptr<Method>> load_one(const fs::path& dir, Model& model)
                                   std::to_string(model.config().hidden_size));
   auto tensors = read_weights(dir, kWeights, kPickle);
   const auto source = (dir / kWeights).string();
-  std::vector<std::unique_ptr<Method>> out;
   const auto formats = adapter_formats();
   for (const auto& part : parts_of(cfg.value("config", json()), cfg_path)) {
     const AdapterFormat* reader = nullptr;
@@ -154,8 +154,7 @@ std::vector<std::unique_ptr<Method>> load_one(const fs::path& dir, Model& model)
     throw FileError(source, "tensor '" + tensors.begin()->first + "' (and " +
                                 std::to_string(tensors.size() - 1) +
                                 " more) belongs to no part of the configuration graft reads");
-  read_head(dir, model, out);
-  return out;
+  read_head(dir, model);
 }
 
 // The adapter names of a composition, in order: a Stack of singles, or one single.
@@ -193,20 +192,26 @@ bool is_adapter(const fs::path& dir) {
 }
 
 std::vector<std::unique_ptr<Method>> load(const fs::path& dir, Model& model) {
-  if (!fs::exists(dir / kSetup)) return load_one(dir, model);
+  std::vector<std::unique_ptr<Method>> out;
+  Undo undo{model, out};
+  if (!fs::exists(dir / kSetup)) {
+    load_one(dir, model, out);
+    undo.done = true;
+    return out;
+  }
   const auto source = (dir / kSetup).string();
   const auto setup = io::read_json_file(dir / kSetup);
   if (!setup.value("head_setup", json()).is_null())
     throw FileError(source, "has a head_setup, which graft does not implement");
-  std::vector<std::unique_ptr<Method>> out;
   for (const auto& name : stacked(setup.value("adapter_setup", json()), source)) {
     if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..")
       throw FileError(source, "adapter name \"" + name + "\" is not a folder name");
     if (!fs::is_directory(dir / name))
       throw FileError(source, "names adapter \"" + name + "\", but " + (dir / name).string() +
                                   " is not a folder");
-    for (auto& m : load_one(dir / name, model)) out.push_back(std::move(m));
+    load_one(dir / name, model, out);
   }
+  undo.done = true;
   return out;
 }
 
@@ -236,9 +241,8 @@ void save(const fs::path& dir, const Model& model, const std::vector<Method*>& m
   }
   if (parts.empty()) throw Error("nothing to write: the adapter has no methods");
   const auto& c = model.config();
-  json cfg = {{"config", parts.size() == 1
-                             ? parts[0]
-                             : json{{"architecture", "union"}, {"configs", parts}}},
+  json cfg = {{"config",
+               parts.size() == 1 ? parts[0] : json{{"architecture", "union"}, {"configs", parts}}},
               {"hidden_size", c.hidden_size},
               {"model_class", c.architecture},
               {"model_name", c.name_or_path.empty() ? json() : json(c.name_or_path)},
@@ -286,10 +290,18 @@ at::Tensor take(io::TensorMap& tensors, const std::string& key, const std::strin
 void check_part(const json& part, const std::string& source,
                 const std::vector<std::string>& handled) {
   // Keys that change nothing a loaded adapter computes: training-time settings and names.
-  static const std::set<std::string> inert = {
-      "architecture",   "dropout",          "init_weights",          "prompt_init",
-      "prompt_init_text", "stochastic_depth", "dtype",               "phm_c_init",
-      "phm_init_range", "hypercomplex_nonlinearity", "learn_phm", "inv_adapter_reduction_factor"};
+  static const std::set<std::string> inert = {"architecture",
+                                              "dropout",
+                                              "init_weights",
+                                              "prompt_init",
+                                              "prompt_init_text",
+                                              "stochastic_depth",
+                                              "dtype",
+                                              "phm_c_init",
+                                              "phm_init_range",
+                                              "hypercomplex_nonlinearity",
+                                              "learn_phm",
+                                              "inv_adapter_reduction_factor"};
   const std::set<std::string> known(handled.begin(), handled.end());
   for (const auto& [key, value] : part.items()) {
     if (known.count(key) || inert.count(key)) continue;
