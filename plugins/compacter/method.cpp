@@ -57,15 +57,19 @@ PhmTensors make_phm(torch::nn::Module& m, const std::string& prefix, const PhmCo
     }
   }
   if (weights) {
-    // Glorot-normal per i (AdapterHub's init_W).
+    // Glorot-normal per i (AdapterHub's init_W), but the up projection's right factor (or its
+    // whole W) is 0, as LoRA's B: the adapter starts as an exact no-op and still trains.
+    const bool zero = prefix.find("up_") != std::string::npos;
     auto glorot = [](std::int64_t a, std::int64_t b, std::int64_t n) {
       return torch::randn({n, a, b}) * std::sqrt(2.0 / double(a + b));
     };
     if (c.factorized_W) {
       t.W_left = m.register_parameter(prefix + "W_left", glorot(in / n, c.rank, n));
-      t.W_right = m.register_parameter(prefix + "W_right", glorot(c.rank, out / n, n));
+      auto right = glorot(c.rank, out / n, n);
+      t.W_right = m.register_parameter(prefix + "W_right", zero ? right.zero_() : right);
     } else {
-      t.W = m.register_parameter(prefix + "W", glorot(in / n, out / n, n));
+      auto w = glorot(in / n, out / n, n);
+      t.W = m.register_parameter(prefix + "W", zero ? w.zero_() : w);
     }
   }
   return t;

@@ -196,7 +196,7 @@ std::vector<Case> cases() {
          };
          return 2 * c.num_layers * (phm(d, k) + phm(k, d) + d);
        },
-       false,
+       true,
        false},
       {"prompt_tuning, 3 vocab tokens",
        {{"prompt_tuning", params({{"num_virtual_tokens", "3"}, {"init", "vocab"}})}},
