@@ -154,18 +154,32 @@ check "validate: classification needs a record format" 2 "sequence_classificatio
 if [[ -d $root/data/sotu ]]; then
   check "bfloat16 trains a hybrid" 0 "run folder: " -- "$graft" run "$root/recipes/hybrids/unipelt.yaml" \
     model.dtype=bfloat16 train.steps=2 train.warmup_steps=0 eval.batches=1 output.dir="$work/bf16"
-  # A hybrid's export: peft has no parallel adapter, so the MAM adapter is refused naming what
-  # peft holds; --method exports that alone.
+  # A hybrid's export: MAM (AdapterHub's MAMConfig) is one AdapterHub adapter, a union of its
+  # prefix and parallel adapter, which reads back; peft has neither its prefix style nor a
+  # parallel adapter, which is refused naming the format to use.
   "$graft" run "$root/recipes/hybrids/mam.yaml" train.steps=1 train.warmup_steps=0 eval.batches=1 \
     output.dir="$work/mam" >/dev/null 2>&1
-  check "export a hybrid peft cannot hold" 2 "no place for parallel.*the \"peft\" format holds prefix_tuning: export those alone with --method" -- \
+  check "export MAM as an AdapterHub adapter" 0 "wrote .*mam-hub \(adapters\)" -- "$graft" export-adapter \
+    --model stories260K --adapter "$work/mam/adapter" --format adapters --out "$work/mam-hub"
+  grep -q '"architecture": "union"' "$work/mam-hub/adapter_config.json" ||
+    { echo "FAIL: the AdapterHub export of MAM is not a union"; fail=1; }
+  "$graft" forward --model stories260K --adapter "$work/mam/adapter" --tokens 1,5,9 --out "$work/mam-graft.safetensors" >/dev/null &&
+    "$graft" forward --model stories260K --adapter "$work/mam-hub" --tokens 1,5,9 --out "$work/mam-hub.safetensors" >/dev/null &&
+    cmp -s "$work/mam-graft.safetensors" "$work/mam-hub.safetensors" ||
+    { echo "FAIL: the AdapterHub export of MAM computes something else"; fail=1; }
+  check "export a hybrid peft cannot hold" 2 "has no peft equivalent; export it as adapters" -- \
     "$graft" export-adapter --model stories260K --adapter "$work/mam/adapter" --format peft --out "$work/mam-peft"
-  check "export one method of a hybrid" 0 "wrote .*mam-peft \(peft\)" -- "$graft" export-adapter \
-    --model stories260K --adapter "$work/mam/adapter" --format peft --out "$work/mam-peft" --method prefix_tuning
-  grep -q '"base_model_name_or_path": ".*stories260K.gguf"' "$work/mam-peft/adapter_config.json" ||
+  # QLoRA: peft holds the LoRA, not the quantisation: --method exports that alone.
+  "$graft" run "$root/recipes/hybrids/qlora.yaml" train.steps=1 train.warmup_steps=0 eval.batches=1 \
+    output.dir="$work/qlora" >/dev/null 2>&1
+  check "export a hybrid peft holds part of" 2 "no place for quantize.*the \"peft\" format holds lora: export those alone with --method" -- \
+    "$graft" export-adapter --model stories260K --adapter "$work/qlora/adapter" --format peft --out "$work/qlora-peft"
+  check "export one method of a hybrid" 0 "wrote .*qlora-peft \(peft\)" -- "$graft" export-adapter \
+    --model stories260K --adapter "$work/qlora/adapter" --format peft --out "$work/qlora-peft" --method lora
+  grep -q '"base_model_name_or_path": ".*stories260K.gguf"' "$work/qlora-peft/adapter_config.json" ||
     { echo "FAIL: the peft export does not name its base model"; fail=1; }
-  check "export --method the adapter lacks" 2 "--method lora: the adapter holds prefix_tuning, parallel" -- \
-    "$graft" export-adapter --model stories260K --adapter "$work/mam/adapter" --format peft --out "$work/x" --method lora
+  check "export --method the adapter lacks" 2 "--method prefix_tuning: the adapter holds quantize, lora" -- \
+    "$graft" export-adapter --model stories260K --adapter "$work/qlora/adapter" --format peft --out "$work/x" --method prefix_tuning
 fi
 if out=$("$graft" validate "$root/recipes/quickstart.yaml" model.dtype=float16 2>&1); then
   echo "ok   float16 validates (libtorch multiplies float16 on this CPU)"

@@ -88,14 +88,14 @@ int run_export_adapter(const Args& args) {
                      "the base model the adapter belongs to")(
       "adapter", po::value<std::vector<std::string>>()->required(), "adapter folder")(
       "format", po::value<std::string>()->required(),
-      "graft or a format a plugin registers (peft, gguf, ...)")(
+      "graft or a format a plugin registers (peft, gguf, adapters, ...)")(
       "out,o", po::value<std::string>()->required(), "output folder (peft, graft) or .gguf file")(
       "method", po::value<std::vector<std::string>>(),
       "export only the methods of this name (repeatable; default: all the adapter holds)");
   po::variables_map vm;
   if (!parse(
           args, desc, vm,
-          "usage: graft export-adapter --model M --adapter DIR --format peft|gguf|graft --out OUT"))
+          "usage: graft export-adapter --model M --adapter DIR --format peft|gguf|adapters|graft --out OUT"))
     return 0;
   const std::string out = vm["out"].as<std::string>();
   if (std::filesystem::exists(out) &&

@@ -58,7 +58,7 @@ const Command kCommands[] = {
      graft::cli::run_methods},
     {"merge", "fold adapters into the base weights; write a Hugging Face folder or a GGUF file",
      graft::cli::run_merge},
-    {"export-adapter", "write an adapter in another format (peft, gguf, graft)",
+    {"export-adapter", "write an adapter in another format (peft, gguf, adapters, graft)",
      graft::cli::run_export_adapter},
     {"new-plugin", "write a skeleton method plugin that builds against an installed graft",
      graft::cli::run_new_plugin},
