@@ -175,6 +175,35 @@ TEST_CASE("the same recipe and seed give bit-identical metrics and adapter, and 
   CHECK_THROWS_WITH_AS(run_recipe(other, resume), doctest::Contains("differs from the one"), Error);
 }
 
+TEST_CASE("model.adapters: a new adapter trains on top of a loaded, frozen one (a Stack)") {
+  Workspace w;
+  InDir in(w.dir);
+  const std::string pfeiffer = "methods=[{name: pfeiffer, reduction_factor: 4, init: mam}]";
+  const auto first =
+      run_recipe(w.recipe("lm.yaml", {"output.dir=runs/first", pfeiffer}), w.quiet());
+  const auto frozen = read("runs/first/adapter/adapter.safetensors");
+  const auto second = run_recipe(
+      w.recipe("lm.yaml",
+               {"output.dir=runs/second", "model.adapters=[runs/first/adapter]", pfeiffer}),
+      w.quiet());
+  // The new adapter starts as a no-op on top of the first: the model the first one left.
+  CHECK(second["eval_before"]["loss"] == first["eval_after"]["loss"]);
+  CHECK(second["eval_after"]["loss"].get<double>() < second["eval_before"]["loss"].get<double>());
+  // Only the new adapter is saved; the frozen one is untouched.
+  const auto cfg = json::parse(read("runs/second/adapter/adapter_config.json"));
+  CHECK(cfg["methods"].size() == 1);
+  CHECK(read("runs/first/adapter/adapter.safetensors") == frozen);
+  // Loaded one after the other, the two give the run's final model.
+  auto loaded = load_model((w.dir / "model").string());
+  auto a = load_adapter("runs/first/adapter", *loaded.model);
+  auto b = load_adapter("runs/second/adapter", *loaded.model);
+  CHECK(loaded.model->hooks("layers.0.ffn.out").residual.size() == 2);
+  CHECK_THROWS_WITH_AS(
+      run_recipe(w.recipe("lm.yaml", {"output.dir=runs/x", "model.adapters=[runs/none]"}),
+                 w.quiet()),
+      doctest::Contains("runs/none"), Error);
+}
+
 TEST_CASE("train.precision: bf16 trains float32 master weights under autocast, reproducibly") {
   Workspace w;
   InDir in(w.dir);

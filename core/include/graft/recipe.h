@@ -42,6 +42,10 @@ struct ModelSpec {
   std::string family;             ///< "" or a family the model must have
   std::string dtype = "float32";  ///< float32, bfloat16, float16
   std::string device = "cpu";     ///< cpu, cuda, cuda:N
+  /// Adapters loaded onto the model before the recipe's methods and kept frozen (any format
+  /// graft reads): the methods train on top of them, as on AdapterHub's Stack. The run's own
+  /// adapter holds only the recipe's methods.
+  std::vector<std::filesystem::path> adapters;
 };
 
 struct TaskSpec {

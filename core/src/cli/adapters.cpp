@@ -93,9 +93,9 @@ int run_export_adapter(const Args& args) {
       "method", po::value<std::vector<std::string>>(),
       "export only the methods of this name (repeatable; default: all the adapter holds)");
   po::variables_map vm;
-  if (!parse(
-          args, desc, vm,
-          "usage: graft export-adapter --model M --adapter DIR --format peft|gguf|adapters|graft --out OUT"))
+  if (!parse(args, desc, vm,
+             "usage: graft export-adapter --model M --adapter DIR --format "
+             "peft|gguf|adapters|graft --out OUT"))
     return 0;
   const std::string out = vm["out"].as<std::string>();
   if (std::filesystem::exists(out) &&

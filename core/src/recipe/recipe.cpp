@@ -434,13 +434,18 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
 
   collect([&] {
     const auto& m = section(p, "model");
-    m.check_keys({"path", "family", "dtype", "device"});
+    m.check_keys({"path", "family", "dtype", "device", "adapters"});
     if (!m.has("path"))
       (p.has("model") ? m : p).fail("model.path is required: a model file, folder or name");
     r.model.path = m.at("path").as_string();
     r.model.family = m.has("family") ? m.at("family").as_choice({"llama", "gpt2", "bert"}) : "";
     r.model.dtype = m.get_choice("dtype", {"float32", "bfloat16", "float16"}, "float32");
     r.model.device = m.get_string("device", "cpu");
+    // Adapter folders as `--adapter` takes them: relative to where graft is started.
+    for (const auto& a : m.get_strings("adapters", {})) {
+      if (a.empty()) m.at("adapters").fail("an empty adapter path");
+      r.model.adapters.push_back(fs::absolute(a));
+    }
     {
       static const std::regex device(R"(cpu|cuda(:[0-9]+)?)");
       if (!std::regex_match(r.model.device, device))

@@ -79,6 +79,7 @@ bool matmul_supported(c10::ScalarType dtype, const torch::Device& device) {
 // Everything a run or an evaluation works with.
 struct Session {
   LoadedModel loaded;
+  std::vector<std::unique_ptr<Method>> frozen;  // model.adapters, under the methods
   std::vector<std::unique_ptr<Method>> methods;
   TaskHead head{nullptr};
   bool classification = false;
@@ -119,6 +120,21 @@ Session open_session(const Recipe& r) {
   if (!s.loaded.tokenizer)
     r.params.at("model").at("path").fail(
         "the model carries no tokenizer; graft needs one to read text data");
+  for (const auto& dir : r.model.adapters) {
+    std::vector<std::unique_ptr<Method>> loaded;
+    try {
+      loaded = load_adapter(dir, s.model());
+    } catch (const FileError&) {
+      throw;
+    } catch (const Error& e) {
+      r.params.at("model").at("adapters").fail(dir.string() + ": " + e.what());
+    }
+    for (auto& m : loaded) {
+      m->set_training(false);
+      for (auto& [name, t] : m->trainable_parameters()) t.requires_grad_(false);
+      s.frozen.push_back(std::move(m));
+    }
+  }
   s.pad_id = s.loaded.tokenizer->pad_id() >= 0 ? s.loaded.tokenizer->pad_id() : 0;
   s.classification = r.task.kind == "sequence_classification";
   const auto& c = s.model().config();
@@ -161,7 +177,7 @@ TaskData task_data(const Session& s, const Recipe& r) {
 // How many hooks a site holds; what a method attached is what grew.
 std::size_t hook_count(const SiteHooks& h) {
   return h.weight_transforms.size() + h.deltas.size() + h.scales.size() + h.transforms.size() +
-         h.kv.size() + h.embeddings.size();
+         h.residual.size() + h.kv.size() + h.embeddings.size();
 }
 
 // Combinations that are legal to build but that no one means, refused in one line each:
