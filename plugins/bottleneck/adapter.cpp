@@ -427,17 +427,10 @@ std::vector<std::unique_ptr<Method>> read_bottleneck_part(const nlohmann::json& 
                           {"phm_dim", "phm_rank", "shared_phm_rule", "factorized_phm_rule",
                            "shared_W_phm", "factorized_phm_W", "phm_bias"});
   auto c = AdapterConfig::from_params(settings, AdapterConfig(), {"ffn.out"});
-  auto method = std::make_unique<Bottleneck>("bottleneck", c);
-  try {
-    method->attach(model);
-  } catch (const Error& e) {
-    throw FileError(source, std::string("cannot attach to this model: ") + e.what());
-  }
-  method->load_state(from_hub(tensors, name, method->state(), model, hub_names(c, true), source),
-                     source);
-  std::vector<std::unique_ptr<Method>> out;
-  out.push_back(std::move(method));
-  return out;
+  return adapterhub::attach_part(
+      std::make_unique<Bottleneck>("bottleneck", c), model, source, [&](Method& m) {
+        return from_hub(tensors, name, m.state(), model, hub_names(c, true), source);
+      });
 }
 
 std::pair<nlohmann::json, io::TensorMap> write_bottleneck_part(Method& method, const Model& model,

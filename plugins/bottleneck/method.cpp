@@ -22,15 +22,11 @@ void add(Registry& registry, const std::string& name, const std::string& descrip
   registry.add(info, [=](const Params& p) -> std::unique_ptr<Method> {
     return std::make_unique<Bottleneck>(name, AdapterConfig::from_params(p, preset, targets));
   });
-  AdapterFormat hub;
-  hub.name = adapterhub::kFormat;
-  hub.method = name;
-  hub.write_part = write_bottleneck_part;
-  if (name == "bottleneck") {  // one reader for every bottleneck part
-    hub.reads_part = reads_bottleneck_part;
-    hub.read_part = read_bottleneck_part;
-  }
-  registry.add_format(hub);
+  if (name == "bottleneck")  // one reader for every bottleneck part
+    registry.add_format(adapterhub::part_format(name, reads_bottleneck_part, read_bottleneck_part,
+                                                write_bottleneck_part));
+  else
+    registry.add_format(adapterhub::part_format(name, {}, {}, write_bottleneck_part));
 }
 
 void register_bottleneck(Registry& registry) {

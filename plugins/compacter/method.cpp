@@ -298,17 +298,10 @@ std::vector<std::unique_ptr<Method>> read_part(const nlohmann::json& part, const
                                 " across layers, which AdapterHub's save_adapter does not save; "
                                 "the file cannot hold what the adapter computes");
   auto a = AdapterConfig::from_params(settings, AdapterConfig(), {"ffn.out"}, kPhmKeys);
-  auto method = std::make_unique<Compacter>("compacter", a, c);
-  try {
-    method->attach(model);
-  } catch (const Error& e) {
-    throw FileError(source, std::string("cannot attach to this model: ") + e.what());
-  }
-  method->load_state(from_hub(tensors, name, method->state(), model, phm_names(a, c), source),
-                     source);
-  std::vector<std::unique_ptr<Method>> out;
-  out.push_back(std::move(method));
-  return out;
+  return adapterhub::attach_part(
+      std::make_unique<Compacter>("compacter", a, c), model, source, [&](Method& m) {
+        return from_hub(tensors, name, m.state(), model, phm_names(a, c), source);
+      });
 }
 
 std::pair<nlohmann::json, io::TensorMap> write_part(Method& method, const Model& model,
@@ -353,15 +346,10 @@ void add(Registry& registry, const std::string& name, const std::string& descrip
     auto a = AdapterConfig::from_params(p, preset, targets, kPhmKeys);
     return std::make_unique<Compacter>(name, a, phm_from_params(p));
   });
-  AdapterFormat hub;
-  hub.name = adapterhub::kFormat;
-  hub.method = name;
-  hub.write_part = write_part;
-  if (name == "compacter") {
-    hub.reads_part = reads_part;
-    hub.read_part = read_part;
-  }
-  registry.add_format(hub);
+  if (name == "compacter")  // one reader for every PHM part
+    registry.add_format(adapterhub::part_format(name, reads_part, read_part, write_part));
+  else
+    registry.add_format(adapterhub::part_format(name, {}, {}, write_part));
 }
 
 void register_compacter(Registry& registry) {

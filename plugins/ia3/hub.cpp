@@ -28,11 +28,6 @@ std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
   s.set_list("targets", hub_lora::site_names(locs), "attn_matrices");
   s.set_list("feedforward", {}, "composition_mode");  // every vector scales an output
   auto method = std::make_unique<Ia3>(Ia3Config::from_params(s.params()));
-  try {
-    method->attach(model);
-  } catch (const Error& e) {
-    throw FileError(source, std::string("cannot attach to this model: ") + e.what());
-  }
   io::TensorMap state, fused;
   for (const auto& l : locs) {
     const auto B = hub_lora::take(tensors, fused, l, name, "lora_B", source);
@@ -42,10 +37,7 @@ std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
     auto v = hub_lora::rows_of(B, l, l.rows).view({l.rows});
     state[l.site.name + ".ia3"] = scale == 1.0 ? v : v * scale;
   }
-  method->load_state(state, source);
-  std::vector<std::unique_ptr<Method>> out;
-  out.push_back(std::move(method));
-  return out;
+  return adapterhub::attach_part(std::move(method), model, source, [&](Method&) { return state; });
 }
 
 std::pair<nlohmann::json, io::TensorMap> write_hub_part(Method& method, const Model& model,

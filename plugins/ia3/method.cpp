@@ -53,13 +53,8 @@ void register_ia3(Registry& registry) {
     return std::make_unique<Ia3>(Ia3Config::from_params(p));
   });
   registry.add_format({"peft", "ia3", detect_peft, read_peft, write_peft, {}, {}, {}});
-  AdapterFormat hub;
-  hub.name = adapterhub::kFormat;
-  hub.method = "ia3";
-  hub.reads_part = reads_hub_part;
-  hub.read_part = read_hub_part;
-  hub.write_part = write_hub_part;
-  registry.add_format(hub);
+  registry.add_format(
+      adapterhub::part_format("ia3", reads_hub_part, read_hub_part, write_hub_part));
 }
 
 }  // namespace

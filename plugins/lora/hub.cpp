@@ -38,11 +38,6 @@ std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
   s.set("gating", gating, "use_gating");
   s.set_list("targets", hub_lora::site_names(locs), "attn_matrices");
   auto method = std::make_unique<Lora>(LoraConfig::from_params(s.params()));
-  try {
-    method->attach(model);
-  } catch (const Error& e) {
-    throw FileError(source, std::string("cannot attach to this model: ") + e.what());
-  }
   io::TensorMap state, fused;
   const auto rank = r.get<std::int64_t>();
   for (const auto& l : locs) {
@@ -63,10 +58,7 @@ std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
           adapterhub::take(tensors, hub_lora::key(l, name, "gate.bias"), source);
     }
   }
-  method->load_state(state, source);
-  std::vector<std::unique_ptr<Method>> out;
-  out.push_back(std::move(method));
-  return out;
+  return adapterhub::attach_part(std::move(method), model, source, [&](Method&) { return state; });
 }
 
 std::pair<nlohmann::json, io::TensorMap> write_hub_part(Method& method, const Model& model,

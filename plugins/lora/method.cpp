@@ -96,13 +96,8 @@ void register_lora(Registry& registry) {
   registry.add_format({"peft", "lora", detect_peft, read_peft, write_peft, {}, {}, {}});
   registry.add_format(
       {"gguf", "lora", detect_gguf_lora, read_gguf_lora, write_gguf_lora, {}, {}, {}});
-  AdapterFormat hub;
-  hub.name = adapterhub::kFormat;
-  hub.method = "lora";
-  hub.reads_part = reads_hub_part;
-  hub.read_part = read_hub_part;
-  hub.write_part = write_hub_part;
-  registry.add_format(hub);
+  registry.add_format(
+      adapterhub::part_format("lora", reads_hub_part, read_hub_part, write_hub_part));
 }
 
 }  // namespace

@@ -30,11 +30,7 @@ void register_parallel(Registry& registry) {
     if (!c.parallel) p.at("parallel").fail("the parallel method is parallel; use bottleneck");
     return std::make_unique<Bottleneck>("parallel", c);
   });
-  AdapterFormat hub;
-  hub.name = adapterhub::kFormat;
-  hub.method = "parallel";
-  hub.write_part = write_bottleneck_part;
-  registry.add_format(hub);
+  registry.add_format(adapterhub::part_format("parallel", {}, {}, write_bottleneck_part));
 }
 
 }  // namespace

@@ -349,18 +349,14 @@ std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
   set("gating", gating ? "true" : "false", "use_gating");
   set("shared_gating", part.value("shared_gating", true) == true ? "true" : "false",
       "shared_gating");
-  auto method = std::make_unique<PrefixTuning>(settings);
-  method->attach(model);
   io::TensorMap state = {{"prefix", flat}};
   if (gating)
     for (std::int64_t l = 0; l < mc.num_layers; ++l)
       for (const std::string t : {"weight", "bias"})
         state["layers." + std::to_string(l) + ".attn.kv.gate." + t] =
             adapterhub::take(tensors, gate_key(model, l, name) + t, source);
-  method->load_state(state, source);
-  std::vector<std::unique_ptr<Method>> out;
-  out.push_back(std::move(method));
-  return out;
+  return adapterhub::attach_part(std::make_unique<PrefixTuning>(settings), model, source,
+                                 [&](Method&) { return state; });
 }
 
 std::pair<nlohmann::json, io::TensorMap> write_hub_part(Method& method, const Model& model,
@@ -404,13 +400,8 @@ void register_prefix_tuning(Registry& registry) {
     return std::make_unique<PrefixTuning>(p);
   });
   registry.add_format({"peft", "prefix_tuning", detect_peft, read_peft, write_peft, {}, {}, {}});
-  AdapterFormat hub;
-  hub.name = adapterhub::kFormat;
-  hub.method = "prefix_tuning";
-  hub.reads_part = reads_hub_part;
-  hub.read_part = read_hub_part;
-  hub.write_part = write_hub_part;
-  registry.add_format(hub);
+  registry.add_format(
+      adapterhub::part_format("prefix_tuning", reads_hub_part, read_hub_part, write_hub_part));
 }
 
 }  // namespace

@@ -192,16 +192,10 @@ std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
   settings.set("num_virtual_tokens",
                Params::scalar(std::to_string(t.size(0)), "prompt_length", where));
   settings.set("style", Params::scalar("adapterhub", "architecture", where));
-  auto method = std::make_unique<PromptTuning>(settings);
-  try {
-    method->attach(model);
-  } catch (const Error& e) {
-    throw FileError(source, std::string("cannot attach to this model: ") + e.what());
-  }
-  method->load_state({{"embed.prompt", t}}, source);
-  std::vector<std::unique_ptr<Method>> out;
-  out.push_back(std::move(method));
-  return out;
+  return adapterhub::attach_part(std::make_unique<PromptTuning>(settings), model, source,
+                                 [&](Method&) {
+                                   return io::TensorMap{{"embed.prompt", t}};
+                                 });
 }
 
 std::pair<nlohmann::json, io::TensorMap> write_hub_part(Method& method, const Model& model,
@@ -231,13 +225,8 @@ void register_prompt_tuning(Registry& registry) {
     return std::make_unique<PromptTuning>(p);
   });
   registry.add_format({"peft", "prompt_tuning", detect_peft, read_peft, write_peft, {}, {}, {}});
-  AdapterFormat hub;
-  hub.name = adapterhub::kFormat;
-  hub.method = "prompt_tuning";
-  hub.reads_part = reads_hub_part;
-  hub.read_part = read_hub_part;
-  hub.write_part = write_hub_part;
-  registry.add_format(hub);
+  registry.add_format(
+      adapterhub::part_format("prompt_tuning", reads_hub_part, read_hub_part, write_hub_part));
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 #include <graft/model.h>
 
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -56,6 +57,20 @@ std::string bottleneck_location(const ModelConfig& config, const Site& site);
 /// The self-attention module of a layer ("bert.encoder.layer.3.attention.self",
 /// "model.layers.3.self_attn", "transformer.h.3.attn").
 std::string attention_module(const ModelConfig& config, std::int64_t layer);
+
+/// What a plugin's read_part ends with: attaches `method` to `model` (an error becomes a FileError
+/// naming `source`), loads the state `state` gives for it once attached, and returns it as the
+/// part's one method.
+std::vector<std::unique_ptr<Method>> attach_part(
+    std::unique_ptr<Method> method, Model& model, const std::string& source,
+    const std::function<io::TensorMap(Method& attached)>& state);
+
+/// The AdapterFormat (kFormat) a plugin registers for `method`'s parts; `reads` and `read` may
+/// be empty for a method that is only written (its parts read as another method).
+AdapterFormat part_format(const std::string& method,
+                          std::function<bool(const nlohmann::json&)> reads,
+                          decltype(AdapterFormat::read_part) read,
+                          decltype(AdapterFormat::write_part) write);
 
 /// Takes `key` out of `tensors`; a missing key is a FileError naming it and `source`.
 at::Tensor take(io::TensorMap& tensors, const std::string& key, const std::string& source);

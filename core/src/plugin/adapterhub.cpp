@@ -279,6 +279,38 @@ std::string attention_module(const ModelConfig& c, std::int64_t layer) {
   return "model.layers." + L + ".self_attn";
 }
 
+std::vector<std::unique_ptr<Method>> attach_part(
+    std::unique_ptr<Method> method, Model& model, const std::string& source,
+    const std::function<io::TensorMap(Method& attached)>& state) {
+  try {
+    method->attach(model);
+  } catch (const Error& e) {
+    throw FileError(source, std::string("cannot attach to this model: ") + e.what());
+  }
+  try {
+    method->load_state(state(*method), source);
+  } catch (...) {
+    method->detach(model);
+    throw;
+  }
+  std::vector<std::unique_ptr<Method>> out;
+  out.push_back(std::move(method));
+  return out;
+}
+
+AdapterFormat part_format(const std::string& method,
+                          std::function<bool(const nlohmann::json&)> reads,
+                          decltype(AdapterFormat::read_part) read,
+                          decltype(AdapterFormat::write_part) write) {
+  AdapterFormat f;
+  f.name = kFormat;
+  f.method = method;
+  f.reads_part = std::move(reads);
+  f.read_part = std::move(read);
+  f.write_part = std::move(write);
+  return f;
+}
+
 at::Tensor take(io::TensorMap& tensors, const std::string& key, const std::string& source) {
   auto it = tensors.find(key);
   if (it == tensors.end()) throw FileError(source, "has no tensor '" + key + "'");
