@@ -2,6 +2,7 @@
 // what graft does not implement is refused by name. (The reference suite checks that graft reads
 // what AdapterHub itself wrote: tests/reference.)
 #include <graft/adapter.h>
+#include <graft/generate.h>
 #include <graft/io/file.h>
 #include <graft/io/safetensors.h>
 #include <graft/plugin.h>
@@ -204,4 +205,33 @@ TEST_CASE("shared compacter rules have no place in AdapterHub's saved files") {
   CHECK_THROWS_WITH_AS(save_adapter_as("adapters", dir / "c", *model, {compacter.get()}),
                        doctest::Contains("shared_phm_rule"), Error);
   CHECK_FALSE(std::filesystem::exists(dir / "c"));
+}
+
+TEST_CASE("AdapterHub's prefixes generate with the key/value cache as without it") {
+  graft::test::load_test_plugins();
+  for (const std::string family : {"gpt2", "llama"}) {
+    CAPTURE(family);
+    auto model = graft::test::tiny_model(family, 5);
+    auto prefix = make_method("prefix_tuning", params({{"num_virtual_tokens", "3"},
+                                                       {"bottleneck", "8"},
+                                                       {"style", "adapterhub"},
+                                                       {"gating", "true"}}));
+    prefix->attach(*model);
+    prefix->set_training(false);
+    nudge(*prefix, 11);
+    const auto prompt = torch::tensor({{1, 13, 6, 27}}, torch::kLong);
+    GenerationOptions o;
+    o.temperature = 0;
+    o.max_new_tokens = 5;
+    const auto cached = generate(*model, prompt, {}, o);  // one token at a time, cached keys
+    // Each token again from a full forward without a cache over everything before it.
+    auto ids = prompt;
+    for (std::int64_t i = 0; i < cached.size(1); ++i) {
+      torch::NoGradGuard ng;
+      const auto logits = model->forward({ids, {}, {}, {}}, nullptr).logits;
+      const auto next = logits.select(1, logits.size(1) - 1).argmax(-1, true);
+      CHECK(next.item<std::int64_t>() == cached[0][i].item<std::int64_t>());
+      ids = torch::cat({ids, next}, 1);
+    }
+  }
 }
