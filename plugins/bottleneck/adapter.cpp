@@ -279,25 +279,29 @@ io::TensorMap to_hub(const io::TensorMap& state, const std::string& name, const 
   return out;
 }
 
-Params bottleneck_settings(const nlohmann::json& part, const std::string& name,
-                           const io::TensorMap& tensors, const Model& model,
-                           const std::string& source, const std::vector<std::string>& extra) {
-  std::vector<std::string> handled = {"reduction_factor",
-                                      "non_linearity",
-                                      "scaling",
-                                      "ln_before",
-                                      "ln_after",
-                                      "use_gating",
-                                      "is_parallel",
-                                      "original_ln_before",
-                                      "original_ln_after",
-                                      "residual_before_ln",
-                                      "adapter_residual_before_ln",
-                                      "mh_adapter",
-                                      "output_adapter",
-                                      "leave_out",
-                                      "phm_layer"};
-  handled.insert(handled.end(), extra.begin(), extra.end());
+Params bottleneck_settings(const nlohmann::json& part, const std::string& source) {
+  const std::vector<std::string> handled = {"reduction_factor",
+                                            "non_linearity",
+                                            "scaling",
+                                            "ln_before",
+                                            "ln_after",
+                                            "use_gating",
+                                            "is_parallel",
+                                            "original_ln_before",
+                                            "original_ln_after",
+                                            "residual_before_ln",
+                                            "adapter_residual_before_ln",
+                                            "mh_adapter",
+                                            "output_adapter",
+                                            "leave_out",
+                                            "phm_layer",
+                                            "phm_dim",
+                                            "phm_rank",
+                                            "shared_phm_rule",
+                                            "factorized_phm_rule",
+                                            "shared_W_phm",
+                                            "factorized_phm_W",
+                                            "phm_bias"};
   adapterhub::check_part(part, source, handled);
   const Source where{source, 0, 0};
   auto p = Params::map("", where);
@@ -356,7 +360,6 @@ Params bottleneck_settings(const nlohmann::json& part, const std::string& name,
   }
   if (part.value("cross_adapter", false) == true)
     throw FileError(source, "cross_adapter (encoder-decoder cross-attention) is not implemented");
-  (void)name, (void)tensors, (void)model;
   return p;
 }
 
@@ -421,11 +424,7 @@ std::vector<std::unique_ptr<Method>> read_bottleneck_part(const nlohmann::json& 
                                                           const std::string& name,
                                                           io::TensorMap& tensors, Model& model,
                                                           const std::string& source) {
-  // The PHM keys configure PHM layers, which this part (phm_layer false) does not have.
-  const auto settings =
-      bottleneck_settings(part, name, tensors, model, source,
-                          {"phm_dim", "phm_rank", "shared_phm_rule", "factorized_phm_rule",
-                           "shared_W_phm", "factorized_phm_W", "phm_bias"});
+  const auto settings = bottleneck_settings(part, source);
   auto c = AdapterConfig::from_params(settings, AdapterConfig(), {"ffn.out"});
   return adapterhub::attach_part(
       std::make_unique<Bottleneck>("bottleneck", c), model, source, [&](Method& m) {

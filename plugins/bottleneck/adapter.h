@@ -109,12 +109,10 @@ std::pair<nlohmann::json, io::TensorMap> write_bottleneck_part(Method& method, c
 bool is_sublayer_point(const std::string& point);
 
 /// AdapterHub: the settings of a bottleneck configuration part (SeqBn, DoubleSeqBn, ParBn, ...;
-/// phm_layer parts too, whose PHM keys the caller reads) as graft's keys, with the sites that
-/// the part's tensors `tensors` name for adapter `name` (mh_adapter: attn.out, output_adapter:
-/// ffn.out, leave_out). `extra` are the keys the caller handles itself. Errors name `source`.
-Params bottleneck_settings(const nlohmann::json& part, const std::string& name,
-                           const io::TensorMap& tensors, const Model& model,
-                           const std::string& source, const std::vector<std::string>& extra);
+/// phm_layer parts too, whose PHM keys compacter reads: they configure PHM layers, which other
+/// parts do not have) as graft's keys, with its sites (mh_adapter: attn.out, output_adapter:
+/// ffn.out, leave_out). Errors name `source`.
+Params bottleneck_settings(const nlohmann::json& part, const std::string& source);
 
 /// Name pairs (graft parameter at a site, AdapterHub name after ".adapters.<name>.") of a
 /// bottleneck adapter: its projections (`dense`: plain linear ones; compacter adds its PHM

@@ -273,10 +273,7 @@ bool reads_part(const nlohmann::json& part) {
 std::vector<std::unique_ptr<Method>> read_part(const nlohmann::json& part, const std::string& name,
                                                io::TensorMap& tensors, Model& model,
                                                const std::string& source) {
-  auto settings =
-      bottleneck_settings(part, name, tensors, model, source,
-                          {"phm_dim", "phm_rank", "shared_phm_rule", "factorized_phm_rule",
-                           "shared_W_phm", "factorized_phm_W", "phm_bias"});
+  auto settings = bottleneck_settings(part, source);
   const Source where{source, 0, 0};
   auto set = [&](const std::string& key, const std::string& hub, const nlohmann::json& fallback) {
     const auto v = part.value(hub, fallback);
