@@ -222,6 +222,7 @@ class Model : public torch::nn::Module {
   ModelConfig config_;
 
  private:
+  std::int64_t longest_prefix(bool shifting_only) const;
   std::vector<Site> sites_;
   std::vector<std::unique_ptr<SiteHooks>> hooks_;
   std::map<std::string, std::size_t> index_;

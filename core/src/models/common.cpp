@@ -123,29 +123,24 @@ SiteHooks* Model::add_site(Site site) {
   return hooks_.back().get();
 }
 
-std::int64_t Model::prefix_keys() const {
+// The most key/value positions any attn.kv site prepends, counting only the prefixes that shift
+// the tokens' positions when `shifting_only`.
+std::int64_t Model::longest_prefix(bool shifting_only) const {
   std::int64_t longest = 0;
   for (std::size_t i = 0; i < sites_.size(); ++i) {
+    const auto& h = *hooks_[i];
+    if (!h.active) continue;
     std::int64_t n = 0;
-    if (hooks_[i]->active)
-      for (const auto& e : hooks_[i]->kv) n += e->length();
+    for (const auto& e : h.kv)
+      if (!shifting_only || e->shifts_positions()) n += e->length();
     longest = std::max(longest, n);
   }
   return longest;
 }
 
-std::int64_t Model::prefix_length() const {
-  std::int64_t longest = 0;
-  for (std::size_t i = 0; i < sites_.size(); ++i) {
-    const auto& h = *hooks_[i];
-    if (!h.active || h.kv.empty()) continue;
-    std::int64_t n = 0;
-    for (const auto& e : h.kv)
-      if (e->shifts_positions()) n += e->length();
-    longest = std::max(longest, n);
-  }
-  return longest;
-}
+std::int64_t Model::prefix_keys() const { return longest_prefix(false); }
+
+std::int64_t Model::prefix_length() const { return longest_prefix(true); }
 
 SiteHooks* Model::site_hooks(const std::string& name) {
   auto it = index_.find(name);
