@@ -6,6 +6,7 @@
 // Nothing here knows the shapes, ids or lengths of these files: everything comes from
 // manifest.json and the inputs files, so other models of other shapes run the same code.
 #include <graft/adapter.h>
+#include <graft/adapter_set.h>
 #include <graft/generate.h>
 #include <graft/io/file.h>
 #include <graft/io/safetensors.h>
@@ -32,7 +33,6 @@ namespace {
 // to pass, so that this list only shrinks.
 const std::map<std::string, std::string>& not_yet() {
   static const std::map<std::string, std::string> cases = {
-      {"llama/multi_lora", "several named adapters and per-row routing (a later issue)"},
   };
   return cases;
 }
@@ -115,6 +115,73 @@ void compare_generation(Model& model, const fs::path& file, Verdict& v) {
   check("batch_prompt_ids", "batch_attention_mask", "batch_sequences");
 }
 
+// Runs the case's inputs through `model` and compares every output `file` recorded (names in
+// the verdict start with `label`).
+void compare_outputs(Model& model, const Inputs& in, const fs::path& file,
+                     const std::string& label, Verdict& v) {
+  // transformers' plain forward numbers every row's columns 0..S-1, padding included, and peft
+  // counts the tokens after its virtual ones: graft's explicit positions mean exactly that.
+  ForwardInput fin;
+  fin.input_ids = in.ids;
+  fin.attention_mask = in.mask;
+  fin.position_ids = torch::arange(in.ids.size(1), torch::kLong).expand_as(in.ids);
+  fin.prompt_outputs = true;
+  torch::NoGradGuard no_grad;
+  const auto out = model.forward(fin, nullptr);
+
+  const auto expected = io::read_safetensors(file.string()).tensors;
+  // Learned prefixes and prompt vectors make the attention sums longer than the inputs alone.
+  const auto prompt = out.hidden.size(1) - in.ids.size(1);
+  const auto keys = in.ids.size(1) + prompt + model.prefix_keys();
+  for (const auto& [key, e] : expected) {
+    const double tol = graft::test::forward_tolerance(model, e, keys);
+    const auto name = label + key;
+    if (key == "logits") {
+      compare(name, out.logits, e, in, tol, v);
+    } else if (key == "last_hidden_state") {
+      compare(name, out.hidden, e, in, tol, v);
+    } else if (key == "pooler_output") {
+      compare(name, out.pooled, e, in, tol, v);
+    } else if (key.rfind("hidden_states.", 0) != 0) {
+      v.fail("output '" + name + "' is not known to this suite");
+    }
+    // hidden_states.<i>: graft gives the last layer's states (compared as last_hidden_state,
+    // which equals the last of these); the inner layers' are not exposed.
+  }
+}
+
+// Several named adapters on one base (peft's multi-adapter model): every outputs file the case
+// lists, each with the adapters chosen as its name says: one adapter alone, the batch routed
+// row by row as the case's adapter names say ("mixed"), or every adapter off ("disabled").
+Verdict run_multi_adapter_case(const fs::path& root, const json& c, const fs::path& dir,
+                               Model& model, const Inputs& in) {
+  Verdict v;
+  auto logits = [&] {
+    torch::NoGradGuard no_grad;
+    return model.forward({in.ids, in.mask, {}, {}}, nullptr).logits;
+  };
+  const auto base = logits();
+  AdapterSet set(model);
+  for (const auto& [name, path] : c.at("adapter_dirs").items())
+    set.load(name, root / path.get<std::string>());
+  for (const auto& [file, what] : c.at("outputs_files").items()) {
+    const auto stem = fs::path(file).stem().string();
+    const auto variant = stem.substr(stem.find('_') + 1);  // outputs_<variant>
+    if (variant == "mixed") {
+      set.route(c.at("mixed_batch_adapter_names").get<std::vector<std::string>>());
+    } else if (variant == "disabled") {
+      set.set_active({});
+    } else {
+      set.set_active({variant});
+    }
+    compare_outputs(model, in, dir / file, variant + ": ", v);
+    if (variant == "disabled" && !torch::equal(logits(), base))
+      v.fail("disabled: the logits are not the base model's bit for bit");
+    if (set.routed()) set.end_route();
+  }
+  return v;
+}
+
 // Runs one case of the manifest; `outputs_file` and `adapter` are relative to the case folder.
 Verdict run_case(const fs::path& root, const json& c) {
   Verdict v;
@@ -126,39 +193,12 @@ Verdict run_case(const fs::path& root, const json& c) {
                                  : root / model_name / "base" / "model";
   auto loaded = load_model(model_dir.string());
   auto& model = *loaded.model;
+  const auto in = inputs_of(root, model_name);
+  if (c.contains("adapter_dirs")) return run_multi_adapter_case(root, c, dir, model, in);
   std::vector<std::unique_ptr<Method>> methods;
   if (fs::exists(dir / "adapter")) methods = load_adapter(dir / "adapter", model);
   for (auto& m : methods) m->set_training(false);
-
-  const auto in = inputs_of(root, model_name);
-  // transformers' plain forward numbers every row's columns 0..S-1, padding included, and peft
-  // counts the tokens after its virtual ones: graft's explicit positions mean exactly that.
-  ForwardInput fin;
-  fin.input_ids = in.ids;
-  fin.attention_mask = in.mask;
-  fin.position_ids = torch::arange(in.ids.size(1), torch::kLong).expand_as(in.ids);
-  fin.prompt_outputs = true;
-  torch::NoGradGuard no_grad;
-  const auto out = model.forward(fin, nullptr);
-
-  const auto expected = io::read_safetensors((dir / "outputs.safetensors").string()).tensors;
-  // Learned prefixes and prompt vectors make the attention sums longer than the inputs alone.
-  const auto prompt = out.hidden.size(1) - in.ids.size(1);
-  const auto keys = in.ids.size(1) + prompt + model.prefix_keys();
-  for (const auto& [key, e] : expected) {
-    const double tol = graft::test::forward_tolerance(model, e, keys);
-    if (key == "logits") {
-      compare(key, out.logits, e, in, tol, v);
-    } else if (key == "last_hidden_state") {
-      compare(key, out.hidden, e, in, tol, v);
-    } else if (key == "pooler_output") {
-      compare(key, out.pooled, e, in, tol, v);
-    } else if (key.rfind("hidden_states.", 0) != 0) {
-      v.fail("output '" + key + "' is not known to this suite");
-    }
-    // hidden_states.<i>: graft gives the last layer's states (compared as last_hidden_state,
-    // which equals the last of these); the inner layers' are not exposed.
-  }
+  compare_outputs(model, in, dir / "outputs.safetensors", "", v);
   for (const auto* g : {"generate.safetensors"})
     if (fs::exists(dir / g)) compare_generation(model, dir / g, v);
   return v;

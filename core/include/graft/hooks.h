@@ -10,6 +10,8 @@
 //                    order, then the residual add and post-norm (unless the last one closes it)
 //   attn.kv:         key/value prefixes concatenated in attach order, before the tokens' keys
 //   embed:           prompt vectors concatenated in attach order, before the tokens
+// Under per-row routing (RowRouting) a routed hook acts on its rows only; the others pass
+// through it unchanged.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -19,6 +21,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace graft {
@@ -122,6 +125,20 @@ class EmbeddingExtension : public Hook {
   virtual bool after_embedding() const { return false; }
 };
 
+/// Per-row routing of a batch (graft::AdapterSet::route, peft's adapter_names): the batch rows
+/// each routed hook serves. A hook not listed serves every row. Only hooks that act row by row
+/// may be routed: linear deltas and scales, sublayer transforms and residual transforms that do
+/// not close the step; each runs once, on its rows gathered together.
+struct RowRouting {
+  std::int64_t batch = 0;                                  ///< the rows the routes name
+  std::unordered_map<const Hook*, at::Tensor> rows;        ///< int64 row indices (maybe none)
+  /// The rows `hook` serves; undefined when it serves every row.
+  at::Tensor rows_of(const Hook* hook) const {
+    const auto it = rows.find(hook);
+    return it == rows.end() ? at::Tensor() : it->second;
+  }
+};
+
 /// Everything attached at one site, by kind, in attach order.
 struct SiteHooks {
   std::vector<std::shared_ptr<WeightTransform>> weight_transforms;
@@ -134,6 +151,7 @@ struct SiteHooks {
   std::vector<std::string> owners;  ///< methods that attached here, in order
   std::string exclusive_owner;      ///< the method holding an exclusive claim, if any
   bool active = false;              ///< anything attached: the one flag the forward checks
+  std::shared_ptr<const RowRouting> routing;  ///< set while a batch is routed per row
 };
 
 }  // namespace graft

@@ -184,6 +184,9 @@ class Model : public torch::nn::Module {
               Claim claim = Claim::shared);
   /// Removes `hook` from `site` (a no-op when it is not attached there).
   void detach(const std::string& site, const std::shared_ptr<Hook>& hook);
+  /// Routes the rows of the next forwards per hook (see RowRouting); null ends the routing.
+  /// graft::AdapterSet::route sets it after checking that every routed hook acts row by row.
+  void set_routing(std::shared_ptr<const RowRouting> routing);
   /// What is attached at `site`; throws graft::Error for an unknown site.
   const SiteHooks& hooks(const std::string& site) const;
   /// The graft::Linear at a linear site, or nullptr for other sites.

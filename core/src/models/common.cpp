@@ -51,10 +51,31 @@ bool recomputes_weight(const SiteHooks& hooks, const at::Tensor& weight) {
 
 }  // namespace
 
+at::Tensor models::routed_rows(const SiteHooks& site, const Hook* hook, const at::Tensor& x) {
+  if (!site.routing) return {};
+  auto rows = site.routing->rows_of(hook);
+  if (rows.defined() && x.size(0) != site.routing->batch)
+    throw Error("per-row routing names " + std::to_string(site.routing->batch) +
+                " rows, but the batch has " + std::to_string(x.size(0)));
+  return rows.defined() ? rows.to(x.device()) : rows;
+}
+
+namespace {
+
+// x times a scale vector, on the rows `rows` only when defined.
+at::Tensor scale_rows(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& rows) {
+  if (!rows.defined()) return x * scale.to(x.dtype());
+  if (rows.numel() == 0) return x;
+  return x.index_copy(0, rows, x.index_select(0, rows) * scale.to(x.dtype()));
+}
+
+}  // namespace
+
 at::Tensor LinearImpl::hooked(const at::Tensor& x) {
   at::Tensor in = x;
   for (const auto& s : hooks_->scales)
-    if (s->side() == LinearScale::Side::input) in = in * s->scale().to(in.dtype());
+    if (s->side() == LinearScale::Side::input)
+      in = scale_rows(in, s->scale(), models::routed_rows(*hooks_, s.get(), in));
   std::shared_ptr<torch::nn::Module> self;  // set when the backward may transform again
   if (recomputes_weight(*hooks_, weight) && torch::GradMode::is_enabled() && in.requires_grad())
     self = weak_from_this().lock();
@@ -67,9 +88,17 @@ at::Tensor LinearImpl::hooked(const at::Tensor& x) {
     y = bias.defined() ? torch::linear(in, w, bias) : torch::linear(in, w);
   }
   // A method's parameters may be float32 over a bfloat16 model: the output keeps the model's dtype.
-  for (const auto& d : hooks_->deltas) y = y + d->delta(in, *this).to(y.dtype());
+  // Under per-row routing each delta runs once on its rows, gathered: one product per adapter.
+  for (const auto& d : hooks_->deltas) {
+    const auto rows = models::routed_rows(*hooks_, d.get(), in);
+    if (!rows.defined())
+      y = y + d->delta(in, *this).to(y.dtype());
+    else if (rows.numel() > 0)
+      y = y.index_add(0, rows, d->delta(in.index_select(0, rows), *this).to(y.dtype()));
+  }
   for (const auto& s : hooks_->scales)
-    if (s->side() == LinearScale::Side::output) y = y * s->scale().to(y.dtype());
+    if (s->side() == LinearScale::Side::output)
+      y = scale_rows(y, s->scale(), models::routed_rows(*hooks_, s.get(), y));
   return y;
 }
 
@@ -260,6 +289,14 @@ void Model::detach(const std::string& name, const std::shared_ptr<Hook>& hook) {
   drop(h.embeddings);
   h.active = !(h.weight_transforms.empty() && h.deltas.empty() && h.scales.empty() &&
                h.transforms.empty() && h.residual.empty() && h.kv.empty() && h.embeddings.empty());
+  if (!h.active) {  // nothing left: no method holds the site any more
+    h.owners.clear();
+    h.exclusive_owner.clear();
+  }
+}
+
+void Model::set_routing(std::shared_ptr<const RowRouting> routing) {
+  for (auto& h : hooks_) h->routing = routing;
 }
 
 nlohmann::json ModelConfig::to_json() const {

@@ -103,22 +103,40 @@ at::Tensor last_token_index(const at::Tensor& input_ids, const at::Tensor& mask,
 ForwardOutput decoder_outputs(const at::Tensor& x, const ForwardInput& in, std::int64_t prompt,
                               const ModelConfig& config, LinearImpl& head);
 
+/// The batch rows `hook` serves under the site's per-row routing; undefined when it serves every
+/// row (no routing, or a hook the routing does not name). `x` is the hook's input, whose first
+/// dimension must be the routed batch.
+at::Tensor routed_rows(const SiteHooks& site, const Hook* hook, const at::Tensor& x);
+
 /// Runs a sublayer site's transforms on `out`, reading the sublayer input `in`.
 inline at::Tensor tap(SiteHooks* site, at::Tensor out, const at::Tensor& in) {
   if (!site || !site->active) return out;
-  for (const auto& t : site->transforms) out = t->transform(out, in);
+  for (const auto& t : site->transforms) {
+    const auto rows = routed_rows(*site, t.get(), out);
+    if (!rows.defined())
+      out = t->transform(out, in);
+    else if (rows.numel() > 0)
+      out = out.index_copy(0, rows, t->transform(out.index_select(0, rows), in.index_select(0, rows)));
+  }
   return out;
 }
 
 /// The step after a sublayer: `residual` + `out` (then `norm`, in a post-norm family), with the
 /// site's residual transforms in between (AdapterHub's bottleneck adapters), which may close the
-/// step themselves.
+/// step themselves (never a routed one: AdapterSet::route refuses them).
 inline at::Tensor residual_step(SiteHooks* site, const at::Tensor& out, const at::Tensor& residual,
                                 const ResidualTransform::Norm* norm = nullptr) {
   if (!site || !site->active || site->residual.empty())
     return norm ? (*norm)(residual + out) : residual + out;
   auto h = out;
-  for (const auto& r : site->residual) h = r->transform(h, residual, norm);
+  for (const auto& r : site->residual) {
+    const auto rows = routed_rows(*site, r.get(), h);
+    if (!rows.defined())
+      h = r->transform(h, residual, norm);
+    else if (rows.numel() > 0)
+      h = h.index_copy(
+          0, rows, r->transform(h.index_select(0, rows), residual.index_select(0, rows), norm));
+  }
   if (site->residual.back()->closes()) return h;
   return norm ? (*norm)(residual + h) : residual + h;
 }

@@ -1,0 +1,240 @@
+#include <graft/adapter.h>
+#include <graft/adapter_set.h>
+#include <graft/error.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <map>
+#include <set>
+#include <utility>
+
+namespace graft {
+
+namespace {
+
+// Every hook attached at a site, kind by kind, each kind in attach order.
+std::vector<std::shared_ptr<Hook>> hooks_at(const SiteHooks& h) {
+  std::vector<std::shared_ptr<Hook>> all;
+  auto add = [&](const auto& list) { all.insert(all.end(), list.begin(), list.end()); };
+  add(h.weight_transforms);
+  add(h.deltas);
+  add(h.scales);
+  add(h.transforms);
+  add(h.residual);
+  add(h.kv);
+  add(h.embeddings);
+  return all;
+}
+
+// The identity and in-place version of each of the base model's own tensors: a method that
+// writes into one (or replaces it) changes its entry.
+using BaseTensors = std::map<std::string, std::pair<const void*, std::int64_t>>;
+
+BaseTensors base_tensors(const Model& model) {
+  BaseTensors out;
+  for (const auto& p : model.named_parameters(true))
+    out[p.key()] = {p.value().unsafeGetTensorImpl(), p.value()._version()};
+  for (const auto& b : model.named_buffers(true))
+    out["buffer " + b.key()] = {b.value().unsafeGetTensorImpl(), b.value()._version()};
+  return out;
+}
+
+// The base tensors that differ between two snapshots, named for an error ("norm.weight, ...").
+std::string changed(const BaseTensors& before, const BaseTensors& after) {
+  std::vector<std::string> names;
+  for (const auto& [name, id] : after) {
+    const auto it = before.find(name);
+    if (it == before.end() || it->second != id) names.push_back(name);
+  }
+  for (const auto& [name, id] : before)
+    if (!after.count(name)) names.push_back(name);
+  std::string out;
+  for (std::size_t i = 0; i < names.size() && i < 3; ++i) out += (i ? ", " : "") + names[i];
+  if (names.size() > 3) out += " and " + std::to_string(names.size() - 3) + " more";
+  return out;
+}
+
+bool valid_name(const std::string& name) {
+  if (name.empty()) return false;
+  for (const char c : name)
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.'))
+      return false;
+  return true;
+}
+
+bool is_base(const std::string& name) { return name == kBaseRoute || name == "base"; }
+
+// Why a hook cannot serve some rows of a batch and not others; empty when it can.
+std::string unroutable(const Hook& hook) {
+  if (dynamic_cast<const WeightTransform*>(&hook))
+    return "transforms the weight, which every row shares";
+  if (dynamic_cast<const KvExtension*>(&hook))
+    return "adds key/value prefixes, which change the length every row attends over";
+  if (dynamic_cast<const EmbeddingExtension*>(&hook))
+    return "adds prompt positions, which change every row's length";
+  if (const auto* r = dynamic_cast<const ResidualTransform*>(&hook); r && r->closes())
+    return "takes over the residual step and its norm for every row";
+  return {};
+}
+
+}  // namespace
+
+AdapterSet::AdapterSet(Model& model) : model_(model) {}
+
+AdapterSet::~AdapterSet() {
+  model_.set_routing(nullptr);
+  attach_only({});
+  for (auto& e : entries_)
+    for (auto& m : e.methods) m->detach(model_);
+}
+
+AdapterSet::Entry& AdapterSet::entry(const std::string& name, const char* what) {
+  return const_cast<Entry&>(std::as_const(*this).entry(name, what));
+}
+
+const AdapterSet::Entry& AdapterSet::entry(const std::string& name, const char* what) const {
+  for (const auto& e : entries_)
+    if (e.name == name) return e;
+  std::string loaded;
+  for (const auto& e : entries_) loaded += (loaded.empty() ? "" : ", ") + e.name;
+  throw Error(std::string(what) + ": no adapter named '" + name + "' is loaded (" +
+              (loaded.empty() ? std::string("none is") : "loaded: " + loaded) + ")");
+}
+
+std::vector<std::string> AdapterSet::names() const {
+  std::vector<std::string> out;
+  for (const auto& e : entries_) out.push_back(e.name);
+  return out;
+}
+
+std::vector<Method*> AdapterSet::methods(const std::string& name) const {
+  std::vector<Method*> out;
+  for (const auto& m : entry(name, "methods").methods) out.push_back(m.get());
+  return out;
+}
+
+void AdapterSet::load(const std::string& name, const std::filesystem::path& path) {
+  if (!valid_name(name) || is_base(name))
+    throw Error(path.string() + ": adapter name '" + name +
+                "': expected letters, digits, '_', '-' or '.' (and not " + kBaseRoute + ")");
+  for (const auto& e : entries_)
+    if (e.name == name)
+      throw Error(path.string() + ": an adapter named '" + name +
+                  "' is loaded already; give this one another name");
+  // Load onto the adapters as they are, then find what the load attached and changed.
+  const auto attached_before = attached_;
+  std::map<std::string, std::set<const Hook*>> before;
+  for (const auto& site : model_.sites())
+    for (const auto& h : hooks_at(model_.hooks(site.name))) before[site.name].insert(h.get());
+  const auto base_before = base_tensors(model_);
+  Entry e;
+  e.name = name;
+  e.methods = load_adapter(path, model_);
+  for (auto& m : e.methods) m->set_training(false);
+  for (const auto& site : model_.sites()) {
+    const auto& h = model_.hooks(site.name);
+    for (const auto& hook : hooks_at(h)) {
+      if (before[site.name].count(hook.get())) continue;
+      // The owner attach() knew it by, kept so that detaching and attaching again is the same.
+      const bool exclusive = !h.exclusive_owner.empty();
+      e.attachments.push_back({site.name, hook,
+                               exclusive ? h.exclusive_owner : "adapter '" + name + "'",
+                               exclusive ? Claim::exclusive : Claim::shared});
+    }
+  }
+  e.in_place = changed(base_before, base_tensors(model_));
+  entries_.push_back(std::move(e));
+  active_.push_back(name);
+  attached_.push_back(name);
+  if (routed_) attach_only(attached_before);  // a routed batch takes no new adapter
+}
+
+void AdapterSet::check_removable(const Entry& e, const std::string& what) const {
+  if (!e.in_place.empty())
+    throw Error("adapter '" + e.name + "' changed the base model's own tensors (" + e.in_place +
+                ") when it loaded, so it cannot be " + what +
+                "; load the base again without it instead");
+}
+
+void AdapterSet::attach_only(const std::vector<std::string>& names) {
+  if (names == attached_) return;
+  for (auto it = attached_.rbegin(); it != attached_.rend(); ++it)
+    for (const auto& a : entry(*it, "attach").attachments) model_.detach(a.site, a.hook);
+  attached_.clear();
+  for (const auto& n : names) {
+    for (const auto& a : entry(n, "attach").attachments)
+      model_.attach(a.site, a.hook, a.owner, a.claim);
+    attached_.push_back(n);
+  }
+}
+
+void AdapterSet::set_active(const std::vector<std::string>& names) {
+  std::set<std::string> seen;
+  for (const auto& n : names) {
+    entry(n, "set_active");
+    if (!seen.insert(n).second) throw Error("set_active: adapter '" + n + "' is named twice");
+  }
+  for (const auto& e : entries_)
+    if (!seen.count(e.name)) check_removable(e, "switched off");
+  active_ = names;
+  if (!routed_) attach_only(active_);
+}
+
+void AdapterSet::unload(const std::string& name) {
+  auto& e = entry(name, "unload");
+  check_removable(e, "unloaded");
+  if (routed_) end_route();
+  std::vector<std::string> rest;
+  for (const auto& n : active_)
+    if (n != name) rest.push_back(n);
+  attach_only(rest);
+  active_ = rest;
+  for (auto& m : e.methods) m->detach(model_);
+  entries_.erase(std::find_if(entries_.begin(), entries_.end(),
+                              [&](const Entry& x) { return x.name == name; }));
+}
+
+void AdapterSet::route(const std::vector<std::string>& rows) {
+  if (rows.empty()) throw Error("route: expected one adapter name (or " +
+                                std::string(kBaseRoute) + ") per row of the batch");
+  std::map<std::string, std::vector<std::int64_t>> by_adapter;
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    if (is_base(rows[i])) continue;
+    entry(rows[i], "route");
+    by_adapter[rows[i]].push_back(static_cast<std::int64_t>(i));
+  }
+  // Every adapter is off but the routed ones, each on its rows: none may be always on.
+  for (const auto& e : entries_) {
+    if (!by_adapter.count(e.name) || !e.in_place.empty()) {
+      check_removable(e, "routed to some rows only");
+      continue;
+    }
+    for (const auto& a : e.attachments) {
+      const auto why = unroutable(*a.hook);
+      if (!why.empty())
+        throw Error("route: adapter '" + e.name + "' cannot serve some rows of a batch and not "
+                    "others: at " + a.site + " it " + why);
+    }
+  }
+  auto routing = std::make_shared<RowRouting>();
+  routing->batch = static_cast<std::int64_t>(rows.size());
+  std::vector<std::string> order;  // load order, as set_active() of them all would attach
+  for (const auto& e : entries_) {
+    const auto it = by_adapter.find(e.name);
+    if (it == by_adapter.end()) continue;
+    order.push_back(e.name);
+    const auto index = torch::tensor(it->second, torch::kLong);
+    for (const auto& a : e.attachments) routing->rows[a.hook.get()] = index;
+  }
+  attach_only(order);
+  model_.set_routing(std::move(routing));
+  routed_ = true;
+}
+
+void AdapterSet::end_route() {
+  model_.set_routing(nullptr);
+  routed_ = false;
+  attach_only(active_);
+}
+
+}  // namespace graft
