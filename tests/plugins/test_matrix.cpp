@@ -7,6 +7,7 @@
 //   - merge equals unmerged, and unmerge restores the base (mergeable methods)
 //   - bad settings are one clear error
 #include <graft/adapter.h>
+#include <graft/adapter_set.h>
 #include <graft/plugin.h>
 #include <torch/torch.h>
 
@@ -512,6 +513,62 @@ TEST_CASE("method matrix") {
         CHECK(loaded[i]->name() == c.methods[i].first);
       // The same weights through the same code: bit for bit.
       CHECK(torch::equal(outputs(*fresh), trained_out));
+
+      // 4b. named adapters: the saved adapter loaded twice on one base, switched, routed and
+      // unloaded; off, the model is the base bit for bit.
+      {
+        auto base_model = tiny_model(family, 11);
+        AdapterSet set(*base_model);
+        set.load("one", dir.path());
+        bool two = true;  // a second copy composes with the first, or one line says why not
+        try {
+          set.load("two", dir.path());
+        } catch (const Error& e) {
+          two = false;
+          CHECK_MESSAGE(std::string(e.what()).find('\n') == std::string::npos, e.what());
+          CHECK(set.names() == std::vector<std::string>{"one"});
+          CHECK(torch::equal(outputs(*base_model), trained_out));
+        }
+        bool in_place = false;
+        try {
+          set.set_active({});
+        } catch (const Error& e) {  // full fine-tuning, NF4, trained norms: always on
+          in_place = true;
+          CHECK_MESSAGE(std::string(e.what()).find("changed the base model's own tensors") !=
+                            std::string::npos,
+                        e.what());
+          CHECK_THROWS_AS(set.unload("one"), Error);
+          CHECK_THROWS_AS(set.route({"one", kBaseRoute}), Error);
+        }
+        if (!in_place) {
+          CHECK(torch::equal(outputs(*base_model), base_out));
+          set.set_active({"one"});
+          CHECK(torch::equal(outputs(*base_model), trained_out));
+          if (two) {
+            set.set_active({"two", "one"});
+            CHECK(outputs(*base_model).isfinite().all().item<bool>());
+          } else {
+            set.set_active({"one"});
+          }
+          try {
+            set.route({"one", kBaseRoute});
+            const auto routed = outputs(*base_model);
+            // Row by row as alone, within the reordering of a product over fewer rows.
+            GRAFT_CHECK_CLOSE(routed[0], trained_out[0], tolerance);
+            GRAFT_CHECK_CLOSE(routed[1], base_out[1], reorder_tolerance(base_out, terms));
+            set.end_route();
+          } catch (const Error& e) {  // prefixes, prompts, weight transforms
+            CHECK_MESSAGE(std::string(e.what()).rfind("route: adapter 'one' cannot serve", 0) == 0,
+                          e.what());
+            CHECK_FALSE(set.routed());
+          }
+          if (two) set.unload("two");
+          CHECK(torch::equal(outputs(*base_model), trained_out));
+          set.unload("one");
+          CHECK(set.names().empty());
+          CHECK(torch::equal(outputs(*base_model), base_out));
+        }
+      }
 
       // 5. merge equals unmerged; unmerge restores the base weights
       if (c.mergeable) {

@@ -130,8 +130,8 @@ class EmbeddingExtension : public Hook {
 /// may be routed: linear deltas and scales, sublayer transforms and residual transforms that do
 /// not close the step; each runs once, on its rows gathered together.
 struct RowRouting {
-  std::int64_t batch = 0;                                  ///< the rows the routes name
-  std::unordered_map<const Hook*, at::Tensor> rows;        ///< int64 row indices (maybe none)
+  std::int64_t batch = 0;                            ///< the rows the routes name
+  std::unordered_map<const Hook*, at::Tensor> rows;  ///< int64 row indices (maybe none)
   /// The rows `hook` serves; undefined when it serves every row.
   at::Tensor rows_of(const Hook* hook) const {
     const auto it = rows.find(hook);

@@ -9,6 +9,8 @@
 #include <graft/task_head.h>
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 #include <iomanip>
@@ -48,24 +50,111 @@ void load_cli_plugins(const po::variables_map& vm) {
   load_plugins(extra);
 }
 
-std::vector<std::unique_ptr<Method>> apply_adapters(const po::variables_map& vm, Model& model) {
-  std::vector<std::unique_ptr<Method>> methods;
-  if (!vm.count("adapter")) return methods;
-  load_cli_plugins(vm);
-  const auto dirs = vm["adapter"].as<std::vector<std::string>>();
+std::vector<AdapterArg> adapter_args(const po::variables_map& vm) {
+  std::vector<AdapterArg> out;
+  if (!vm.count("adapter")) return out;
+  for (const auto& value : vm["adapter"].as<std::vector<std::string>>()) {
+    AdapterArg a;
+    const auto eq = value.find('=');
+    const auto name = value.substr(0, eq == std::string::npos ? 0 : eq);
+    const bool named =
+        eq != std::string::npos && eq > 0 && !std::filesystem::exists(value) &&
+        std::all_of(name.begin(), name.end(), [](char c) {
+          return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.';
+        });
+    if (named) {
+      a.name = name;
+      a.path = value.substr(eq + 1);
+      if (a.path.empty()) throw UsageError("--adapter " + value + ": expected NAME=PATH");
+    } else {
+      a.path = value;
+      auto p = std::filesystem::path(value).lexically_normal();
+      if (p.filename().empty()) p = p.parent_path();  // "dir/"
+      a.name = p.extension() == ".gguf" ? p.stem().string() : p.filename().string();
+    }
+    for (const auto& other : out)
+      if (other.name == a.name)
+        throw UsageError("--adapter " + value + ": another adapter is named '" + a.name +
+                         "' already; name them apart with --adapter NAME=PATH");
+    out.push_back(std::move(a));
+  }
+  return out;
+}
+
+namespace {
+
+// The --adapter-scale values: none, one for every adapter, or one per adapter.
+std::vector<double> adapter_scales(const po::variables_map& vm, std::size_t adapters) {
   std::vector<double> scales;
   if (vm.count("adapter-scale")) scales = vm["adapter-scale"].as<std::vector<double>>();
-  if (scales.size() > 1 && scales.size() != dirs.size())
+  if (scales.size() > 1 && scales.size() != adapters)
     throw UsageError("--adapter-scale: give one value for all adapters or one per --adapter (" +
-                     std::to_string(dirs.size()) + "), not " + std::to_string(scales.size()));
-  for (std::size_t i = 0; i < dirs.size(); ++i)
-    for (auto& m : load_adapter(dirs[i], model)) {
-      if (!scales.empty()) m->set_scale(scales.size() == 1 ? scales[0] : scales[i]);
-      const auto line = m->report();  // e.g. the memory a quantised base saves
-      if (!line.empty()) std::cerr << line << "\n";
+                     std::to_string(adapters) + "), not " + std::to_string(scales.size()));
+  return scales;
+}
+
+// Scales a freshly loaded method as --adapter-scale says and prints what it reports.
+void prepare(Method& m, const std::vector<double>& scales, std::size_t i) {
+  if (!scales.empty()) m.set_scale(scales.size() == 1 ? scales[0] : scales[i]);
+  const auto line = m.report();  // e.g. the memory a quantised base saves
+  if (!line.empty()) std::cerr << line << "\n";
+}
+
+std::vector<std::string> split_names(const std::string& text, const std::string& option) {
+  std::vector<std::string> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.empty()) throw UsageError(option + " " + text + ": an empty name between commas");
+    out.push_back(item);
+  }
+  if (out.empty()) throw UsageError(option + ": expected comma-separated adapter names");
+  return out;
+}
+
+}  // namespace
+
+std::vector<std::unique_ptr<Method>> apply_adapters(const po::variables_map& vm, Model& model) {
+  std::vector<std::unique_ptr<Method>> methods;
+  const auto args = adapter_args(vm);
+  if (args.empty()) return methods;
+  load_cli_plugins(vm);
+  const auto scales = adapter_scales(vm, args.size());
+  for (std::size_t i = 0; i < args.size(); ++i)
+    for (auto& m : load_adapter(args[i].path, model)) {
+      prepare(*m, scales, i);
       methods.push_back(std::move(m));
     }
   return methods;
+}
+
+std::vector<std::string> route_names(const po::variables_map& vm) {
+  return vm.count("route") ? split_names(vm["route"].as<std::string>(), "--route")
+                           : std::vector<std::string>{};
+}
+
+std::unique_ptr<AdapterSet> load_adapter_set(const po::variables_map& vm, Model& model,
+                                             std::int64_t rows) {
+  auto set = std::make_unique<AdapterSet>(model);
+  const auto args = adapter_args(vm);
+  if (!args.empty()) load_cli_plugins(vm);
+  const auto scales = adapter_scales(vm, args.size());
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    set->load(args[i].name, args[i].path);
+    for (auto* m : set->methods(args[i].name)) prepare(*m, scales, i);
+  }
+  if (vm.count("active")) {
+    const auto text = vm["active"].as<std::string>();
+    set->set_active(text == "none" ? std::vector<std::string>{} : split_names(text, "--active"));
+  }
+  const auto route = route_names(vm);
+  if (!route.empty()) {
+    if (static_cast<std::int64_t>(route.size()) != rows)
+      throw UsageError("--route names " + std::to_string(route.size()) + " rows; the batch has " +
+                       std::to_string(rows));
+    set->route(route);
+  }
+  return set;
 }
 
 namespace {
@@ -116,8 +205,11 @@ int run_generate(const Args& args) {
       "seed", po::value<std::uint64_t>()->default_value(0), "sampling seed")(
       "no-bos", "do not start with the BOS token");
   add_adapter_option(desc);
+  add_routing_options(desc);
   po::variables_map vm;
-  if (!parse(args, desc, vm, "usage: graft generate --model PATH [--prompt TEXT] [options]"))
+  if (!parse(args, desc, vm,
+             "usage: graft generate --model PATH [--prompt TEXT] [options]\n"
+             "With --route A,B,base the prompt is continued once per name, all in one batch."))
     return 0;
   GenerationOptions o;
   o.max_new_tokens = vm["max-new-tokens"].as<std::int64_t>();
@@ -137,7 +229,9 @@ int run_generate(const Args& args) {
     throw Error(loaded.path.string() + ": has no tokenizer to encode the prompt");
   if (!loaded.model->causal())
     throw Error(loaded.path.string() + ": is not a causal language model");
-  auto adapters = apply_adapters(vm, *loaded.model);
+  const auto route = route_names(vm);
+  const auto adapters = load_adapter_set(
+      vm, *loaded.model, std::max<std::int64_t>(static_cast<std::int64_t>(route.size()), 1));
   const auto& tok = *loaded.tokenizer;
   auto prompt = tok.encode(vm["prompt"].as<std::string>(), !vm.count("no-bos"));
   if (prompt.empty()) throw UsageError("the prompt is empty and the model has no BOS token");
@@ -149,6 +243,20 @@ int run_generate(const Args& args) {
   if (tok.eos_id() >= 0) o.stop_ids.push_back(tok.eos_id());
 
   auto ids = torch::tensor(prompt, torch::kLong).unsqueeze(0);
+  if (!route.empty()) {  // one row per routed name, printed when all are done
+    const auto out =
+        generate(*loaded.model, ids.repeat({static_cast<std::int64_t>(route.size()), 1}), {}, o);
+    for (std::size_t r = 0; r < route.size(); ++r) {
+      std::vector<std::int64_t> row = prompt;
+      for (std::int64_t t = 0; t < out.size(1); ++t) {
+        const auto id = out[static_cast<std::int64_t>(r)][t].item<std::int64_t>();
+        if (id < 0) break;
+        row.push_back(id);
+      }
+      std::cout << "[" << route[r] << "] " << tok.decode(row) << "\n";
+    }
+    return 0;
+  }
   std::vector<std::int64_t> all = prompt;
   std::string shown = tok.decode(all);
   std::cout << shown << std::flush;
@@ -254,9 +362,8 @@ namespace {
 // The task head of the --adapter folders (at most one has one), for the model's width.
 std::optional<TaskHeadWeights> adapter_task_head(const po::variables_map& vm, const Model& model) {
   std::optional<TaskHeadWeights> head;
-  if (!vm.count("adapter")) return head;
-  for (const auto& dir : vm["adapter"].as<std::vector<std::string>>()) {
-    auto h = read_task_head(dir, model.config().hidden_size);
+  for (const auto& a : adapter_args(vm)) {
+    auto h = read_task_head(a.path, model.config().hidden_size);
     if (h && head)
       throw UsageError("more than one --adapter folder holds a " + std::string(kTaskHeadFile));
     if (h) head = std::move(h);
@@ -350,10 +457,12 @@ int run_forward(const Args& args) {
       "pad shorter sequences on the left or right")("out,o", po::value<std::string>()->required(),
                                                     "output .safetensors file");
   add_adapter_option(desc);
+  add_routing_options(desc);
   po::variables_map vm;
   if (!parse(
           args, desc, vm,
-          "usage: graft forward --model PATH --tokens 1,5,9 [--tokens ...] --out FILE.safetensors"))
+          "usage: graft forward --model PATH --tokens 1,5,9 [--tokens ...] --out FILE.safetensors\n"
+          "       [--adapter NAME=DIR ...] [--active NAME,...|none] [--route NAME|base,...]"))
     return 0;
   const auto padding = vm["padding"].as<std::string>();
   if (padding != "left" && padding != "right")
@@ -392,7 +501,7 @@ int run_forward(const Args& args) {
 
   set_threads(vm["threads"].as<int>());
   auto loaded = load_model(vm["model"].as<std::string>());
-  auto adapters = apply_adapters(vm, *loaded.model);
+  const auto adapters = load_adapter_set(vm, *loaded.model, static_cast<std::int64_t>(seqs.size()));
   const auto vocab = loaded.model->config().vocab_size;
   std::size_t len = 0;
   for (const auto& s : seqs) len = std::max(len, s.size());

@@ -93,8 +93,12 @@ at::Tensor LinearImpl::hooked(const at::Tensor& x) {
     const auto rows = models::routed_rows(*hooks_, d.get(), in);
     if (!rows.defined())
       y = y + d->delta(in, *this).to(y.dtype());
-    else if (rows.numel() > 0)
-      y = y.index_add(0, rows, d->delta(in.index_select(0, rows), *this).to(y.dtype()));
+    else if (rows.numel() > 0) {
+      auto shape = y.sizes().vec();  // a delta may broadcast (a bias): its rows' full shape
+      shape[0] = rows.numel();
+      y = y.index_add(0, rows,
+                      d->delta(in.index_select(0, rows), *this).to(y.dtype()).expand(shape));
+    }
   }
   for (const auto& s : hooks_->scales)
     if (s->side() == LinearScale::Side::output)

@@ -116,7 +116,8 @@ inline at::Tensor tap(SiteHooks* site, at::Tensor out, const at::Tensor& in) {
     if (!rows.defined())
       out = t->transform(out, in);
     else if (rows.numel() > 0)
-      out = out.index_copy(0, rows, t->transform(out.index_select(0, rows), in.index_select(0, rows)));
+      out = out.index_copy(0, rows,
+                           t->transform(out.index_select(0, rows), in.index_select(0, rows)));
   }
   return out;
 }
@@ -134,8 +135,8 @@ inline at::Tensor residual_step(SiteHooks* site, const at::Tensor& out, const at
     if (!rows.defined())
       h = r->transform(h, residual, norm);
     else if (rows.numel() > 0)
-      h = h.index_copy(
-          0, rows, r->transform(h.index_select(0, rows), residual.index_select(0, rows), norm));
+      h = h.index_copy(0, rows,
+                       r->transform(h.index_select(0, rows), residual.index_select(0, rows), norm));
   }
   if (site->residual.back()->closes()) return h;
   return norm ? (*norm)(residual + h) : residual + h;

@@ -195,8 +195,9 @@ void AdapterSet::unload(const std::string& name) {
 }
 
 void AdapterSet::route(const std::vector<std::string>& rows) {
-  if (rows.empty()) throw Error("route: expected one adapter name (or " +
-                                std::string(kBaseRoute) + ") per row of the batch");
+  if (rows.empty())
+    throw Error("route: expected one adapter name (or " + std::string(kBaseRoute) +
+                ") per row of the batch");
   std::map<std::string, std::vector<std::int64_t>> by_adapter;
   for (std::size_t i = 0; i < rows.size(); ++i) {
     if (is_base(rows[i])) continue;
@@ -212,8 +213,10 @@ void AdapterSet::route(const std::vector<std::string>& rows) {
     for (const auto& a : e.attachments) {
       const auto why = unroutable(*a.hook);
       if (!why.empty())
-        throw Error("route: adapter '" + e.name + "' cannot serve some rows of a batch and not "
-                    "others: at " + a.site + " it " + why);
+        throw Error("route: adapter '" + e.name +
+                    "' cannot serve some rows of a batch and not "
+                    "others: at " +
+                    a.site + " it " + why);
     }
   }
   auto routing = std::make_shared<RowRouting>();
