@@ -49,6 +49,10 @@ std::vector<std::unique_ptr<Method>> read_hub_part(const nlohmann::json& part,
 std::pair<nlohmann::json, io::TensorMap> write_hub_part(Method& method, const Model& model,
                                                         const std::string& name);
 
+// Several LoRA adapters made into one (graft combine; peft's add_weighted_adapter).
+std::unique_ptr<Method> combine(const std::vector<Method*>& sources, const CombineOptions& options,
+                                Model& model);
+
 // llama.cpp's GGUF LoRA adapters, read and written.
 bool detect_gguf_lora(const std::filesystem::path& file);
 std::vector<std::unique_ptr<Method>> read_gguf_lora(const std::filesystem::path& file,

@@ -90,6 +90,9 @@ void register_lora(Registry& registry) {
   info.description = "low-rank updates B A on linear projections (rsLoRA, DoRA, rank patterns)";
   info.mergeable = true;
   info.points = Model::linear_points();
+  info.combinations = {"linear",          "cat",         "svd",      "ties",
+                       "magnitude_prune", "dare_linear", "dare_ties"};
+  info.combine = combine;
   registry.add(info, [](const Params& p) -> std::unique_ptr<Method> {
     return std::make_unique<Lora>(LoraConfig::from_params(p));
   });

@@ -13,6 +13,7 @@
 #include <graft/load.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -182,6 +183,28 @@ Verdict run_multi_adapter_case(const fs::path& root, const json& c, const fs::pa
   return v;
 }
 
+// graft combine of the case's source adapters, with the case's type, weights and options.
+// peft 0.14's svd scales each source twice (w_i s_i times its delta s_i B_i A_i; see the
+// fixtures' README), where graft follows the documented sum of w_i times each delta: giving
+// graft the weights w_i s_i reproduces peft's result, which is what this checks.
+std::unique_ptr<Method> combine_as_peft(const fs::path& root, const json& spec, Model& model) {
+  CombineOptions o;
+  o.type = spec.at("type");
+  std::vector<fs::path> sources;
+  for (const auto& d : spec.at("source_dirs")) sources.push_back(root / d.get<std::string>());
+  o.weights = spec.at("weights").get<std::vector<double>>();
+  if (spec.contains("density")) o.density = spec.at("density");
+  if (spec.contains("svd_rank")) o.svd_rank = spec.at("svd_rank");
+  if (spec.contains("majority_sign_method")) o.majority_sign = spec.at("majority_sign_method");
+  if (o.type == "svd")
+    for (std::size_t i = 0; i < sources.size(); ++i) {
+      const auto cfg = read_json(sources[i] / "adapter_config.json");
+      const double r = cfg.at("r"), alpha = cfg.at("lora_alpha");
+      o.weights[i] *= cfg.value("use_rslora", false) ? alpha / std::sqrt(r) : alpha / r;
+    }
+  return combine_adapters(sources, o, model);
+}
+
 // Runs one case of the manifest; `outputs_file` and `adapter` are relative to the case folder.
 Verdict run_case(const fs::path& root, const json& c) {
   Verdict v;
@@ -196,6 +219,11 @@ Verdict run_case(const fs::path& root, const json& c) {
   const auto in = inputs_of(root, model_name);
   if (c.contains("adapter_dirs")) return run_multi_adapter_case(root, c, dir, model, in);
   std::vector<std::unique_ptr<Method>> methods;
+  if (c.contains("combination")) {  // graft's own combination of the sources, then peft's folder
+    auto combined = combine_as_peft(root, c.at("combination"), model);
+    compare_outputs(model, in, dir / "outputs.safetensors", "graft combine: ", v);
+    combined->detach(model);
+  }
   if (fs::exists(dir / "adapter")) methods = load_adapter(dir / "adapter", model);
   for (auto& m : methods) m->set_training(false);
   compare_outputs(model, in, dir / "outputs.safetensors", "", v);

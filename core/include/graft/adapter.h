@@ -40,6 +40,13 @@ std::vector<std::unique_ptr<Method>> load_adapter(const std::filesystem::path& d
 void save_adapter_as(const std::string& format, const std::filesystem::path& path,
                      const Model& model, const std::vector<Method*>& methods);
 
+/// Combines the adapters at `sources` (each holding one method, all of the same method) into one
+/// new method attached to `model`, through the combiner its plugin registers (MethodInfo::
+/// combine). The sources are loaded for the call only. Errors name the source that cannot take
+/// part, or the option the method does not offer.
+std::unique_ptr<Method> combine_adapters(const std::vector<std::filesystem::path>& sources,
+                                         const CombineOptions& options, Model& model);
+
 /// Converts JSON (a method's saved config) into Params whose errors name `file` and `path`.
 Params params_from_json(const nlohmann::json& j, const std::string& file, const std::string& path);
 

@@ -17,13 +17,34 @@
 
 namespace graft {
 
+class Method;
+
+/// How several adapters of one method become one (graft combine; peft's add_weighted_adapter).
+struct CombineOptions {
+  std::string type;             ///< linear, cat, svd, ties, magnitude_prune, dare_linear, ...
+  std::vector<double> weights;  ///< one per source
+  double density = 1.0;         ///< the share each source keeps (ties, magnitude_prune, dare)
+  std::string majority_sign = "total";  ///< ties: the sign of the sum (total) or of the count
+  std::int64_t svd_rank = 0;            ///< svd: the new rank (0: the largest source rank)
+  double svd_clamp = 0;    ///< svd: clamp the factors to this quantile of their entries (0: none)
+  std::uint64_t seed = 0;  ///< dare: the seed of the random masks
+};
+
+/// Builds one new method from `sources` (attached methods of the plugin's own method, at least
+/// two), attaches it to `model` and gives it the combined state. Errors say what of the sources
+/// or options cannot be combined.
+using Combiner = std::function<std::unique_ptr<Method>(
+    const std::vector<Method*>& sources, const CombineOptions& options, Model& model)>;
+
 /// What `graft methods` shows about a method.
 struct MethodInfo {
-  std::string name;                 ///< the name recipes use ("my_method")
-  std::string version;              ///< the plugin's version
-  std::string description;          ///< one line
-  bool mergeable = false;           ///< can fold into the base weights
-  std::vector<std::string> points;  ///< the site points it may attach to
+  std::string name;                       ///< the name recipes use ("my_method")
+  std::string version;                    ///< the plugin's version
+  std::string description;                ///< one line
+  bool mergeable = false;                 ///< can fold into the base weights
+  std::vector<std::string> points;        ///< the site points it may attach to
+  std::vector<std::string> combinations;  ///< the CombineOptions types `combine` offers
+  Combiner combine;                       ///< empty: adapters of the method do not combine
 };
 
 /// One method instance, configured and (after attach) attached to one model.

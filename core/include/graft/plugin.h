@@ -15,7 +15,7 @@
 #include <vector>
 
 /// Bumped whenever the descriptor or any type a plugin sees changes incompatibly.
-#define GRAFT_PLUGIN_ABI_VERSION 5u
+#define GRAFT_PLUGIN_ABI_VERSION 6u
 
 extern "C" {
 /// The exported descriptor. abi_version stays the first field forever, so that any graft can

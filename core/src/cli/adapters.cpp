@@ -4,9 +4,11 @@
 #include <graft/load.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <iostream>
 #include <map>
 #include <set>
+#include <sstream>
 
 #include "cli/options.h"
 
@@ -120,6 +122,74 @@ int run_export_adapter(const Args& args) {
   }
   save_adapter_as(vm["format"].as<std::string>(), out, *loaded.model, chosen);
   std::cout << "wrote " << out << " (" << vm["format"].as<std::string>() << ")\n";
+  return 0;
+}
+
+int run_combine(const Args& args) {
+  po::options_description desc("options");
+  desc.add_options()("model,m", po::value<std::string>()->required(),
+                     "the base model the adapters belong to")(
+      "adapter", po::value<std::vector<std::string>>()->required(),
+      "an adapter to combine (repeat, two or more; any format graft reads)")(
+      "weights,w", po::value<std::string>()->required(), "one weight per --adapter: 0.7,0.4")(
+      "type", po::value<std::string>()->required(),
+      "linear, cat, svd, ties, magnitude_prune, dare_linear or dare_ties (see graft methods NAME)")(
+      "density", po::value<double>()->default_value(1.0),
+      "ties, magnitude_prune, dare: the share of each source's entries kept")(
+      "majority-sign", po::value<std::string>()->default_value("total"),
+      "ties: elect the sign of the sum (total) or of the count (frequency)")(
+      "svd-rank", po::value<std::int64_t>()->default_value(0),
+      "svd: the new rank (0: the largest source rank)")(
+      "svd-clamp", po::value<double>()->default_value(0.0),
+      "svd: clamp the factors at this quantile of their entries (0: no clamp)")(
+      "seed", po::value<std::uint64_t>()->default_value(0), "dare: the seed of the random masks")(
+      "out,o", po::value<std::string>()->required(), "the new adapter folder (graft format)");
+  po::variables_map vm;
+  if (!parse(args, desc, vm,
+             "usage: graft combine --model M --adapter A --adapter B --weights 0.7,0.4 --type "
+             "svd --out DIR\n"
+             "Makes one adapter from several (peft's add_weighted_adapter), in graft's format."))
+    return 0;
+  const std::string out = vm["out"].as<std::string>();
+  if (std::filesystem::exists(out) &&
+      !(std::filesystem::is_directory(out) && std::filesystem::is_empty(out)))
+    throw UsageError("--out " + out + ": already exists; choose a new output path");
+  CombineOptions o;
+  o.type = vm["type"].as<std::string>();
+  o.density = vm["density"].as<double>();
+  o.majority_sign = vm["majority-sign"].as<std::string>();
+  o.svd_rank = vm["svd-rank"].as<std::int64_t>();
+  o.svd_clamp = vm["svd-clamp"].as<double>();
+  o.seed = vm["seed"].as<std::uint64_t>();
+  {
+    std::stringstream ss(vm["weights"].as<std::string>());
+    std::string item;
+    while (std::getline(ss, item, ',')) {
+      std::size_t used = 0;
+      double w = 0;
+      try {
+        w = std::stod(item, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (used == 0 || used != item.size() || !std::isfinite(w))
+        throw UsageError("--weights: expected comma-separated numbers, got \"" +
+                         vm["weights"].as<std::string>() + "\"");
+      o.weights.push_back(w);
+    }
+  }
+  std::vector<std::filesystem::path> sources;
+  for (const auto& a : adapter_args(vm)) sources.emplace_back(a.path);
+  if (o.weights.size() != sources.size())
+    throw UsageError("--weights: " + std::to_string(o.weights.size()) + " weights for " +
+                     std::to_string(sources.size()) + " --adapter folders; give one each");
+  set_threads(vm["threads"].as<int>());
+  auto loaded = load_model(vm["model"].as<std::string>());
+  load_cli_plugins(vm);
+  const auto method = combine_adapters(sources, o, *loaded.model);
+  save_adapter(out, *loaded.model, {method.get()});
+  std::cout << "wrote " << out << ": one " << method->name() << " adapter from " << sources.size()
+            << " (" << o.type << ")\n";
   return 0;
 }
 

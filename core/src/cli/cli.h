@@ -23,6 +23,7 @@ int run_methods(const Args& args);
 int run_new_plugin(const Args& args);
 int run_merge(const Args& args);
 int run_export_adapter(const Args& args);
+int run_combine(const Args& args);
 int run_run(const Args& args);
 int run_validate(const Args& args);
 int run_eval(const Args& args);

@@ -60,6 +60,8 @@ const Command kCommands[] = {
      graft::cli::run_merge},
     {"export-adapter", "write an adapter in another format (peft, gguf, adapters, graft)",
      graft::cli::run_export_adapter},
+    {"combine", "make one adapter from several with weights (linear, cat, svd, ties, dare...)",
+     graft::cli::run_combine},
     {"new-plugin", "write a skeleton method plugin that builds against an installed graft",
      graft::cli::run_new_plugin},
     {"version", "print graft's and libtorch's versions", run_version},

@@ -1,6 +1,7 @@
 #include <graft/adapter.h>
 #include <graft/adapter_set.h>
 #include <graft/error.h>
+#include <graft/plugin.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -238,6 +239,53 @@ void AdapterSet::end_route() {
   model_.set_routing(nullptr);
   routed_ = false;
   attach_only(active_);
+}
+
+}  // namespace graft
+
+namespace graft {
+
+std::unique_ptr<Method> combine_adapters(const std::vector<std::filesystem::path>& sources,
+                                         const CombineOptions& options, Model& model) {
+  if (sources.size() < 2)
+    throw Error("combine: expected two adapters or more, got " + std::to_string(sources.size()));
+  if (options.weights.size() != sources.size())
+    throw Error("combine: " + std::to_string(options.weights.size()) + " weights for " +
+                std::to_string(sources.size()) + " adapters; give one weight per adapter");
+  AdapterSet set(model);  // the sources, for this call only
+  std::vector<Method*> methods;
+  for (std::size_t i = 0; i < sources.size(); ++i) {
+    const auto name = "source" + std::to_string(i);
+    set.load(name, sources[i]);
+    const auto held = set.methods(name);
+    if (held.size() != 1) {
+      std::string names;
+      for (const auto* m : held) names += (names.empty() ? "" : ", ") + m->name();
+      throw Error(sources[i].string() + ": holds " + std::to_string(held.size()) + " methods (" +
+                  names + "); combine takes adapters of one method each");
+    }
+    if (!methods.empty() && held[0]->name() != methods[0]->name())
+      throw Error(sources[i].string() + ": a " + held[0]->name() + " adapter, but " +
+                  sources[0].string() + " is a " + methods[0]->name() +
+                  " adapter; combine takes adapters of one method");
+    methods.push_back(held[0]);
+  }
+  const auto& method = methods[0]->name();
+  std::string offer;
+  for (const auto& r : registered_methods()) {
+    if (r.info.name != method) continue;
+    if (!r.info.combine) break;
+    for (const auto& t : r.info.combinations) {
+      if (t == options.type) return r.info.combine(methods, options, model);
+      offer += (offer.empty() ? "" : ", ") + t;
+    }
+    throw Error("combine: '" + options.type + "' is not a way to combine " + method +
+                " adapters (" + method + " offers " + offer + ")");
+  }
+  for (const auto& r : registered_methods())
+    if (r.info.combine) offer += (offer.empty() ? "" : ", ") + r.info.name;
+  throw Error("combine: " + method + " adapters cannot be combined (methods that can: " +
+              (offer.empty() ? std::string("none loaded") : offer) + ")");
 }
 
 }  // namespace graft
