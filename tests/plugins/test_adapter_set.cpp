@@ -142,3 +142,97 @@ TEST_CASE("named adapters refuse what they cannot do in one line") {
   set.set_active({});
   CHECK(torch::equal(logits(*model, ids), base));
 }
+
+TEST_CASE("LoRA adapters combine as peft's add_weighted_adapter defines each type") {
+  graft::test::load_test_plugins();
+  TempDir dir;
+  write_adapter(dir / "a", "llama", {{"lora", params({{"r", "2"}, {"alpha", "4"}})}}, 1);
+  write_adapter(dir / "b", "llama",
+                {{"lora", params({{"r", "2"}, {"alpha", "2"}, {"targets", "[attn.v, ffn.up]"}})}},
+                2);
+  write_adapter(dir / "c", "llama", {{"lora", params({{"r", "3"}})}}, 3);
+  const auto ids = torch::tensor({{3, 7, 1, 9}, {4, 2, 5, 6}}, torch::kLong);
+  auto delta = [&](const std::vector<std::string>& names, CombineOptions o) {
+    auto model = graft::test::tiny_model("llama", 5);
+    std::vector<std::filesystem::path> sources;
+    for (const auto& n : names) sources.push_back(dir / n);
+    auto m = combine_adapters(sources, o, *model);
+    return std::make_pair(m->state(), logits(*model, ids));
+  };
+  CombineOptions o;
+  o.weights = {0.7, 0.4};
+  // cat: B A is the weighted sum of the sources' updates exactly (their products side by side).
+  o.type = "cat";
+  const auto [cat, cat_logits] = delta({"a", "b"}, o);
+  {
+    auto model = graft::test::tiny_model("llama", 5);
+    AdapterSet set(*model);
+    set.load("a", dir / "a");
+    set.load("b", dir / "b");
+    // The same sum, as two adapters at once with their updates scaled by the weights.
+    set.methods("a")[0]->set_scale(0.7);
+    set.methods("b")[0]->set_scale(0.4);
+    const auto both = logits(*model, ids);
+    GRAFT_CHECK_CLOSE(cat_logits, both, graft::test::forward_tolerance(*model, both, 4));
+  }
+  CHECK(cat.at("layers.0.attn.q.lora_A").size(0) == 4);  // rank 2 + 2; b does not adapt attn.q:
+  CHECK(cat.at("layers.0.attn.q.lora_A").slice(0, 2).abs().max().item<double>() == 0);  // zero rows
+  // svd at the summed rank reproduces the same update; a lower rank does not.
+  o.type = "svd";
+  o.svd_rank = 4;
+  const auto svd4 = delta({"a", "b"}, o).second;
+  // An SVD's factors reproduce the matrix within a few units of rounding of its norm, far
+  // below the forward's own reordering bound.
+  GRAFT_CHECK_CLOSE(svd4, cat_logits,
+                    graft::test::reorder_tolerance(
+                        cat_logits, graft::test::forward_terms(
+                                        graft::test::tiny_model("llama", 5)->config(), 4)));
+  o.svd_rank = 1;
+  CHECK(graft::test::max_diff(delta({"a", "b"}, o).second, cat_logits) > 1e-3);
+  o.svd_clamp = 0.5;  // at the median the factors lose their larger entries
+  CHECK(graft::test::max_diff(delta({"a", "b"}, o).second, cat_logits) > 1e-3);
+  o.svd_clamp = 0;
+  // DARE's masks are the seed's: the same seed gives the same adapter, another another.
+  o.type = "dare_ties";
+  o.density = 0.5;
+  o.seed = 11;
+  const auto d1 = delta({"a", "b"}, o).first, d2 = delta({"a", "b"}, o).first;
+  o.seed = 12;
+  const auto d3 = delta({"a", "b"}, o).first;
+  for (const auto& [name, t] : d1) {
+    CAPTURE(name);
+    CHECK(torch::equal(t, d2.at(name)));
+  }
+  CHECK_FALSE(torch::equal(d1.at("layers.0.attn.v.lora_A"), d3.at("layers.0.attn.v.lora_A")));
+  // ties with density 1 and one source is that source's factors times sqrt(w s).
+  o.type = "ties";
+  o.density = 1;
+  o.weights = {0.5, 0.5};
+  const auto ties = delta({"a", "b"}, o).first;
+  {
+    auto model = graft::test::tiny_model("llama", 5);
+    AdapterSet set(*model);
+    set.load("a", dir / "a");
+    const auto a = set.methods("a")[0]->state();
+    const double v = std::sqrt(0.5 * 4.0 / 2.0);  // sqrt(w * alpha / r)
+    GRAFT_CHECK_CLOSE(
+        ties.at("layers.0.attn.q.lora_A"), a.at("layers.0.attn.q.lora_A") * v,
+        4 * graft::test::kUnit32 * graft::test::max_abs(ties.at("layers.0.attn.q.lora_A")));
+  }
+  // Refusals, one line each.
+  o.type = "linear";
+  CHECK_THROWS_WITH_AS(delta({"a", "c"}, o), doctest::Contains("ranks must be equal"), Error);
+  o.weights = {0.5, -0.5};
+  CHECK_THROWS_WITH_AS(delta({"a", "b"}, o), doctest::Contains("must not be negative"), Error);
+  o.type = "average";
+  o.weights = {0.5, 0.5};
+  CHECK_THROWS_WITH_AS(delta({"a", "b"}, o),
+                       doctest::Contains("'average' is not a way to combine lora adapters"), Error);
+  o.type = "linear";
+  o.weights = {1.0};
+  CHECK_THROWS_WITH_AS(delta({"a"}, o), doctest::Contains("two adapters or more"), Error);
+  write_adapter(dir / "p", "llama", {{"prompt_tuning", params({{"num_virtual_tokens", "2"}})}}, 4);
+  o.weights = {0.5, 0.5};
+  CHECK_THROWS_WITH_AS(delta({"a", "p"}, o), doctest::Contains("a prompt_tuning adapter, but"),
+                       Error);
+}
