@@ -4,6 +4,7 @@
 //   graft_bench [--d 512] [--layers 8] [--heads 8] [--ffn 1376] [--seq 256] [--batch 8]
 //               [--threads N] [--repeat 5] [--matmul-only] [--hooks]
 //   graft_bench --train METHODS [--bf16] ...   the training step (bench_train.cpp)
+//   graft_bench --routing ...   a batch routed over 1, 4, 16 LoRA adapters (bench_routing.cpp)
 //
 // Prints tokens/s, the forward's achieved GFLOP/s, the plain matmuls' GFLOP/s and their ratio.
 // With --hooks, also the cost of the hook machinery with nothing attached: the model's forward
@@ -19,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_routing.h"
 #include "bench_train.h"
 #include "models/common.h"
 #include "models/families.h"
@@ -74,7 +76,7 @@ int main(int argc, char** argv) {
   int threads = 0, repeat = 0;
   std::string train;
   bool bf16 = false;
-  bool matmul_only = false, hooks = false;
+  bool matmul_only = false, hooks = false, routing = false;
   for (int i = 1; i < argc; ++i) {
     auto next = [&](const char* name) -> long long {
       if (i + 1 >= argc) {
@@ -114,6 +116,8 @@ int main(int argc, char** argv) {
       matmul_only = true;
     else if (a == "--hooks")
       hooks = true;
+    else if (a == "--routing")
+      routing = true;
     else {
       std::fprintf(stderr, "graft_bench: unknown option %s\n", a.c_str());
       return 2;
@@ -135,6 +139,19 @@ int main(int argc, char** argv) {
     return 2;
   }
   graft::set_threads(threads);
+  if (routing) {
+    graft::bench::RoutingBenchOptions o;
+    o.d = d, o.layers = layers, o.heads = heads, o.ffn = ffn, o.vocab = vocab;
+    bool seq_given = false, batch_given = false;
+    for (int i = 1; i < argc; ++i) {
+      seq_given |= std::strcmp(argv[i], "--seq") == 0;
+      batch_given |= std::strcmp(argv[i], "--batch") == 0;
+    }
+    if (seq_given) o.seq = seq;
+    if (batch_given) o.batch = batch;
+    if (repeat > 0) o.repeat = repeat;
+    return graft::bench::routing_bench(o);
+  }
   if (!train.empty()) {
     graft::bench::TrainBenchOptions o;
     o.methods = train;
