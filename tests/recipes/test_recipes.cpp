@@ -204,6 +204,36 @@ TEST_CASE("model.adapters: a new adapter trains on top of a loaded, frozen one (
       doctest::Contains("runs/none"), Error);
 }
 
+TEST_CASE("methods[i].from: training continues from a saved adapter") {
+  Workspace w;
+  InDir in(w.dir);
+  const auto first = run_recipe(
+      w.recipe("lm.yaml", {"output.dir=runs/first", "methods=[{name: lora, r: 2}]"}), w.quiet());
+  const auto saved = read("runs/first/adapter/adapter.safetensors");
+  const auto second = run_recipe(
+      w.recipe("lm.yaml",
+               {"output.dir=runs/second", "methods=[{name: lora, from: runs/first/adapter}]"}),
+      w.quiet());
+  // It starts where the first run ended, and trains on.
+  CHECK(second["eval_before"]["loss"] == first["eval_after"]["loss"]);
+  CHECK(second["eval_after"]["loss"].get<double>() < second["eval_before"]["loss"].get<double>());
+  CHECK(read("runs/first/adapter/adapter.safetensors") == saved);  // the source is untouched
+  const auto cfg = json::parse(read("runs/second/adapter/adapter_config.json"));
+  CHECK(cfg["methods"][0]["config"]["r"] == 2);  // the saved adapter's settings
+  // Settings beside `from`, another method's name, a missing folder: one line each.
+  CHECK_THROWS_WITH_AS(
+      w.recipe("lm.yaml", {"methods=[{name: lora, from: runs/first/adapter, r: 4}]"}),
+      doctest::Contains("methods[0].r: unknown key"), ParamError);
+  CHECK_THROWS_WITH_AS(w.recipe("lm.yaml", {"methods=[{name: lora, from: runs/none}]"}),
+                       doctest::Contains("methods[0].from: no adapter at"), ParamError);
+  CHECK_THROWS_WITH_AS(
+      run_recipe(w.recipe("lm.yaml",
+                          {"output.dir=runs/x", "methods=[{name: ia3, from: runs/first/adapter}]"}),
+                 w.quiet()),
+      doctest::Contains("holds lora; continuing training takes an adapter of one method, ia3"),
+      Error);
+}
+
 TEST_CASE("train.precision: bf16 trains float32 master weights under autocast, reproducibly") {
   Workspace w;
   InDir in(w.dir);

@@ -516,6 +516,12 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
       collect([&] {
         if (method.kind() != Params::Kind::map || !method.has("name"))
           method.fail("expected a map with the method's name and its settings ({name: ..., ...})");
+        if (method.has("from")) {  // continued: the settings are the saved adapter's
+          method.check_keys({"name", "from"});
+          const auto from = fs::absolute(method.at("from").as_string());
+          if (!fs::exists(from)) method.at("from").fail("no adapter at " + from.string());
+          return;
+        }
         make_method(method.at("name").as_string(), method);  // validates the method's own keys
       });
   });

@@ -180,6 +180,30 @@ std::size_t hook_count(const SiteHooks& h) {
          h.residual.size() + h.kv.size() + h.embeddings.size();
 }
 
+// methods[i] with `from: DIR`: the method as the adapter at DIR saved it (settings and state),
+// attached to train further. The folder must hold exactly one method of the item's name, and
+// nothing else (train the others on with items of their own, or load them with model.adapters).
+std::unique_ptr<Method> continue_from(const Params& item, Model& model) {
+  const auto name = item.at("name").as_string();
+  const auto& from = item.at("from");
+  std::vector<std::unique_ptr<Method>> loaded;
+  try {
+    loaded = load_adapter(std::filesystem::absolute(from.as_string()), model);
+  } catch (const FileError&) {
+    throw;
+  } catch (const Error& e) {
+    from.fail(e.what());
+  }
+  if (loaded.size() != 1 || loaded[0]->name() != name) {
+    std::string held;
+    for (const auto& m : loaded) held += (held.empty() ? "" : ", ") + m->name();
+    for (auto& m : loaded) m->detach(model);
+    from.fail("holds " + held + "; continuing training takes an adapter of one method, " + name);
+  }
+  for (auto& [param, t] : loaded[0]->trainable_parameters()) t.requires_grad_(true);
+  return std::move(loaded[0]);
+}
+
 // Combinations that are legal to build but that no one means, refused in one line each:
 // - the same method twice at one site (two low-rank deltas there are one of the summed rank, two
 //   scales one scale; give each its own targets, or make one larger);
@@ -192,15 +216,20 @@ void attach_methods(Session& s, const Recipe& r) {
   std::map<std::string, std::vector<std::pair<std::string, std::size_t>>> at_site;  // name, item
   for (std::size_t i = 0; i < items.size(); ++i) {
     const auto& item = items[i];
-    auto m = make_method(item.at("name").as_string(), item);
     std::vector<std::size_t> before;
     for (const auto& site : model.sites()) before.push_back(hook_count(model.hooks(site.name)));
-    try {
-      m->attach(model);
-    } catch (const ParamError&) {
-      throw;
-    } catch (const Error& e) {
-      item.fail(e.what());  // a conflicting claim, a site the method cannot use
+    std::unique_ptr<Method> m;
+    if (item.has("from")) {
+      m = continue_from(item, model);
+    } else {
+      m = make_method(item.at("name").as_string(), item);
+      try {
+        m->attach(model);
+      } catch (const ParamError&) {
+        throw;
+      } catch (const Error& e) {
+        item.fail(e.what());  // a conflicting claim, a site the method cannot use
+      }
     }
     for (std::size_t k = 0; k < model.sites().size(); ++k) {
       const auto& site = model.sites()[k].name;
