@@ -227,6 +227,8 @@ void AdapterSet::route(const std::vector<std::string>& rows) {
     const auto it = by_adapter.find(e.name);
     if (it == by_adapter.end()) continue;
     order.push_back(e.name);
+    // An adapter on every row needs no gathering: it serves the batch as a whole.
+    if (it->second.size() == rows.size()) continue;
     const auto index = torch::tensor(it->second, torch::kLong);
     for (const auto& a : e.attachments) routing->rows[a.hook.get()] = index;
   }
