@@ -180,6 +180,36 @@ if [[ -d $root/data/sotu ]]; then
     { echo "FAIL: the peft export does not name its base model"; fail=1; }
   check "export --method the adapter lacks" 2 "--method prefix_tuning: the adapter holds quantize, lora" -- \
     "$graft" export-adapter --model stories260K --adapter "$work/qlora/adapter" --format peft --out "$work/x" --method prefix_tuning
+  # Named adapters: two LoRA runs, switched, routed row by row in one batch, combined.
+  for seed in 0 1; do
+    "$graft" run "$root/recipes/quickstart.yaml" seed=$seed train.steps=2 train.warmup_steps=0 \
+      eval.batches=1 output.dir="$work/lora$seed" >/dev/null 2>&1
+  done
+  a="a=$work/lora0/adapter" b="b=$work/lora1/adapter"
+  check "generate routed over two adapters and the base" 0 "^\[a\] .*" -- "$graft" generate \
+    --model stories260K --adapter "$a" --adapter "$b" --route a,b,base -n 4 --prompt "The"
+  out=$("$graft" generate --model stories260K --adapter "$a" --adapter "$b" --route a,b,base -n 4 --prompt "The" 2>&1)
+  [[ $(grep -cE '^\[(a|b|base)\] ' <<<"$out") == 3 ]] || { echo "FAIL: --route a,b,base printed: $out"; fail=1; }
+  "$graft" forward --model stories260K --tokens 1,5,9 --out "$work/base.safetensors" >/dev/null &&
+    "$graft" forward --model stories260K --adapter "$a" --adapter "$b" --active none --tokens 1,5,9 \
+      --out "$work/none.safetensors" >/dev/null &&
+    cmp -s "$work/base.safetensors" "$work/none.safetensors" ||
+    { echo "FAIL: --active none is not the base model bit for bit"; fail=1; }
+  check "a route of another length than the batch" 2 "--route names 2 rows; the batch has 3" -- \
+    "$graft" forward --model stories260K --adapter "$a" --route a,base --tokens 1,2 --tokens 3 --tokens 4 --out "$work/r.safetensors"
+  check "--active names an adapter not loaded" 2 "no adapter named 'c' is loaded \(loaded: a, b\)" -- \
+    "$graft" forward --model stories260K --adapter "$a" --adapter "$b" --active c --tokens 1 --out "$work/r.safetensors"
+  check "two adapters of one name" 2 "another adapter is named 'adapter' already; name them apart with --adapter NAME=PATH" -- \
+    "$graft" forward --model stories260K --adapter "$work/lora0/adapter" --adapter "$work/lora1/adapter" --tokens 1 --out "$work/r.safetensors"
+  [[ -e $work/r.safetensors ]] && { echo "FAIL: a refused forward left a file"; fail=1; }
+  check "combine two adapters" 0 "wrote .*ties: one lora adapter from 2 \(ties\)" -- "$graft" combine --model stories260K \
+    --adapter "$work/lora0/adapter" --adapter "$work/lora1/adapter" --weights 0.5,0.5 --type ties --density 0.5 --out "$work/ties"
+  check "the combined adapter generates" 0 "^The" -- "$graft" generate --model stories260K --adapter "$work/ties" -n 4 --prompt "The"
+  check "combine with a weight short" 2 "--weights: 1 weights for 2 --adapter folders" -- "$graft" combine --model stories260K \
+    --adapter "$work/lora0/adapter" --adapter "$work/lora1/adapter" --weights 0.5 --type ties --out "$work/x"
+  check "combine by an unknown type" 2 "'mean' is not a way to combine lora adapters \(lora offers linear, cat, svd" -- \
+    "$graft" combine --model stories260K --adapter "$work/lora0/adapter" --adapter "$work/lora1/adapter" --weights 1,1 --type mean --out "$work/x"
+  [[ -e $work/x ]] && { echo "FAIL: a refused combine left a folder"; fail=1; }
 fi
 if out=$("$graft" validate "$root/recipes/quickstart.yaml" model.dtype=float16 2>&1); then
   echo "ok   float16 validates (libtorch multiplies float16 on this CPU)"

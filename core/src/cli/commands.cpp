@@ -72,10 +72,6 @@ std::vector<AdapterArg> adapter_args(const po::variables_map& vm) {
       if (p.filename().empty()) p = p.parent_path();  // "dir/"
       a.name = p.extension() == ".gguf" ? p.stem().string() : p.filename().string();
     }
-    for (const auto& other : out)
-      if (other.name == a.name)
-        throw UsageError("--adapter " + value + ": another adapter is named '" + a.name +
-                         "' already; name them apart with --adapter NAME=PATH");
     out.push_back(std::move(a));
   }
   return out;
@@ -140,6 +136,10 @@ std::unique_ptr<AdapterSet> load_adapter_set(const po::variables_map& vm, Model&
   if (!args.empty()) load_cli_plugins(vm);
   const auto scales = adapter_scales(vm, args.size());
   for (std::size_t i = 0; i < args.size(); ++i) {
+    for (std::size_t j = 0; j < i; ++j)
+      if (args[j].name == args[i].name)
+        throw UsageError("--adapter " + args[i].path + ": another adapter is named '" +
+                         args[i].name + "' already; name them apart with --adapter NAME=PATH");
     set->load(args[i].name, args[i].path);
     for (auto* m : set->methods(args[i].name)) prepare(*m, scales, i);
   }

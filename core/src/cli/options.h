@@ -72,6 +72,7 @@ struct AdapterArg {
   std::string name, path;
 };
 /// The --adapter values: "NAME=PATH", or a path named after its file (without a .gguf suffix).
+/// Names may repeat here; load_adapter_set() refuses two of one name.
 std::vector<AdapterArg> adapter_args(const po::variables_map& vm);
 
 /// Loads the adapters named by --adapter (if any) onto the model, all of them applying.
