@@ -33,8 +33,7 @@ namespace {
 // The cases graft cannot run yet, each with the reason. The suite fails when one of them starts
 // to pass, so that this list only shrinks.
 const std::map<std::string, std::string>& not_yet() {
-  static const std::map<std::string, std::string> cases = {
-  };
+  static const std::map<std::string, std::string> cases = {};
   return cases;
 }
 
@@ -118,8 +117,8 @@ void compare_generation(Model& model, const fs::path& file, Verdict& v) {
 
 // Runs the case's inputs through `model` and compares every output `file` recorded (names in
 // the verdict start with `label`).
-void compare_outputs(Model& model, const Inputs& in, const fs::path& file,
-                     const std::string& label, Verdict& v) {
+void compare_outputs(Model& model, const Inputs& in, const fs::path& file, const std::string& label,
+                     Verdict& v) {
   // transformers' plain forward numbers every row's columns 0..S-1, padding included, and peft
   // counts the tokens after its virtual ones: graft's explicit positions mean exactly that.
   ForwardInput fin;

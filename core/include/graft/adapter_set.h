@@ -58,7 +58,7 @@ class AdapterSet {
   /// Routes the rows of the following forwards: row i takes adapter rows[i] alone, or none for
   /// kBaseRoute, each row computed as if it were alone (within float32 reordering). The batch
   /// stays one set of products for the base; each routed adapter runs once on its rows. The
-  /// adapters named must act row by row (LoRA-style deltas, scales, bottleneck adapters); key/value
+  /// adapters named must act row by row (low-rank deltas, scales, bottleneck adapters); key/value
   /// prefixes, soft prompts and weight transforms are refused by name. Ends with end_route().
   void route(const std::vector<std::string>& rows);
   /// Ends the routing: the active adapters apply to every row again.
