@@ -19,6 +19,8 @@ void add(Registry& registry, const std::string& name, const std::string& descrip
   info.version = "2.0.0";
   info.description = description;
   info.points = {"attn.out", "ffn.out"};
+  info.combinations = {"linear"};  // AdapterHub's average_adapter: sum w_i theta_i
+  info.combine = linear_state_combiner();
   registry.add(info, [=](const Params& p) -> std::unique_ptr<Method> {
     return std::make_unique<Bottleneck>(name, AdapterConfig::from_params(p, preset, targets));
   });

@@ -49,6 +49,8 @@ void register_ia3(Registry& registry) {
   info.description = "learned vectors scaling keys, values and the feed-forward activation";
   info.mergeable = true;
   info.points = Model::linear_points();
+  info.combinations = {"linear"};  // peft's IA3 add_weighted_adapter: sum w_i l_i
+  info.combine = linear_state_combiner();
   registry.add(info, [](const Params& p) -> std::unique_ptr<Method> {
     return std::make_unique<Ia3>(Ia3Config::from_params(p));
   });

@@ -25,6 +25,8 @@ void register_parallel(Registry& registry) {
   info.description =
       "AdapterHub par_bn: beside the feed-forward, reading its input (reduction 2, s 4)";
   info.points = {"attn.out", "ffn.out"};
+  info.combinations = {"linear"};  // AdapterHub's average_adapter: sum w_i theta_i
+  info.combine = linear_state_combiner();
   registry.add(info, [=](const Params& p) -> std::unique_ptr<Method> {
     auto c = AdapterConfig::from_params(p, mam, {"ffn.out"});
     if (!c.parallel) p.at("parallel").fail("the parallel method is parallel; use bottleneck");

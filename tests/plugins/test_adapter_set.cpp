@@ -236,3 +236,48 @@ TEST_CASE("LoRA adapters combine as peft's add_weighted_adapter defines each typ
   CHECK_THROWS_WITH_AS(delta({"a", "p"}, o), doctest::Contains("a prompt_tuning adapter, but"),
                        Error);
 }
+
+TEST_CASE("IA3 and bottleneck adapters combine linearly, tensor by tensor") {
+  graft::test::load_test_plugins();
+  TempDir dir;
+  const auto ids = torch::tensor({{3, 7, 1, 9}, {4, 2, 5, 6}}, torch::kLong);
+  for (const std::string method : {"ia3", "pfeiffer", "houlsby", "parallel"}) {
+    CAPTURE(method);
+    const auto settings = method == "ia3" ? params({}) : params({{"reduction_factor", "4"}});
+    write_adapter(dir / (method + "1"), "llama", {{method, settings}}, 1);
+    write_adapter(dir / (method + "2"), "llama", {{method, settings}}, 2);
+    const std::vector<std::filesystem::path> sources{dir / (method + "1"), dir / (method + "2")};
+    CombineOptions o;
+    o.type = "linear";
+    // Weights 1 and 0 give the first adapter exactly (x * 1 and + 0 * y round to nothing).
+    o.weights = {1.0, 0.0};
+    auto model = graft::test::tiny_model("llama", 5);
+    {
+      const auto first = combine_adapters(sources, o, *model);
+      const auto combined = logits(*model, ids);
+      first->detach(*model);
+      AdapterSet set(*model);
+      set.load("first", sources[0]);
+      CHECK(torch::equal(combined, logits(*model, ids)));
+    }
+    // Weights 0.5 and 0.5: each tensor the mean of the two.
+    o.weights = {0.5, 0.5};
+    const auto mean = combine_adapters(sources, o, *model);
+    AdapterSet set(*model);
+    set.load("one", sources[0]);
+    set.load("two", sources[1]);
+    const auto one = set.methods("one")[0]->state(), two = set.methods("two")[0]->state();
+    for (const auto& [name, t] : mean->state()) {
+      CAPTURE(name);
+      CHECK(torch::equal(t, one.at(name) * 0.5 + two.at(name) * 0.5));
+    }
+  }
+  // Sources of other settings are not summed.
+  write_adapter(dir / "ia3k", "llama", {{"ia3", params({{"targets", "[attn.k]"}})}}, 3);
+  CombineOptions o;
+  o.type = "linear";
+  o.weights = {0.5, 0.5};
+  auto model = graft::test::tiny_model("llama", 5);
+  CHECK_THROWS_WITH_AS(combine_adapters({dir / "ia31", dir / "ia3k"}, o, *model),
+                       doctest::Contains("ia3 combine: source 2's targets"), Error);
+}

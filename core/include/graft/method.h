@@ -36,6 +36,12 @@ struct CombineOptions {
 using Combiner = std::function<std::unique_ptr<Method>(
     const std::vector<Method*>& sources, const CombineOptions& options, Model& model)>;
 
+/// A Combiner of type "linear" for methods whose sources all have the same settings: the new
+/// method, made and attached with those settings, holds sum_i w_i * state_i tensor by tensor
+/// (AdapterHub's average_adapter with its weights as given). Sources whose settings differ are
+/// refused naming the first difference. A plugin registers it where that sum means something.
+Combiner linear_state_combiner();
+
 /// What `graft methods` shows about a method.
 struct MethodInfo {
   std::string name;                       ///< the name recipes use ("my_method")

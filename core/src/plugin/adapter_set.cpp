@@ -291,3 +291,46 @@ std::unique_ptr<Method> combine_adapters(const std::vector<std::filesystem::path
 }
 
 }  // namespace graft
+
+namespace graft {
+
+Combiner linear_state_combiner() {
+  return [](const std::vector<Method*>& sources, const CombineOptions& o,
+            Model& model) -> std::unique_ptr<Method> {
+    const auto name = sources[0]->name();
+    const auto config = sources[0]->config();
+    for (std::size_t i = 1; i < sources.size(); ++i) {
+      const auto other = sources[i]->config();
+      if (other == config) continue;
+      std::string key;
+      for (const auto& [k, v] : config.items())
+        if (!other.contains(k) || other.at(k) != v) key = k;
+      for (const auto& [k, v] : other.items())
+        if (!config.contains(k)) key = k;
+      throw Error(name + " combine: source " + std::to_string(i + 1) + "'s " + key + " (" +
+                  (other.contains(key) ? other.at(key).dump() : std::string("unset")) +
+                  ") differs from source 1's (" +
+                  (config.contains(key) ? config.at(key).dump() : std::string("unset")) +
+                  "); linear sums tensors of adapters with the same settings");
+    }
+    io::TensorMap sum;
+    {
+      torch::NoGradGuard no_grad;
+      for (std::size_t i = 0; i < sources.size(); ++i)
+        for (const auto& [key, t] : sources[i]->state()) {
+          const auto part = t.detach() * o.weights[i];
+          auto it = sum.find(key);
+          if (it == sum.end())
+            sum.emplace(key, part);
+          else
+            it->second = it->second + part;
+        }
+    }
+    auto out = make_method(name, params_from_json(config, "combine", ""));
+    out->attach(model);
+    out->load_state(sum, "combine");
+    return out;
+  };
+}
+
+}  // namespace graft
