@@ -24,6 +24,7 @@
 #include "bench_train.h"
 #include "models/common.h"
 #include "models/families.h"
+#include "random_model.h"
 #include "timing.h"
 
 namespace {
@@ -198,19 +199,8 @@ int main(int argc, char** argv) {
   std::printf("matmul total       %.1f GFLOP/s\n", mm_gflops);
   if (matmul_only) return 0;
 
-  graft::ModelConfig c;
-  c.family = "llama";
-  c.vocab_size = vocab;
-  c.hidden_size = d;
-  c.num_layers = layers;
-  c.num_heads = c.num_kv_heads = heads;
-  c.head_dim = d / heads;
-  c.intermediate_size = ffn;
-  c.max_positions = seq;
-  c.hidden_act = "silu";
-  auto model = graft::models::make_model(c);
-  graft::models::init_parameters(*model, 1);
-  model->eval();
+  auto model = graft::bench::random_llama(d, layers, heads, ffn, vocab, seq);
+  const auto& c = model->config();
   auto ids = torch::randint(c.vocab_size, {batch, seq}, torch::kLong);
   graft::ForwardInput in{ids, {}, {}, {}};
   std::fprintf(stderr, "(timing the forward: %d runs after a warm-up)\n", repeat);

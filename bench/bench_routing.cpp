@@ -14,27 +14,15 @@
 #include <string>
 #include <vector>
 
-#include "models/common.h"
-#include "models/families.h"
+#include "random_model.h"
 #include "timing.h"
 
 namespace graft::bench {
 
 int routing_bench(const RoutingBenchOptions& o) {
   load_plugins();
-  ModelConfig c;
-  c.family = "llama";
-  c.vocab_size = o.vocab;
-  c.hidden_size = o.d;
-  c.num_layers = o.layers;
-  c.num_heads = c.num_kv_heads = o.heads;
-  c.head_dim = o.d / o.heads;
-  c.intermediate_size = o.ffn;
-  c.max_positions = o.seq;
-  c.hidden_act = "silu";
-  auto model = models::make_model(c);
-  models::init_parameters(*model, 1);
-  model->eval();
+  auto model = random_llama(o.d, o.layers, o.heads, o.ffn, o.vocab, o.seq);
+  const auto& c = model->config();
 
   // 16 LoRA adapters (r 8 on every projection but the head), each saved and loaded by name.
   const auto dir = std::filesystem::temp_directory_path() /

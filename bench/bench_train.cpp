@@ -40,6 +40,7 @@
 
 #include "models/common.h"
 #include "models/families.h"
+#include "random_model.h"
 #include "recipe/loss.h"
 #include "timing.h"
 
@@ -205,18 +206,9 @@ int train_bench(const TrainBenchOptions& o) {
     return 2;
   }
 
-  ModelConfig c;
-  c.family = "llama";
-  c.vocab_size = o.vocab;
-  c.hidden_size = o.d;
-  c.num_layers = o.layers;
-  c.num_heads = c.num_kv_heads = o.heads;
-  c.head_dim = o.d / o.heads;
-  c.intermediate_size = o.ffn;
-  c.max_positions = std::max<std::int64_t>(o.seq, 2048);  // room for learned prefixes
-  c.hidden_act = "silu";
-  auto model = models::make_model(c);
-  models::init_parameters(*model, 1);
+  // Room for learned prefixes beyond the sequence.
+  auto model =
+      random_llama(o.d, o.layers, o.heads, o.ffn, o.vocab, std::max<std::int64_t>(o.seq, 2048));
   for (auto& p : model->parameters()) p.set_requires_grad(false);
 
   load_plugins();

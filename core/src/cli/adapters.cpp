@@ -14,6 +14,17 @@
 
 namespace graft::cli {
 
+namespace {
+
+// --out must name a new path (or an empty folder): graft never writes over what is there.
+void refuse_existing_output(const std::string& out) {
+  if (std::filesystem::exists(out) &&
+      !(std::filesystem::is_directory(out) && std::filesystem::is_empty(out)))
+    throw UsageError("--out " + out + ": already exists; choose a new output path");
+}
+
+}  // namespace
+
 int run_merge(const Args& args) {
   po::options_description desc("options");
   desc.add_options()("model,m", po::value<std::string>()->required(),
@@ -49,9 +60,7 @@ int run_merge(const Args& args) {
     else
       throw UsageError("--dtype: expected f32, f16, bf16 or q8_0, got \"" + d + "\"");
   }
-  if (std::filesystem::exists(out) &&
-      !(std::filesystem::is_directory(out) && std::filesystem::is_empty(out)))
-    throw UsageError("--out " + out + ": already exists; choose a new output path");
+  refuse_existing_output(out);
   set_threads(vm["threads"].as<int>());
   auto loaded = load_model(vm["model"].as<std::string>());
   if (format == "gguf" && loaded.model->config().family != "llama")
@@ -100,9 +109,7 @@ int run_export_adapter(const Args& args) {
              "peft|gguf|adapters|graft --out OUT"))
     return 0;
   const std::string out = vm["out"].as<std::string>();
-  if (std::filesystem::exists(out) &&
-      !(std::filesystem::is_directory(out) && std::filesystem::is_empty(out)))
-    throw UsageError("--out " + out + ": already exists; choose a new output path");
+  refuse_existing_output(out);
   set_threads(vm["threads"].as<int>());
   auto loaded = load_model(vm["model"].as<std::string>());
   auto methods = apply_adapters(vm, *loaded.model);
@@ -151,9 +158,7 @@ int run_combine(const Args& args) {
              "Makes one adapter from several (peft's add_weighted_adapter), in graft's format."))
     return 0;
   const std::string out = vm["out"].as<std::string>();
-  if (std::filesystem::exists(out) &&
-      !(std::filesystem::is_directory(out) && std::filesystem::is_empty(out)))
-    throw UsageError("--out " + out + ": already exists; choose a new output path");
+  refuse_existing_output(out);
   CombineOptions o;
   o.type = vm["type"].as<std::string>();
   o.density = vm["density"].as<double>();
