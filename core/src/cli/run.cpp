@@ -104,7 +104,7 @@ int run_validate(const Args& args) {
 int run_eval(const Args& args) {
   po::options_description desc("options");
   desc.add_options()("adapter", po::value<std::vector<std::string>>(),
-                     "adapter folder to load (repeatable; none: the base model)")(
+                     "[NAME=]PATH: an adapter to load (repeatable; none: the base model)")(
       "recipe", po::value<std::vector<std::string>>(), "recipe file, then key=value overrides");
   po::positional_options_description pos;
   pos.add("recipe", -1);
@@ -117,8 +117,8 @@ int run_eval(const Args& args) {
   set_threads(vm["threads"].as<int>());
   const auto recipe = read(vm);
   std::vector<std::string> adapters;
-  if (vm.count("adapter")) adapters = vm["adapter"].as<std::vector<std::string>>();
-  std::cout << evaluate_recipe(recipe, adapters).dump(2) << "\n";  // numbers and names only
+  for (const auto& a : adapter_args(vm)) adapters.push_back(a.path);  // NAME=PATH too
+  std::cout << evaluate_recipe(recipe, adapters).dump(2) << "\n";     // numbers and names only
   return 0;
 }
 
