@@ -202,6 +202,23 @@ TEST_CASE("model.adapters: a new adapter trains on top of a loaded, frozen one (
       run_recipe(w.recipe("lm.yaml", {"output.dir=runs/x", "model.adapters=[runs/none]"}),
                  w.quiet()),
       doctest::Contains("runs/none"), Error);
+  // Named, and chosen with model.active: none active is the base model the first run started on.
+  const auto off = run_recipe(
+      w.recipe("lm.yaml", {"output.dir=runs/off", "model.adapters=[one=runs/first/adapter]",
+                           "model.active=[]", pfeiffer}),
+      w.quiet());
+  CHECK(off["eval_before"]["loss"] == first["eval_before"]["loss"]);
+  const auto on = run_recipe(
+      w.recipe("lm.yaml", {"output.dir=runs/on", "model.adapters=[one=runs/first/adapter]",
+                           "model.active=[one]", pfeiffer}),
+      w.quiet());
+  CHECK(on["eval_before"]["loss"] == first["eval_after"]["loss"]);
+  CHECK_THROWS_WITH_AS(
+      w.recipe("lm.yaml", {"model.adapters=[one=runs/first/adapter]", "model.active=[two]"}),
+      doctest::Contains("model.active: no adapter named 'two' in model.adapters"), ParamError);
+  CHECK_THROWS_WITH_AS(
+      w.recipe("lm.yaml", {"model.adapters=[x=runs/first/adapter, x=runs/second/adapter]"}),
+      doctest::Contains("another adapter is named 'x' already"), ParamError);
 }
 
 TEST_CASE("methods[i].from: training continues from a saved adapter") {

@@ -19,12 +19,23 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace graft {
 
 /// What a route names for rows that take no adapter (peft's "__base__"; "base" is taken too).
 inline constexpr const char* kBaseRoute = "__base__";
+
+/// Whether `name` may name an adapter: letters, digits, '_', '-' and '.', and not a route's word
+/// for no adapter.
+bool is_adapter_name(const std::string& name);
+/// The name an adapter at `path` goes by when none is given: its folder's name, or its file's
+/// without the extension, with any other character as '_'.
+std::string default_adapter_name(const std::filesystem::path& path);
+/// "NAME=PATH" split into its name and path, or a plain path with its default name. A text
+/// that names an existing file or folder is a path, '=' or not.
+std::pair<std::string, std::filesystem::path> adapter_name_and_path(const std::string& text);
 
 class AdapterSet {
  public:

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -44,8 +45,11 @@ struct ModelSpec {
   std::string device = "cpu";     ///< cpu, cuda, cuda:N
   /// Adapters loaded onto the model before the recipe's methods and kept frozen (any format
   /// graft reads): the methods train on top of them, as on AdapterHub's Stack. The run's own
-  /// adapter holds only the recipe's methods.
+  /// adapter holds only the recipe's methods. Entries are PATH or NAME=PATH, as --adapter's.
   std::vector<std::filesystem::path> adapters;
+  std::vector<std::string> adapter_names;  ///< one per adapter (its folder's name by default)
+  /// model.active: the names of the adapters that apply (in that order); unset: every one.
+  std::optional<std::vector<std::string>> active;
 };
 
 struct TaskSpec {

@@ -55,22 +55,12 @@ std::vector<AdapterArg> adapter_args(const po::variables_map& vm) {
   if (!vm.count("adapter")) return out;
   for (const auto& value : vm["adapter"].as<std::vector<std::string>>()) {
     AdapterArg a;
-    const auto eq = value.find('=');
-    const auto name = value.substr(0, eq == std::string::npos ? 0 : eq);
-    const bool named =
-        eq != std::string::npos && eq > 0 && !std::filesystem::exists(value) &&
-        std::all_of(name.begin(), name.end(), [](char c) {
-          return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.';
-        });
-    if (named) {
+    try {
+      const auto [name, path] = adapter_name_and_path(value);
       a.name = name;
-      a.path = value.substr(eq + 1);
-      if (a.path.empty()) throw UsageError("--adapter " + value + ": expected NAME=PATH");
-    } else {
-      a.path = value;
-      auto p = std::filesystem::path(value).lexically_normal();
-      if (p.filename().empty()) p = p.parent_path();  // "dir/"
-      a.name = p.extension() == ".gguf" ? p.stem().string() : p.filename().string();
+      a.path = path.string();
+    } catch (const Error& e) {
+      throw UsageError(std::string("--adapter ") + e.what());
     }
     out.push_back(std::move(a));
   }

@@ -55,12 +55,8 @@ std::string changed(const BaseTensors& before, const BaseTensors& after) {
   return out;
 }
 
-bool valid_name(const std::string& name) {
-  if (name.empty()) return false;
-  for (const char c : name)
-    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.'))
-      return false;
-  return true;
+bool name_char(char c) {
+  return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.';
 }
 
 bool is_base(const std::string& name) { return name == kBaseRoute || name == "base"; }
@@ -79,6 +75,31 @@ std::string unroutable(const Hook& hook) {
 }
 
 }  // namespace
+
+bool is_adapter_name(const std::string& name) {
+  return !name.empty() && !is_base(name) && std::all_of(name.begin(), name.end(), name_char);
+}
+
+std::string default_adapter_name(const std::filesystem::path& path) {
+  auto p = path.lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();  // "dir/"
+  auto name = std::filesystem::is_directory(path) ? p.filename().string() : p.stem().string();
+  for (auto& c : name)
+    if (!name_char(c)) c = '_';
+  return is_adapter_name(name) ? name : "adapter";
+}
+
+std::pair<std::string, std::filesystem::path> adapter_name_and_path(const std::string& text) {
+  const auto eq = text.find('=');
+  if (eq != std::string::npos && eq > 0 && !std::filesystem::exists(text)) {
+    const auto name = text.substr(0, eq);
+    if (std::all_of(name.begin(), name.end(), name_char)) {
+      if (eq + 1 == text.size()) throw Error(text + ": expected NAME=PATH");
+      return {name, text.substr(eq + 1)};
+    }
+  }
+  return {default_adapter_name(text), text};
+}
 
 AdapterSet::AdapterSet(Model& model) : model_(model) {}
 
@@ -115,7 +136,7 @@ std::vector<Method*> AdapterSet::methods(const std::string& name) const {
 }
 
 void AdapterSet::load(const std::string& name, const std::filesystem::path& path) {
-  if (!valid_name(name) || is_base(name))
+  if (!is_adapter_name(name))
     throw Error(path.string() + ": adapter name '" + name +
                 "': expected letters, digits, '_', '-' or '.' (and not " + kBaseRoute + ")");
   for (const auto& e : entries_)

@@ -1,4 +1,5 @@
 // Recipes: YAML into settings trees with sources, includes, overrides, and the validated schema.
+#include <graft/adapter_set.h>
 #include <graft/chat.h>
 #include <graft/error.h>
 #include <graft/io/file.h>
@@ -434,7 +435,7 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
 
   collect([&] {
     const auto& m = section(p, "model");
-    m.check_keys({"path", "family", "dtype", "device", "adapters"});
+    m.check_keys({"path", "family", "dtype", "device", "adapters", "active"});
     if (!m.has("path"))
       (p.has("model") ? m : p).fail("model.path is required: a model file, folder or name");
     r.model.path = m.at("path").as_string();
@@ -444,7 +445,26 @@ Recipe Recipe::from_params(const Params& p, const fs::path& file) {
     // Adapter folders as `--adapter` takes them: relative to where graft is started.
     for (const auto& a : m.get_strings("adapters", {})) {
       if (a.empty()) m.at("adapters").fail("an empty adapter path");
-      r.model.adapters.push_back(fs::absolute(a));
+      std::pair<std::string, fs::path> named;
+      try {
+        named = adapter_name_and_path(a);
+      } catch (const Error& e) {
+        m.at("adapters").fail(e.what());
+      }
+      for (const auto& n : r.model.adapter_names)
+        if (n == named.first)
+          m.at("adapters")
+              .fail(a + ": another adapter is named '" + n +
+                    "' already; name them apart as NAME=PATH");
+      r.model.adapter_names.push_back(named.first);
+      r.model.adapters.push_back(fs::absolute(named.second));
+    }
+    if (m.has("active")) {
+      r.model.active = m.at("active").as_strings();
+      for (const auto& n : *r.model.active)
+        if (std::find(r.model.adapter_names.begin(), r.model.adapter_names.end(), n) ==
+            r.model.adapter_names.end())
+          m.at("active").fail("no adapter named '" + n + "' in model.adapters");
     }
     {
       static const std::regex device(R"(cpu|cuda(:[0-9]+)?)");

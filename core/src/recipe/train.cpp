@@ -1,6 +1,7 @@
 // Running recipes: the training loop, evaluation, checkpoints, resume and the run folder.
 #include <ATen/CPUGeneratorImpl.h>
 #include <graft/adapter.h>
+#include <graft/adapter_set.h>
 #include <graft/chat.h>
 #include <graft/data.h>
 #include <graft/error.h>
@@ -79,7 +80,7 @@ bool matmul_supported(c10::ScalarType dtype, const torch::Device& device) {
 // Everything a run or an evaluation works with.
 struct Session {
   LoadedModel loaded;
-  std::vector<std::unique_ptr<Method>> frozen;  // model.adapters, under the methods
+  std::unique_ptr<AdapterSet> frozen;  // model.adapters, under the methods
   std::vector<std::unique_ptr<Method>> methods;
   TaskHead head{nullptr};
   bool classification = false;
@@ -120,19 +121,24 @@ Session open_session(const Recipe& r) {
   if (!s.loaded.tokenizer)
     r.params.at("model").at("path").fail(
         "the model carries no tokenizer; graft needs one to read text data");
-  for (const auto& dir : r.model.adapters) {
-    std::vector<std::unique_ptr<Method>> loaded;
+  s.frozen = std::make_unique<AdapterSet>(s.model());
+  for (std::size_t i = 0; i < r.model.adapters.size(); ++i) {
+    const auto& dir = r.model.adapters[i];
     try {
-      loaded = load_adapter(dir, s.model());
+      s.frozen->load(r.model.adapter_names[i], dir);
     } catch (const FileError&) {
       throw;
     } catch (const Error& e) {
       r.params.at("model").at("adapters").fail(dir.string() + ": " + e.what());
     }
-    for (auto& m : loaded) {
-      m->set_training(false);
+    for (auto* m : s.frozen->methods(r.model.adapter_names[i]))
       for (auto& [name, t] : m->trainable_parameters()) t.requires_grad_(false);
-      s.frozen.push_back(std::move(m));
+  }
+  if (r.model.active) {
+    try {
+      s.frozen->set_active(*r.model.active);
+    } catch (const Error& e) {  // an adapter that changed the base cannot be left out
+      r.params.at("model").at("active").fail(e.what());
     }
   }
   s.pad_id = s.loaded.tokenizer->pad_id() >= 0 ? s.loaded.tokenizer->pad_id() : 0;
