@@ -9,23 +9,11 @@
 #include <set>
 #include <utility>
 
+#include "plugin/site_hooks.h"
+
 namespace graft {
 
 namespace {
-
-// Every hook attached at a site, kind by kind, each kind in attach order.
-std::vector<std::shared_ptr<Hook>> hooks_at(const SiteHooks& h) {
-  std::vector<std::shared_ptr<Hook>> all;
-  auto add = [&](const auto& list) { all.insert(all.end(), list.begin(), list.end()); };
-  add(h.weight_transforms);
-  add(h.deltas);
-  add(h.scales);
-  add(h.transforms);
-  add(h.residual);
-  add(h.kv);
-  add(h.embeddings);
-  return all;
-}
 
 // The identity and in-place version of each of the base model's own tensors: a method that
 // writes into one (or replaces it) changes its entry.
@@ -147,7 +135,7 @@ void AdapterSet::load(const std::string& name, const std::filesystem::path& path
   const auto attached_before = attached_;
   std::map<std::string, std::set<const Hook*>> before;
   for (const auto& site : model_.sites())
-    for (const auto& h : hooks_at(model_.hooks(site.name))) before[site.name].insert(h.get());
+    for (const auto& h : all_hooks(model_.hooks(site.name))) before[site.name].insert(h.get());
   const auto base_before = base_tensors(model_);
   Entry e;
   e.name = name;
@@ -155,7 +143,7 @@ void AdapterSet::load(const std::string& name, const std::filesystem::path& path
   for (auto& m : e.methods) m->set_training(false);
   for (const auto& site : model_.sites()) {
     const auto& h = model_.hooks(site.name);
-    for (const auto& hook : hooks_at(h)) {
+    for (const auto& hook : all_hooks(h)) {
       if (before[site.name].count(hook.get())) continue;
       // The owner attach() knew it by, kept so that detaching and attaching again is the same.
       const bool exclusive = !h.exclusive_owner.empty();

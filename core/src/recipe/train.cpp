@@ -36,6 +36,7 @@
 #include <type_traits>
 
 #include "build_config.h"
+#include "plugin/site_hooks.h"
 #include "recipe/loss.h"
 #include "util/file.h"
 
@@ -181,10 +182,7 @@ TaskData task_data(const Session& s, const Recipe& r) {
 }
 
 // How many hooks a site holds; what a method attached is what grew.
-std::size_t hook_count(const SiteHooks& h) {
-  return h.weight_transforms.size() + h.deltas.size() + h.scales.size() + h.transforms.size() +
-         h.residual.size() + h.kv.size() + h.embeddings.size();
-}
+std::size_t hook_count(const SiteHooks& h) { return all_hooks(h).size(); }
 
 // methods[i] with `from: DIR`: the method as the adapter at DIR saved it (settings and state),
 // attached to train further. The folder must hold exactly one method of the item's name, and
