@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 #include <graft/params.h>
 #include <graft/plugin.h>
+#include <torch/torch.h>
 
 #include <set>
 #include <sstream>
@@ -31,6 +32,14 @@ inline Params params(std::initializer_list<std::pair<std::string, std::string>> 
     }
   }
   return p;
+}
+
+/// Moves every trainable tensor of `m` off its initial value (seeded), so that zero-initialised
+/// parts (LoRA's B, a bottleneck's up projection) do something.
+inline void nudge(Method& m, std::uint64_t seed) {
+  torch::NoGradGuard ng;
+  torch::manual_seed(seed);
+  for (auto& [name, t] : m.trainable_parameters()) t.add_(torch::randn_like(t) * 0.3);
 }
 
 /// Loads the plugins built in this tree and checks that every method is there.

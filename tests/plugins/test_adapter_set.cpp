@@ -13,17 +13,11 @@
 #include "tiny_models.h"
 
 using namespace graft;
+using graft::test::nudge;
 using graft::test::params;
 using graft::test::TempDir;
 
 namespace {
-
-// Trains nothing: moves every trainable tensor off its initial value so the method does something.
-void nudge(Method& m, std::uint64_t seed) {
-  torch::NoGradGuard ng;
-  torch::manual_seed(seed);
-  for (auto& [name, t] : m.trainable_parameters()) t.add_(torch::randn_like(t) * 0.3);
-}
 
 // An adapter folder holding `methods` (name, settings), nudged from `seed`.
 void write_adapter(const std::filesystem::path& dir, const std::string& family,
@@ -38,11 +32,6 @@ void write_adapter(const std::filesystem::path& dir, const std::string& family,
     raw.push_back(owned.back().get());
   }
   save_adapter(dir, *model, raw);
-}
-
-at::Tensor logits(Model& m, const at::Tensor& ids) {
-  torch::NoGradGuard ng;
-  return m.forward({ids, {}, {}, {}}, nullptr).logits;
 }
 
 }  // namespace
@@ -63,7 +52,7 @@ TEST_CASE("a batch routed row by row over named adapters computes each row as al
     auto model = graft::test::tiny_model(family, 5);
     const auto ids = torch::tensor(
         {{3, 7, 1, 9}, {4, 2, 5, 6}, {8, 11, 2, 3}, {1, 1, 4, 2}, {9, 3, 3, 7}}, torch::kLong);
-    const auto base = logits(*model, ids);
+    const auto base = graft::test::model_outputs(*model, ids);
     AdapterSet set(*model);
     for (const auto* name : {"a", "b", "c"}) set.load(name, dir / name);
     CHECK(set.names() == std::vector<std::string>{"a", "b", "c"});
@@ -71,13 +60,13 @@ TEST_CASE("a batch routed row by row over named adapters computes each row as al
     std::map<std::string, at::Tensor> alone{{kBaseRoute, base}};
     for (const auto* name : {"a", "b", "c"}) {
       set.set_active({name});
-      alone[name] = logits(*model, ids);
+      alone[name] = graft::test::model_outputs(*model, ids);
       CHECK(graft::test::max_diff(alone[name], base) > 1e-3);  // each does something
     }
     const std::vector<std::string> route{"c", "a", kBaseRoute, "b", "a"};
     set.route(route);
     CHECK(set.routed());
-    const auto routed = logits(*model, ids);
+    const auto routed = graft::test::model_outputs(*model, ids);
     const auto tol = graft::test::forward_tolerance(*model, routed, ids.size(1));
     for (std::size_t r = 0; r < route.size(); ++r) {
       CAPTURE(r);
@@ -85,7 +74,7 @@ TEST_CASE("a batch routed row by row over named adapters computes each row as al
       GRAFT_CHECK_CLOSE(routed[row], alone[route[r]][row], tol);
     }
     // A batch of another size than the route is refused, not silently misrouted.
-    CHECK_THROWS_WITH_AS(logits(*model, ids.slice(0, 0, 2)),
+    CHECK_THROWS_WITH_AS(graft::test::model_outputs(*model, ids.slice(0, 0, 2)),
                          doctest::Contains("per-row routing names 5 rows, but the batch has 2"),
                          Error);
     // Generation keeps the batch: each row continues under its own adapter, with the cache.
@@ -93,17 +82,18 @@ TEST_CASE("a batch routed row by row over named adapters computes each row as al
     o.max_new_tokens = 3;
     CHECK(generate(*model, ids, {}, o).size(0) == ids.size(0));
     set.end_route();
-    CHECK(torch::equal(logits(*model, ids), alone["c"]));  // set_active({"c"}) again
+    CHECK(torch::equal(graft::test::model_outputs(*model, ids),
+                       alone["c"]));  // set_active({"c"}) again
 
     set.set_active({});
-    CHECK(torch::equal(logits(*model, ids), base));
+    CHECK(torch::equal(graft::test::model_outputs(*model, ids), base));
     set.set_active({"a", "b", "c"});
     set.unload("a");
     set.unload("c");
     CHECK(set.active() == std::vector<std::string>{"b"});
-    CHECK(torch::equal(logits(*model, ids), alone["b"]));
+    CHECK(torch::equal(graft::test::model_outputs(*model, ids), alone["b"]));
     set.unload("b");
-    CHECK(torch::equal(logits(*model, ids), base));
+    CHECK(torch::equal(graft::test::model_outputs(*model, ids), base));
   }
 }
 
@@ -136,11 +126,11 @@ TEST_CASE("named adapters refuse what they cannot do in one line") {
   // A prefix alone may still be switched on and off.
   const auto ids = torch::tensor({{3, 7, 1}}, torch::kLong);
   set.set_active({});
-  const auto base = logits(*model, ids);
+  const auto base = graft::test::model_outputs(*model, ids);
   set.set_active({"p"});
-  CHECK_FALSE(torch::equal(logits(*model, ids), base));
+  CHECK_FALSE(torch::equal(graft::test::model_outputs(*model, ids), base));
   set.set_active({});
-  CHECK(torch::equal(logits(*model, ids), base));
+  CHECK(torch::equal(graft::test::model_outputs(*model, ids), base));
 }
 
 TEST_CASE("LoRA adapters combine as peft's add_weighted_adapter defines each type") {
@@ -157,7 +147,7 @@ TEST_CASE("LoRA adapters combine as peft's add_weighted_adapter defines each typ
     std::vector<std::filesystem::path> sources;
     for (const auto& n : names) sources.push_back(dir / n);
     auto m = combine_adapters(sources, o, *model);
-    return std::make_pair(m->state(), logits(*model, ids));
+    return std::make_pair(m->state(), graft::test::model_outputs(*model, ids));
   };
   CombineOptions o;
   o.weights = {0.7, 0.4};
@@ -172,7 +162,7 @@ TEST_CASE("LoRA adapters combine as peft's add_weighted_adapter defines each typ
     // The same sum, as two adapters at once with their updates scaled by the weights.
     set.methods("a")[0]->set_scale(0.7);
     set.methods("b")[0]->set_scale(0.4);
-    const auto both = logits(*model, ids);
+    const auto both = graft::test::model_outputs(*model, ids);
     GRAFT_CHECK_CLOSE(cat_logits, both, graft::test::forward_tolerance(*model, both, 4));
   }
   CHECK(cat.at("layers.0.attn.q.lora_A").size(0) == 4);  // rank 2 + 2; b does not adapt attn.q:
@@ -254,11 +244,11 @@ TEST_CASE("IA3 and bottleneck adapters combine linearly, tensor by tensor") {
     auto model = graft::test::tiny_model("llama", 5);
     {
       const auto first = combine_adapters(sources, o, *model);
-      const auto combined = logits(*model, ids);
+      const auto combined = graft::test::model_outputs(*model, ids);
       first->detach(*model);
       AdapterSet set(*model);
       set.load("first", sources[0]);
-      CHECK(torch::equal(combined, logits(*model, ids)));
+      CHECK(torch::equal(combined, graft::test::model_outputs(*model, ids)));
     }
     // Weights 0.5 and 0.5: each tensor the mean of the two.
     o.weights = {0.5, 0.5};

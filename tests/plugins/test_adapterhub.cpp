@@ -17,6 +17,7 @@
 #include "tiny_models.h"
 
 using namespace graft;
+using graft::test::nudge;
 using graft::test::params;
 using graft::test::TempDir;
 
@@ -28,13 +29,6 @@ at::Tensor outputs(Model& m) {
   auto mask = torch::tensor({{1, 1, 1, 1, 1, 1}, {1, 1, 1, 0, 0, 0}}, torch::kLong);
   auto out = m.forward({ids, mask, {}, {}}, nullptr);
   return out.logits.defined() ? out.logits : out.hidden;
-}
-
-// Every trainable tensor moved off its initial value, so that zero-initialised parts count.
-void nudge(Method& m, std::uint64_t seed) {
-  torch::NoGradGuard ng;
-  torch::manual_seed(seed);
-  for (auto& [name, t] : m.trainable_parameters()) t.add_(torch::randn_like(t) * 0.3);
 }
 
 struct Case {
