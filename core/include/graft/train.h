@@ -9,12 +9,15 @@
 //   adapter/         the trained methods (graft adapter folder; task_head.safetensors when a
 //                    classification head was trained)
 //   checkpoints/step-N/  methods' training state, optimizer state, RNG state, data position
-// Every file is written atomically.
+// Every file is written atomically. In a distributed run (RunOptions::launch) every rank trains
+// its share of each batch and rank 0 alone writes the folder.
 #pragma once
 
+#include <graft/distributed.h>
 #include <graft/recipe.h>
 
 #include <cstdint>
+#include <chrono>
 #include <filesystem>
 #include <functional>
 #include <nlohmann/json.hpp>
@@ -34,6 +37,11 @@ struct RunOptions {
   bool handle_signals = false;
   /// Called after every optimizer step with the step's number (progress for embedders).
   std::function<void(std::int64_t)> on_step;
+  /// This process's place in a distributed run (launch_from_environment(); default: alone).
+  /// Every rank runs the same recipe; rank 0 writes the run folder (docs/distributed.md).
+  Launch launch;
+  /// How long the ranks wait for each other to join.
+  std::chrono::milliseconds rendezvous_timeout{std::chrono::minutes(5)};
 };
 
 /// Trains, evaluates and saves as the recipe says. Returns summary.json's content (or, stopped

@@ -1,11 +1,29 @@
 // graft run, graft validate, graft eval: recipes from the command line.
+#include <fcntl.h>
+#include <graft/distributed.h>
+#include <graft/error.h>
 #include <graft/load.h>
 #include <graft/plugin.h>
 #include <graft/recipe.h>
 #include <graft/train.h>
 #include <torch/torch.h>
 
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <fstream>
 #include <iostream>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <thread>
 
 #include "cli/options.h"
 
@@ -43,6 +61,173 @@ std::string command_line(const std::string& command, const Args& args) {
   return s;
 }
 
+// This process's command line as it was started (after main's re-exec), without --nproc.
+std::vector<std::string> command_without_nproc() {
+  std::ifstream in("/proc/self/cmdline", std::ios::binary);
+  std::vector<std::string> argv;
+  for (std::string a; std::getline(in, a, '\0');) argv.push_back(a);
+  std::vector<std::string> out;
+  for (std::size_t i = 0; i < argv.size(); ++i) {
+    if (argv[i] == "--nproc") {
+      ++i;
+      continue;
+    }
+    if (argv[i].rfind("--nproc=", 0) == 0) continue;
+    out.push_back(argv[i]);
+  }
+  return out;
+}
+
+// A port on the loopback that nothing listens on now.
+int free_port() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (fd < 0 || bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    if (fd >= 0) close(fd);
+    throw SystemError(std::string("cannot find a free port on 127.0.0.1: ") +
+                      std::strerror(errno));
+  }
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+std::vector<pid_t>* g_ranks = nullptr;
+void forward_signal(int sig) {
+  if (g_ranks)
+    for (auto pid : *g_ranks) kill(pid, sig);
+}
+
+// graft run --nproc N: this command N times (without --nproc), as ranks 0..N-1 of one run on
+// this machine, as torchrun --nproc-per-node starts them: RANK, WORLD_SIZE, LOCAL_RANK,
+// LOCAL_WORLD_SIZE, MASTER_ADDR (127.0.0.1) and MASTER_PORT (a free one) in their environment,
+// and cores / N threads each unless --threads says. Rank 0 speaks on this terminal; the others'
+// output is kept, and shown for a rank that failed on its own. A rank that fails makes the others
+// stop (they lose contact with it); they are killed if they have not after a grace period.
+int launch_ranks(int n, bool threads_given) {
+  auto argv = command_without_nproc();
+  if (!threads_given)
+    argv.insert(argv.end(),
+                {"--threads", std::to_string(std::max(1, available_cores() / n))});
+  const auto port = std::to_string(free_port());
+  std::vector<char*> cargv;
+  for (auto& a : argv) cargv.push_back(a.data());
+  cargv.push_back(nullptr);
+  std::vector<pid_t> pids;
+  std::vector<int> fds;
+  const pid_t parent = getpid();
+  for (int k = 0; k < n; ++k) {
+    int pipefd[2] = {-1, -1};
+    if (k > 0 && pipe(pipefd) != 0)
+      throw SystemError(std::string("cannot start rank processes: ") + std::strerror(errno));
+    const pid_t pid = fork();
+    if (pid < 0)
+      throw SystemError(std::string("cannot start rank processes: ") + std::strerror(errno));
+    if (pid == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGTERM);
+      if (getppid() != parent) _exit(125);
+      setenv("RANK", std::to_string(k).c_str(), 1);
+      setenv("LOCAL_RANK", std::to_string(k).c_str(), 1);
+      setenv("WORLD_SIZE", std::to_string(n).c_str(), 1);
+      setenv("LOCAL_WORLD_SIZE", std::to_string(n).c_str(), 1);
+      setenv("MASTER_ADDR", "127.0.0.1", 1);
+      setenv("MASTER_PORT", port.c_str(), 1);
+      setenv("GRAFT_LAUNCHER", "graft", 1);
+      if (k > 0) {
+        dup2(pipefd[1], 1);
+        dup2(pipefd[1], 2);
+        close(pipefd[0]);
+        close(pipefd[1]);
+      }
+      execv("/proc/self/exe", cargv.data());
+      const char msg[] = "graft: error: cannot execute the graft executable\n";
+      [[maybe_unused]] auto w = write(2, msg, sizeof msg - 1);
+      _exit(127);
+    }
+    pids.push_back(pid);
+    if (k > 0) {
+      close(pipefd[1]);
+      fds.push_back(pipefd[0]);
+    }
+  }
+  g_ranks = &pids;
+  struct sigaction forward {};
+  forward.sa_handler = forward_signal;
+  sigaction(SIGTERM, &forward, nullptr);
+  sigaction(SIGINT, &forward, nullptr);  // Ctrl-C reaches the ranks too: they stop together
+
+  // The other ranks' output, read as it comes (a full pipe would stop them).
+  std::vector<std::string> said(static_cast<std::size_t>(n));
+  std::vector<std::thread> readers;
+  for (int k = 1; k < n; ++k)
+    readers.emplace_back([&, k] {
+      char buf[4096];
+      for (;;) {
+        const auto got = ::read(fds[static_cast<std::size_t>(k - 1)], buf, sizeof buf);
+        if (got > 0) {
+          said[static_cast<std::size_t>(k)].append(buf, static_cast<std::size_t>(got));
+        } else if (got == 0 || errno != EINTR) {
+          break;
+        }
+      }
+    });
+
+  std::map<pid_t, int> rank_of;
+  for (int k = 0; k < n; ++k) rank_of[pids[static_cast<std::size_t>(k)]] = k;
+  std::vector<int> code(static_cast<std::size_t>(n), -1);
+  std::optional<std::chrono::steady_clock::time_point> failed_at;
+  int left = n;
+  while (left > 0) {
+    int status = 0;
+    const pid_t pid = waitpid(-1, &status, WNOHANG);
+    if (pid > 0 && rank_of.count(pid)) {
+      const int k = rank_of[pid];
+      code[static_cast<std::size_t>(k)] =
+          WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      --left;
+      if (code[static_cast<std::size_t>(k)] != 0 && !failed_at)
+        failed_at = std::chrono::steady_clock::now();
+      continue;
+    }
+    if (pid < 0 && errno != EINTR) break;
+    if (failed_at && std::chrono::steady_clock::now() - *failed_at > std::chrono::seconds(30)) {
+      for (int k = 0; k < n; ++k)
+        if (code[static_cast<std::size_t>(k)] < 0) kill(pids[static_cast<std::size_t>(k)], SIGKILL);
+      failed_at = std::chrono::steady_clock::now() + std::chrono::hours(1);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  for (auto& t : readers) t.join();
+  for (int fd : fds) close(fd);
+  g_ranks = nullptr;
+  signal(SIGTERM, SIG_DFL);
+  signal(SIGINT, SIG_DFL);
+
+  // Rank 0 said what went wrong on this terminal. A rank that failed while rank 0 did not fail
+  // for a reason of its own (rank 0 lost contact with it, or was stopped) says why.
+  const int first = code[0];
+  int result = first;
+  for (int k = 1; k < n; ++k) {
+    const int c = code[static_cast<std::size_t>(k)];
+    if (c == 0) continue;
+    if (result == 0) result = c;
+    if (first == 2) continue;  // rank 0 refused the input: every rank did, in the same words
+    std::istringstream lines(said[static_cast<std::size_t>(k)]);
+    std::string line, last;
+    while (std::getline(lines, line))
+      if (line.rfind("graft", 0) == 0) last = line;
+    if (c > 128 && last.empty())
+      std::cerr << "graft: error: rank " << k << " was killed by signal " << c - 128 << " ("
+                << strsignal(c - 128) << ")\n";
+    else if (!last.empty() && last.find("lost contact") == std::string::npos)
+      std::cerr << "graft: rank " << k << ": " << last.substr(last.find(':') + 2) << "\n";
+  }
+  return result;
+}
+
 }  // namespace
 
 int run_run(const Args& args) {
@@ -51,6 +236,11 @@ int run_run(const Args& args) {
       "overwrite", "start again in an output.dir that holds a run (graft's files there go)")(
       "stop-at", po::value<std::int64_t>()->default_value(0),
       "stop after this step, leaving a checkpoint (as if interrupted)")(
+      "nproc", po::value<int>()->default_value(1),
+      "train on N processes of this machine, each with its share of every batch (as torchrun "
+      "--nproc-per-node; docs/distributed.md)")(
+      "rendezvous-timeout", po::value<double>()->default_value(300),
+      "seconds the ranks of a distributed run wait for each other to join")(
       "recipe", po::value<std::vector<std::string>>(), "recipe file, then key=value overrides");
   po::positional_options_description pos;
   pos.add("recipe", -1);
@@ -58,9 +248,36 @@ int run_run(const Args& args) {
   if (!parse(args, desc, vm,
              "usage: graft run recipe.yaml [key.path=value ...] [--resume | --overwrite]", &pos))
     return 0;
-  set_threads(vm["threads"].as<int>());
-  const auto recipe = read(vm);
+  const int nproc = vm["nproc"].as<int>();
+  const auto launch = launch_from_environment();
+  if (nproc < 1 || nproc > available_cores() * 8)
+    throw UsageError("--nproc: expected 1 to " + std::to_string(available_cores() * 8) +
+                     " processes, got " + std::to_string(nproc));
+  if (nproc > 1 && launch.distributed())
+    throw UsageError("--nproc " + std::to_string(nproc) + " inside a process that " +
+                     launch.launcher + " started as rank " + std::to_string(launch.rank) +
+                     ": the launcher starts the processes; leave --nproc out");
+  const double timeout = vm["rendezvous-timeout"].as<double>();
+  if (!(timeout > 0)) throw UsageError("--rendezvous-timeout: expected seconds above 0");
+  const auto recipe = read(vm);  // a bad recipe is refused once, before any rank starts
+  if (nproc > 1) {
+    if (distributed_backends().empty())
+      throw Error("--nproc " + std::to_string(nproc) +
+                  ": this graft was built without distributed training (libtorch's c10d Gloo "
+                  "backend or Gloo's headers were not found at build time: install libgloo-dev "
+                  "and build again)");
+    return launch_ranks(nproc, !vm["threads"].defaulted());
+  }
+  // A rank of a distributed run computes with its share of the cores (Slurm binds each task to
+  // its own CPUs already).
+  int threads = vm["threads"].as<int>();
+  if (launch.distributed() && vm["threads"].defaulted() && launch.launcher != "slurm")
+    threads = std::max(1, available_cores() / launch.local_world_size);
+  set_threads(threads);
   RunOptions o;
+  o.launch = launch;
+  o.rendezvous_timeout =
+      std::chrono::milliseconds(static_cast<std::int64_t>(timeout * 1000.0 + 0.5));
   o.resume = vm.count("resume") > 0;
   o.overwrite = vm.count("overwrite") > 0;
   o.stop_at = vm["stop-at"].as<std::int64_t>();

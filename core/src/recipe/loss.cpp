@@ -110,11 +110,15 @@ ForwardOutput hidden_states(Model& model, const Batch& b) {
 
 }  // namespace
 
+std::int64_t causal_lm_targets(const Batch& batch) {
+  return batch.labels.slice(1, 1).ne(-100).sum().item<std::int64_t>();
+}
+
 LossParts causal_lm_loss(Model& model, const Batch& batch, std::int64_t chunk_rows) {
   auto out = hidden_states(model, batch);
   RECORD_USER_SCOPE("graft::loss");
   auto [hidden, target] = shifted(out.hidden, batch);
-  const auto n = target.ne(-100).sum().item<std::int64_t>();
+  const auto n = causal_lm_targets(batch);
   at::Tensor loss;
   if (auto weight = plain_head_weight(model); weight.defined()) {
     loss =
@@ -124,7 +128,7 @@ LossParts causal_lm_loss(Model& model, const Batch& batch, std::int64_t chunk_ro
     loss = F::cross_entropy(logits, target,
                             F::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
   }
-  return {loss / std::max<std::int64_t>(n, 1), n};
+  return {loss / std::max<std::int64_t>(n, 1), n, loss};
 }
 
 LmScore score_causal_lm(Model& model, const Batch& batch, std::int64_t chunk_rows) {

@@ -13,7 +13,11 @@ namespace graft {
 struct LossParts {
   at::Tensor loss;       ///< mean over the batch's targets (a scalar with a graph when training)
   std::int64_t targets;  ///< tokens scored
+  at::Tensor sum;        ///< the sum over the targets (loss is sum / targets)
 };
+
+/// The targets causal_lm_loss scores in a batch: labels[:, 1:] other than -100.
+std::int64_t causal_lm_targets(const Batch& batch);
 
 /// The mean cross-entropy of predicting labels[:, t + 1] from position t (labels of -100 are not
 /// scored) through the model's head. A plain head (no bias; hooks that only transform its

@@ -4,6 +4,7 @@
 #include <graft/adapter_set.h>
 #include <graft/chat.h>
 #include <graft/data.h>
+#include <graft/distributed.h>
 #include <graft/error.h>
 #include <graft/generate.h>
 #include <graft/io/file.h>
@@ -36,6 +37,7 @@
 #include <type_traits>
 
 #include "build_config.h"
+#include "dist/reducer.h"
 #include "plugin/site_hooks.h"
 #include "recipe/loss.h"
 #include "util/file.h"
@@ -93,9 +95,9 @@ struct Session {
   Model& model() { return *loaded.model; }
 };
 
-Session open_session(const Recipe& r) {
+Session open_session(const Recipe& r, const torch::Device& device) {
   Session s;
-  s.device = torch::Device(r.model.device);
+  s.device = device;
   if (s.device.is_cuda() && !torch::cuda::is_available())
     r.params.at("model").at("device").fail(
         "this machine has no CUDA device (or libtorch has no CUDA)");
@@ -305,7 +307,15 @@ LossParts task_loss(Session& s, const Batch& b) {
   Autocast autocast(s.bf16, s.device);
   if (!s.classification) return causal_lm_loss(s.model(), b);
   auto logits = task_logits(s, b).to(torch::kFloat);
-  return {torch::cross_entropy_loss(logits, b.labels), b.labels.size(0)};
+  auto sum = torch::cross_entropy_loss(logits, b.labels, {}, at::Reduction::Sum);
+  return {sum / static_cast<double>(b.labels.size(0)), b.labels.size(0), sum};
+}
+
+// What task_loss scores in a batch (tokens, or examples for classification), known before the
+// forward: a step's loss is the sum over its targets divided by all of the step's targets, on
+// every rank, so that N ranks and one process (with or without accumulation) mean the same.
+std::int64_t task_targets(const Session& s, const Batch& b) {
+  return s.classification ? b.labels.size(0) : causal_lm_targets(b);
 }
 
 Batch to_device(Batch b, const torch::Device& d) {
@@ -320,16 +330,21 @@ void set_training(Session& s, bool on) {
   if (s.head) s.head->train(on);
 }
 
+// The evaluation of `data` in batches of `batch_size` (the first `max_batches` of them; 0: all).
+// In a run of several ranks, rank k evaluates batches k, k + N, ... and the sums are reduced:
+// every rank gets the metrics one process would (up to the order of the loss's summation).
 json evaluate(Session& s, const std::vector<Example>& data, std::int64_t batch_size,
-              std::int64_t max_batches, const std::vector<std::string>& metrics) {
+              std::int64_t max_batches, const std::vector<std::string>& metrics,
+              ProcessGroup& group, std::int64_t labels) {
   torch::NoGradGuard no_grad;
   Autocast autocast(s.bf16, s.device);
   set_training(s, false);
   double loss_sum = 0;
   std::int64_t scored = 0, correct = 0, batches = 0;
-  std::vector<std::int64_t> tp, fp, fn;
+  std::vector<std::int64_t> tp(labels), fp(labels), fn(labels);
   for (std::size_t at = 0; at < data.size(); at += batch_size) {
-    if (max_batches > 0 && batches++ >= max_batches) break;
+    if (max_batches > 0 && batches >= max_batches) break;
+    if (batches++ % group.size() != group.rank()) continue;
     std::vector<std::size_t> which;
     for (std::size_t i = at; i < std::min(data.size(), at + batch_size); ++i) which.push_back(i);
     auto b = to_device(make_batch(data, which, s.pad_id, s.classification), s.device);
@@ -339,8 +354,8 @@ json evaluate(Session& s, const std::vector<Example>& data, std::int64_t batch_s
           torch::cross_entropy_loss(logits, b.labels, {}, at::Reduction::Sum).item<double>();
       auto pred = logits.argmax(-1).cpu();
       auto gold = b.labels.cpu();
-      const auto k = logits.size(-1);
-      tp.resize(k), fp.resize(k), fn.resize(k);
+      const auto k = static_cast<std::size_t>(logits.size(-1));
+      if (k > tp.size()) tp.resize(k), fp.resize(k), fn.resize(k);
       for (std::int64_t i = 0; i < pred.size(0); ++i) {
         const auto p = pred[i].item<std::int64_t>(), g = gold[i].item<std::int64_t>();
         if (p == g) {
@@ -358,6 +373,21 @@ json evaluate(Session& s, const std::vector<Example>& data, std::int64_t batch_s
       correct += lm.correct;
       scored += lm.scored;
     }
+  }
+  if (group.size() > 1) {
+    std::vector<double> sums{loss_sum, static_cast<double>(scored), static_cast<double>(correct)};
+    for (const auto* v : {&tp, &fp, &fn})
+      for (auto n : *v) sums.push_back(static_cast<double>(n));
+    auto t = torch::tensor(sums, torch::kDouble).to(s.device);
+    group.allreduce_sum(t);
+    t = t.cpu();
+    const auto* a = t.data_ptr<double>();
+    loss_sum = a[0];
+    scored = static_cast<std::int64_t>(a[1]);
+    correct = static_cast<std::int64_t>(a[2]);
+    std::size_t i = 3;
+    for (auto* v : {&tp, &fp, &fn})
+      for (auto& n : *v) n = static_cast<std::int64_t>(a[i++]);
   }
   json out = json::object();
   if (scored == 0) return out;
@@ -557,7 +587,7 @@ std::string cpu_model() {
   return "unknown";
 }
 
-json manifest(const Recipe& r, const RunOptions& o) {
+json manifest(const Recipe& r, const RunOptions& o, const ProcessGroup& group) {
   json plugins = json::array();
   for (const auto& m : registered_methods())
     plugins.push_back(
@@ -572,6 +602,10 @@ json manifest(const Recipe& r, const RunOptions& o) {
             {"torch_threads", torch::get_num_threads()},
             {"device", r.model.device}}},
           {"seed", r.seed},
+          {"distributed",
+           {{"world_size", group.size()},
+            {"backend", group.backend()},
+            {"launcher", o.launch.launcher.empty() ? "none" : o.launch.launcher}}},
           {"recipe", fs::absolute(r.file).lexically_normal().string()},
           {"command", o.command_line}};
 }
@@ -685,9 +719,30 @@ void failpoint(const char* where, std::int64_t step) {
   if (!spec.empty() && spec == std::string(where) + ":" + std::to_string(step)) ::raise(SIGKILL);
 }
 
+// Every rank's random state, on every rank (a checkpoint keeps each, so that dropout resumes
+// exactly): rows of a [ranks, bytes] tensor summed over the ranks, each rank filling its own.
+std::vector<at::Tensor> random_states(ProcessGroup& group, const torch::Device& device) {
+  const auto mine = at::detail::getDefaultCPUGenerator().get_state();
+  if (group.size() == 1) return {mine};
+  auto all = torch::zeros({group.size(), mine.numel()}, mine.options());
+  all[group.rank()].copy_(mine);
+  auto on = all.to(device);
+  group.allreduce_sum(on);
+  all = on.cpu();
+  std::vector<at::Tensor> out;
+  for (int k = 0; k < group.size(); ++k) out.push_back(all[k].clone());
+  return out;
+}
+
+// The checkpoint's name for rank k's random state ("rng.cpu" for rank 0, as one process has it).
+std::string rng_key(int rank) { return rank == 0 ? "rng.cpu" : "rng.cpu." + std::to_string(rank); }
+
+// Rank 0 writes; every rank calls it (the random states are gathered).
 void save_checkpoint(Session& s, torch::optim::Optimizer& opt, const Position& pos,
                      const std::vector<json>& metrics, const json& extra, const fs::path& run,
-                     std::int64_t keep) {
+                     std::int64_t keep, ProcessGroup& group) {
+  const auto rngs = random_states(group, s.device);
+  if (group.rank() != 0) return;
   const auto dir = checkpoint_dir(run, pos.step);
   auto tmp = dir;
   tmp += ".tmp";
@@ -700,7 +755,7 @@ void save_checkpoint(Session& s, torch::optim::Optimizer& opt, const Position& p
   if (s.head)
     for (const auto& p : s.head->named_parameters(true))
       t["head." + p.key()] = p.value().detach().cpu();
-  t["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
+  for (int k = 0; k < group.size(); ++k) t[rng_key(k)] = rngs[static_cast<std::size_t>(k)];
   io::write_safetensors(tmp / "state.safetensors", t, {{"format", "graft-checkpoint"}});
   io::TensorMap moments;
   const auto steps = optimizer_state(opt, moments);
@@ -708,6 +763,7 @@ void save_checkpoint(Session& s, torch::optim::Optimizer& opt, const Position& p
   failpoint("checkpoint", pos.step);
   write_json(tmp / "trainer.json", {{"format", kCheckpointFormat},
                                     {"step", pos.step},
+                                    {"world_size", group.size()},
                                     {"optimizer_steps", steps},
                                     {"micro_batches", pos.micro_batches},
                                     {"window_loss", pos.window_loss},
@@ -772,15 +828,30 @@ void load_checkpoint_methods(Session& s, const fs::path& dir) {
   }
 }
 
-// The optimizer, the random state, the data position and the metrics so far.
+// The optimizer, this rank's random state, the data position and the metrics so far. A run
+// resumes with as many ranks as it was written by: the data and the optimizer would reshard,
+// but each rank's random state (dropout) belongs to its rank.
 json load_checkpoint_trainer(torch::optim::Optimizer& opt, const fs::path& dir, Position& pos,
-                             std::vector<json>& metrics) {
+                             std::vector<json>& metrics, const ProcessGroup& group) {
+  const auto j = io::read_json_file(dir / "trainer.json");
+  const auto written_by = j.value("world_size", 1);
+  if (written_by != group.size())
+    throw Error(dir.string() + ": written by a run of " + std::to_string(written_by) +
+                " process" + (written_by == 1 ? "" : "es") + ", resumed with " +
+                std::to_string(group.size()) + "; resume with the same number (" +
+                (written_by == 1 ? std::string("one process, no --nproc")
+                                 : "--nproc " + std::to_string(written_by)) +
+                "): each rank's random state belongs to its rank");
   const auto t = io::read_safetensors((dir / "state.safetensors").string()).tensors;
   {
+    const auto it = t.find(rng_key(group.rank()));
+    if (it == t.end())
+      throw FileError((dir / "state.safetensors").string(),
+                      "lacks " + rng_key(group.rank()) + ", the random state of rank " +
+                          std::to_string(group.rank()));
     auto gen = at::detail::getDefaultCPUGenerator();  // a handle to the process's generator
-    gen.set_state(t.at("rng.cpu"));
+    gen.set_state(it->second);
   }
-  const auto j = io::read_json_file(dir / "trainer.json");
   const auto moments = dir / "optimizer.safetensors";
   load_optimizer_state(opt, j.value("optimizer_steps", json()),
                        io::read_safetensors(moments.string()).tensors, moments.string());
@@ -936,7 +1007,7 @@ bool check_run_folder(const fs::path& run, const std::string& recipe_text, const
 }  // namespace
 
 json validate_recipe(const Recipe& r) {
-  Session s = open_session(r);
+  Session s = open_session(r, torch::Device(r.model.device));
   attach_methods(s, r);
   check_lengths(s, r);
   const auto data = task_data(s, r);
@@ -950,16 +1021,47 @@ json validate_recipe(const Recipe& r) {
   return {{"train_examples", data.train.size()}, {"eval_examples", data.eval.size()}};
 }
 
+namespace {
+
+// A stream that writes nowhere: ranks other than 0 say nothing but their errors.
+std::ostream& nowhere() {
+  static std::ostream sink(nullptr);
+  return sink;
+}
+
+// The device a rank computes on: a recipe's "cuda" is the local rank's GPU in a run of several.
+torch::Device rank_device(const Recipe& r, const Launch& l) {
+  torch::Device d(r.model.device);
+  if (l.distributed() && d.is_cuda() && !d.has_index() && torch::cuda::is_available())
+    d = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(
+                                        l.local_rank % static_cast<int>(torch::cuda::device_count())));
+  return d;
+}
+
+// The rows of a global batch that rank k of N takes: [k n / N, (k + 1) n / N).
+std::vector<std::size_t> shard(const std::vector<std::size_t>& which, const ProcessGroup& g) {
+  const auto n = which.size(), N = static_cast<std::size_t>(g.size()),
+             k = static_cast<std::size_t>(g.rank());
+  return {which.begin() + static_cast<std::ptrdiff_t>(k * n / N),
+          which.begin() + static_cast<std::ptrdiff_t>((k + 1) * n / N)};
+}
+
+}  // namespace
+
 json run_recipe(const Recipe& r, const RunOptions& options) {
   const auto run = r.output.dir;
   const auto recipe_text = to_yaml(r.params);
-  const bool clear = check_run_folder(run, recipe_text, options, std::cerr);
   RunOptions o = options;
+  const auto device = rank_device(r, o.launch);
+  auto group = ProcessGroup::join(o.launch, device, o.rendezvous_timeout);
+  const bool writer = group->rank() == 0;  // rank 0 writes the run folder and speaks
+  std::ostream& log = writer ? std::cerr : nowhere();
+  const bool clear = check_run_folder(run, recipe_text, options, log);
   if (clear) o.resume = false;  // nothing to continue there: a fresh start
   StopSignals signals(o.handle_signals);
 
   torch::manual_seed(r.seed);
-  Session s = open_session(r);
+  Session s = open_session(r, device);
   std::set<const void*> seen;  // the base model's parameters, before methods change them
   std::int64_t n_model = 0;    // (tied embeddings count once)
   for (const auto& t : s.model().parameters())
@@ -968,14 +1070,26 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
   check_lengths(s, r);
   auto data = task_data(s, r);
   const auto B = r.train.batch_size, accum = r.train.gradient_accumulation;
+  if (B < group->size())
+    r.params.at("train")
+        .at("batch_size")
+        .fail("each of the " + std::to_string(group->size()) +
+              " ranks takes a share of every batch: expected at least " +
+              std::to_string(group->size()) + ", got " + std::to_string(B));
   const auto per_epoch = static_cast<std::int64_t>((data.train.size() + B - 1) / B);
   const auto total = r.train.steps > 0
                          ? r.train.steps
                          : std::max<std::int64_t>(1, r.train.epochs * per_epoch / accum);
+  const auto labels = s.classification ? r.task.num_labels : std::int64_t{0};
+  auto evaluate_now = [&] {
+    return evaluate(s, data.eval, B, r.eval.batches, r.eval.metrics, *group, labels);
+  };
 
+  // The examples of global micro-batch `index` (the same on every rank, whatever their number):
+  // the data's order for the epoch, from the seed, B at a time.
   std::int64_t order_epoch = -1;  // the epoch whose permutation `order` holds
   std::vector<std::size_t> order;
-  auto micro_batch = [&](std::int64_t index) {
+  auto examples = [&](std::int64_t index) {
     const auto epoch = index / per_epoch, at = (index % per_epoch) * B;
     if (epoch != order_epoch) {
       order = shuffled(data.train.size(), r.seed, static_cast<std::uint64_t>(epoch));
@@ -985,6 +1099,9 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
     for (auto i = at; i < std::min<std::int64_t>(at + B, static_cast<std::int64_t>(order.size()));
          ++i)
       which.push_back(order[static_cast<std::size_t>(i)]);
+    return which;
+  };
+  auto batch_of = [&](const std::vector<std::size_t>& which) {
     return to_device(make_batch(data.train, which, s.pad_id, s.classification), s.device);
   };
 
@@ -994,11 +1111,12 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
     if (resume_from.empty()) throw Error(run.string() + ": no checkpoint to resume from");
     load_checkpoint_methods(s, resume_from);
   }
-  // Methods that choose what to train from data see the first batches of epoch 0.
+  // Methods that choose what to train from data see the first batches of epoch 0 (whole, on
+  // every rank: every rank chooses the same).
   for (auto& m : s.methods)
     if (m->needs_calibration() && !o.resume) {
       std::int64_t next = 0;
-      m->calibrate(s.model(), [&] { return task_loss(s, micro_batch(next++)).loss; });
+      m->calibrate(s.model(), [&] { return task_loss(s, batch_of(examples(next++))).loss; });
     }
 
   std::vector<at::Tensor> params;
@@ -1011,8 +1129,15 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
     r.methods.fail(
         "the methods leave nothing to train (none of them has parameters); add one that has");
   auto opt = make_optimizer(r.train, params);
+  std::unique_ptr<dist::GradientReducer> reducer;
+  if (group->size() > 1) {
+    // Every rank starts from rank 0's tensors (they are equal when initialised from the seed;
+    // this makes it so whatever a method draws).
+    torch::NoGradGuard no_grad;
+    for (auto& p : params) group->broadcast(p, 0);
+    reducer = std::make_unique<dist::GradientReducer>(*group, params);
+  }
 
-  std::ostream& log = std::cerr;
   std::vector<std::string> methods_summary;
   std::vector<Method*> raw;
   for (auto& m : s.methods) raw.push_back(m.get());
@@ -1022,7 +1147,12 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
       << (data.dropped ? " (" + std::to_string(data.dropped) +
                              " records dropped: " + dropped_reason(r.task) + ")"
                        : "")
-      << ", " << total << " steps\n";
+      << ", " << total << " steps"
+      << (group->size() > 1 ? ", " + std::to_string(group->size()) + " ranks (" +
+                                  group->backend() + ", " + std::to_string(reducer->buckets()) +
+                                  " gradient bucket" + (reducer->buckets() == 1 ? "" : "s") + ")"
+                            : "")
+      << "\n";
   log << trainable_summary(s.model(), raw) << "\n";
   if (s.head)
     log << "classification head (trained with the methods): "
@@ -1033,55 +1163,103 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
   Position pos;
   std::vector<json> metrics;
   json before = json::object(), extra = json::object();
-  if (clear)
+  group->barrier();  // every rank has looked at the folder before rank 0 changes it
+  if (clear && writer)
     for (const char* name : kRunFiles) fs::remove_all(run / name);
-  fs::create_directories(run);
+  if (writer) fs::create_directories(run);
   if (o.resume) {
-    extra = load_checkpoint_trainer(*opt, resume_from, pos, metrics);
+    extra = load_checkpoint_trainer(*opt, resume_from, pos, metrics, *group);
     log << "resumed from " << resume_from.string() << " (step " << pos.step << ")\n";
   } else {
-    io::write_atomically(run / "recipe.yaml", [&](std::ostream& out) { out << recipe_text; });
-    write_json(run / "manifest.json", manifest(r, o));
+    if (writer) {
+      io::write_atomically(run / "recipe.yaml", [&](std::ostream& out) { out << recipe_text; });
+      write_json(run / "manifest.json", manifest(r, o, *group));
+    }
     if (!data.eval.empty()) {
-      before = evaluate(s, data.eval, B, r.eval.batches, r.eval.metrics);
+      before = evaluate_now();
       log << "eval before: " << metrics_line(before) << "\n";
       json line = {{"step", 0}, {"split", "eval"}};
       line.update(before);
       metrics.push_back(line);
     }
     extra["eval_before"] = before;
-    extra["sample_before"] = sample(s, r);
+    extra["sample_before"] = writer ? sample(s, r) : std::string();
     if (!extra["sample_before"].get<std::string>().empty())
       log << "sample before: " << extra["sample_before"].get<std::string>() << "\n";
-    write_metrics(run / "metrics.jsonl", metrics);
+    if (writer) write_metrics(run / "metrics.jsonl", metrics);
   }
 
   const auto start = Clock::now();
   const auto first_step = pos.step;  // a resumed run times only its own steps
-  std::int64_t tokens = 0;
-  const bool bar = o.progress && on_terminal();
+  std::int64_t tokens = 0;           // over all ranks
+  double waiting = 0;                // for the step's sums (the reducer counts its own)
+  const bool bar = o.progress && on_terminal() && writer;
   set_training(s, true);
   while (pos.step < total) {
     failpoint("step", pos.step + 1);
     set_lr(*opt, lr_at(r.train, pos.step, total));
-    opt->zero_grad();
-    double step_loss = 0;
+    if (reducer)
+      reducer->start_step();
+    else
+      opt->zero_grad();
+    // This rank's share of each micro-batch of the step, and the targets of the whole step over
+    // all ranks: each micro-batch's summed loss is divided by them.
+    std::vector<Batch> mine;
+    std::vector<std::int64_t> counts;
+    std::int64_t targets = 0;
     for (std::int64_t a = 0; a < accum; ++a) {
-      auto b = micro_batch(pos.micro_batches++);
-      tokens += b.tokens;
+      const auto which = shard(examples(pos.micro_batches++), *group);
+      mine.push_back(which.empty() ? Batch{} : batch_of(which));
+      counts.push_back(which.empty() ? 0 : task_targets(s, mine.back()));
+      targets += counts.back();
+    }
+    if (group->size() > 1) {
+      auto t = torch::tensor({static_cast<double>(targets)}, torch::kDouble).to(s.device);
+      const auto t0 = Clock::now();
+      group->allreduce_sum(t);
+      waiting += std::chrono::duration<double>(Clock::now() - t0).count();
+      targets = static_cast<std::int64_t>(t.cpu().item<double>());
+    }
+    const double denominator = static_cast<double>(std::max<std::int64_t>(targets, 1));
+    double step_part = 0;  // this rank's share of the step's mean loss
+    std::int64_t step_tokens = 0;
+    for (std::int64_t a = 0; a < accum; ++a) {
+      const auto& b = mine[static_cast<std::size_t>(a)];
+      if (reducer) reducer->before_backward(a == accum - 1);
+      if (!b.input_ids.defined()) continue;  // a short last batch left this rank nothing
+      step_tokens += b.tokens;
       auto parts = task_loss(s, b);
-      const double value = parts.loss.item<double>();
-      if (!std::isfinite(value)) {
-        write_metrics(run / "metrics.jsonl", metrics);
-        const auto ck = latest_checkpoint(run);
-        throw Error("step " + std::to_string(pos.step + 1) + ": the loss is " + fixed(value, 1) +
-                    "; training stopped. " +
-                    (ck.empty() ? std::string("No checkpoint was written yet. ")
-                                : "The last good checkpoint is " + ck.string() + ". ") +
-                    "Lower train.lr, add train.warmup_steps or set train.max_grad_norm.");
-      }
-      (parts.loss / static_cast<double>(accum)).backward();
-      step_loss += value / static_cast<double>(accum);
+      auto share = parts.sum / denominator;
+      step_part += share.item<double>();
+      share.backward();
+    }
+    if (reducer) reducer->finish_step();
+    // The step's loss, its tokens and the signals of every rank: all ranks stop at the same step.
+    int sig = pos.step + 1 < total ? signals.pending() : 0;
+    double step_loss = step_part;
+    if (group->size() > 1) {
+      auto t = torch::tensor({step_part, static_cast<double>(step_tokens),
+                              static_cast<double>(sig == SIGINT), static_cast<double>(sig == SIGTERM)},
+                             torch::kDouble)
+                   .to(s.device);
+      const auto t0 = Clock::now();
+      group->allreduce_sum(t);
+      waiting += std::chrono::duration<double>(Clock::now() - t0).count();
+      t = t.cpu();
+      const auto* v = t.data_ptr<double>();
+      step_loss = v[0];
+      step_tokens = static_cast<std::int64_t>(v[1]);
+      if (sig == 0) sig = v[2] > 0 ? SIGINT : v[3] > 0 ? SIGTERM : 0;
+    }
+    tokens += step_tokens;
+    if (!std::isfinite(step_loss)) {
+      if (writer) write_metrics(run / "metrics.jsonl", metrics);
+      const auto ck = latest_checkpoint(run);
+      throw Error("step " + std::to_string(pos.step + 1) + ": the loss is " + fixed(step_loss, 1) +
+                  "; training stopped. " +
+                  (ck.empty() ? std::string("No checkpoint was written yet. ")
+                              : "The last good checkpoint is " + ck.string() + ". ") +
+                  "Lower train.lr, add train.warmup_steps or set train.max_grad_norm.");
     }
     if (r.train.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(params, r.train.max_grad_norm);
     opt->step();
@@ -1115,7 +1293,7 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
     }
     if (r.eval.every > 0 && pos.step % r.eval.every == 0 && pos.step < total &&
         !data.eval.empty()) {
-      auto m = evaluate(s, data.eval, B, r.eval.batches, r.eval.metrics);
+      auto m = evaluate_now();
       json line = {{"step", pos.step}, {"split", "eval"}};
       line.update(m);
       metrics.push_back(line);
@@ -1123,12 +1301,11 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
       log << "eval at step " << pos.step << ": " << metrics_line(m) << "\n";
       set_training(s, true);
     }
-    write_metrics(run / "metrics.jsonl", metrics);
+    if (writer) write_metrics(run / "metrics.jsonl", metrics);
     if (o.on_step) o.on_step(pos.step);
     const bool stop_here = o.stop_at > 0 && pos.step == o.stop_at && pos.step < total;
-    const int sig = pos.step < total ? signals.pending() : 0;
     if ((r.checkpoint.every > 0 && pos.step % r.checkpoint.every == 0) || stop_here || sig)
-      save_checkpoint(s, *opt, pos, metrics, extra, run, r.checkpoint.keep);
+      save_checkpoint(s, *opt, pos, metrics, extra, run, r.checkpoint.keep, *group);
     if (sig) {
       if (bar) log << "\n";
       log << "interrupted (" << (sig == SIGINT ? "SIGINT" : "SIGTERM") << ") after step "
@@ -1147,23 +1324,19 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
 
   json after = json::object();
   if (!data.eval.empty()) {
-    after = evaluate(s, data.eval, B, r.eval.batches, r.eval.metrics);
+    after = evaluate_now();
     json line = {{"step", pos.step}, {"split", "eval"}};
     line.update(after);
     metrics.push_back(line);
     log << "eval before: " << metrics_line(extra.value("eval_before", json::object())) << "\n";
     log << "eval after:  " << metrics_line(after) << "\n";
   }
-  const auto sample_after = sample(s, r);
+  const auto sample_after = writer ? sample(s, r) : std::string();
   if (!sample_after.empty()) {
     log << "sample before: " << extra.value("sample_before", std::string()) << "\n";
     log << "sample after:  " << sample_after << "\n";
   }
-  write_metrics(run / "metrics.jsonl", metrics);
-  if (r.output.save_adapter) {
-    save_adapter(run / "adapter", s.model(), raw);
-    save_head(s, run / "adapter");
-  }
+  const double communication = waiting + (reducer ? reducer->waiting_seconds() : 0.0);
   json summary = {{"steps", pos.step},
                   {"train_examples", data.train.size()},
                   {"eval_examples", data.eval.size()},
@@ -1175,7 +1348,15 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
                   {"sample_after", sample_after},
                   {"wall_seconds", wall},
                   {"tokens_per_second", wall > 0 ? tokens / wall : 0.0},
-                  {"peak_memory_mib", peak_memory_mib()}};
+                  {"peak_memory_mib", peak_memory_mib()},
+                  {"world_size", group->size()},
+                  {"communication_seconds", communication}};
+  if (!writer) return summary;
+  write_metrics(run / "metrics.jsonl", metrics);
+  if (r.output.save_adapter) {
+    save_adapter(run / "adapter", s.model(), raw);
+    save_head(s, run / "adapter");
+  }
   write_json(run / "summary.json", summary);
   log << "run folder: " << run.string() << "\n";
   return summary;
@@ -1183,7 +1364,7 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
 
 json evaluate_recipe(const Recipe& r, const std::vector<std::string>& adapters) {
   torch::manual_seed(r.seed);
-  Session s = open_session(r);
+  Session s = open_session(r, torch::Device(r.model.device));
   for (const auto& dir : adapters)
     for (auto& m : load_adapter(dir, s.model())) s.methods.push_back(std::move(m));
   if (s.classification && !s.model_head) {
@@ -1201,7 +1382,10 @@ json evaluate_recipe(const Recipe& r, const std::vector<std::string>& adapters) 
   }
   auto data = task_data(s, r);
   const auto& eval = data.eval.empty() ? data.train : data.eval;
-  return {{"metrics", evaluate(s, eval, r.train.batch_size, r.eval.batches, r.eval.metrics)},
+  const auto alone = ProcessGroup::join(Launch{}, s.device, {});
+  const auto labels = s.classification ? r.task.num_labels : std::int64_t{0};
+  return {{"metrics",
+           evaluate(s, eval, r.train.batch_size, r.eval.batches, r.eval.metrics, *alone, labels)},
           {"examples", eval.size()},
           {"split", data.eval.empty() ? "train" : "eval"}};
 }
