@@ -20,40 +20,6 @@ using namespace graft::test;
 
 namespace {
 
-std::string shell_quote(const std::string& s) {
-  std::string out = "'";
-  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return out + "'";
-}
-
-// Runs the graft executable with `args` in the current folder; returns its exit code and
-// writes its output to `log`.
-int graft_cli(const std::string& args, const fs::path& log) {
-  const auto command =
-      shell_quote(GRAFT_EXECUTABLE) + " " + args + " >" + shell_quote(log.string()) + " 2>&1";
-  const int rc = std::system(command.c_str());
-  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
-
-// Starts the graft executable in the background.
-pid_t start_graft(const std::vector<std::string>& args, const fs::path& log) {
-  std::string command = "exec " + shell_quote(GRAFT_EXECUTABLE);
-  for (const auto& a : args) command += " " + shell_quote(a);
-  command += " >" + shell_quote(log.string()) + " 2>&1";
-  const pid_t pid = fork();
-  if (pid == 0) {
-    execl("/bin/sh", "sh", "-c", command.c_str(), static_cast<char*>(nullptr));
-    _exit(127);
-  }
-  return pid;
-}
-
-int wait_for(pid_t pid) {
-  int status = 0;
-  waitpid(pid, &status, 0);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-
 std::size_t count(const std::string& text, const std::string& what) {
   std::size_t n = 0;
   for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;

@@ -8,11 +8,16 @@
 #include <graft/recipe.h>
 #include <graft/train.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 
 #include "support.h"
+#include "test_config.h"
 #include "tiny_models.h"
 
 namespace graft::test {
@@ -123,6 +128,44 @@ output:
     return o;
   }
 };
+
+inline std::string shell_quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+// Runs the graft executable with `args` in the current folder; returns its exit code and
+// writes its output to `log`.
+inline int graft_cli(const std::string& args, const fs::path& log) {
+  const auto command =
+      shell_quote(GRAFT_EXECUTABLE) + " " + args + " >" + shell_quote(log.string()) + " 2>&1";
+  const int rc = std::system(command.c_str());
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+// Starts the graft executable in the background, with `env` (NAME=VALUE) added to its
+// environment.
+inline pid_t start_graft(const std::vector<std::string>& args, const fs::path& log,
+                         const std::vector<std::string>& env = {}) {
+  std::string command = env.empty() ? "exec " : "exec env ";
+  for (const auto& e : env) command += shell_quote(e) + " ";
+  command += shell_quote(GRAFT_EXECUTABLE);
+  for (const auto& a : args) command += " " + shell_quote(a);
+  command += " >" + shell_quote(log.string()) + " 2>&1";
+  const pid_t pid = fork();
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", command.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  return pid;
+}
+
+inline int wait_for(pid_t pid) {
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
 
 // Relative output folders are relative to the working directory: run inside the workspace.
 struct InDir {

@@ -828,11 +828,9 @@ void load_checkpoint_methods(Session& s, const fs::path& dir) {
   }
 }
 
-// The optimizer, this rank's random state, the data position and the metrics so far. A run
-// resumes with as many ranks as it was written by: the data and the optimizer would reshard,
-// but each rank's random state (dropout) belongs to its rank.
-json load_checkpoint_trainer(torch::optim::Optimizer& opt, const fs::path& dir, Position& pos,
-                             std::vector<json>& metrics, const ProcessGroup& group) {
+// A run resumes with as many ranks as it was written by: the data and the optimizer would
+// reshard, but each rank's random state (dropout) belongs to its rank.
+void refuse_other_world_size(const fs::path& dir, const ProcessGroup& group) {
   const auto j = io::read_json_file(dir / "trainer.json");
   const auto written_by = j.value("world_size", 1);
   if (written_by != group.size())
@@ -842,6 +840,13 @@ json load_checkpoint_trainer(torch::optim::Optimizer& opt, const fs::path& dir, 
                 (written_by == 1 ? std::string("one process, no --nproc")
                                  : "--nproc " + std::to_string(written_by)) +
                 "): each rank's random state belongs to its rank");
+}
+
+// The optimizer, this rank's random state, the data position and the metrics so far.
+json load_checkpoint_trainer(torch::optim::Optimizer& opt, const fs::path& dir, Position& pos,
+                             std::vector<json>& metrics, const ProcessGroup& group) {
+  refuse_other_world_size(dir, group);
+  const auto j = io::read_json_file(dir / "trainer.json");
   const auto t = io::read_safetensors((dir / "state.safetensors").string()).tensors;
   {
     const auto it = t.find(rng_key(group.rank()));
@@ -1058,6 +1063,8 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
   std::ostream& log = writer ? std::cerr : nowhere();
   const bool clear = check_run_folder(run, recipe_text, options, log);
   if (clear) o.resume = false;  // nothing to continue there: a fresh start
+  if (o.resume && !latest_checkpoint(run).empty())
+    refuse_other_world_size(latest_checkpoint(run), *group);
   StopSignals signals(o.handle_signals);
 
   torch::manual_seed(r.seed);
