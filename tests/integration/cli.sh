@@ -329,6 +329,20 @@ if [[ -d $root/data/sotu ]]; then
     --model "$work/q8.gguf" --prompt "The Congress" --max-new-tokens 8
   check "merge --dtype q8_0 to a folder" 2 "--dtype q8_0: a GGUF type" -- "$graft" merge \
     --model "$model" --adapter "$work/lora.gguf" --out "$work/q8-hf" --dtype q8_0
+  # Distributed (docs/distributed.md): the quickstart on two processes trains the adapter one
+  # process accumulating the same two halves of each batch trains, byte for byte.
+  if "$graft" run "$root/recipes/quickstart.yaml" train.steps=6 train.warmup_steps=1 eval.batches=2 \
+      "output.dir=$work/ddp-one" train.batch_size=4 train.gradient_accumulation=2 --threads 1 >/dev/null 2>&1; then
+    check "quickstart --nproc 2" 0 "2 ranks \(gloo, 1 gradient bucket\)" -- "$graft" run \
+      "$root/recipes/quickstart.yaml" train.steps=6 train.warmup_steps=1 eval.batches=2 \
+      "output.dir=$work/ddp-two" --nproc 2 --threads 1
+    cmp -s "$work/ddp-one/adapter/adapter.safetensors" "$work/ddp-two/adapter/adapter.safetensors" ||
+      { echo "FAIL: two ranks trained another adapter than one process with accumulation"; fail=1; }
+    check "--nproc inside a launched rank" 2 "--nproc 2 inside a process that torchrun started" -- \
+      env RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=1 "$graft" run "$root/recipes/quickstart.yaml" --nproc 2
+  else
+    echo "FAIL: the quickstart with accumulation did not run"; fail=1
+  fi
 else
   echo "skip the quickstart run: data/sotu is absent (scripts/fetch-data.sh)"
 fi

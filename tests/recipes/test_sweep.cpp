@@ -2,6 +2,8 @@
 // the SQLite trial store (claims, stale owners, rebuilding from run folders); trials as separate
 // `graft` processes in parallel; resume after the sweep is killed mid-trial; two sweep processes
 // over one store; bit-identical reruns; the report; the Slurm job array script.
+#include <graft/distributed.h>
+#include <graft/io/json.h>
 #include <graft/sweep.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -380,6 +382,42 @@ TEST_CASE("--launcher slurm writes a job array whose task i runs trial i") {
                     w.dir / "sub.log") == 1);  // the machine lacks Slurm: not the input's fault
     CHECK(read(w.dir / "sub.log").find("submit it by hand with: sbatch") != std::string::npos);
   }
+}
+
+TEST_CASE("trial_nproc: each trial a distributed run, with --nproc here and srun under Slurm") {
+  if (distributed_backends().empty()) return;
+  Workspace w;
+  InDir in(w.dir);
+  write(w.dir / "d.yaml", R"(recipe: lm.yaml
+set:
+  train.steps: 2
+  train.batch_size: 4
+  eval.every: 0
+  eval.batches: 1
+seeds: [1]
+trial_nproc: 2
+)");
+  REQUIRE(graft_cli("sweep d.yaml --output sweeps/d", w.dir / "d.log") == 0);
+  const auto sweep = load_sweep("d.yaml", "sweeps/d");
+  CHECK(io::read_json_file(sweep.trials[0].dir / "summary.json").at("world_size") == 2);
+
+  REQUIRE(graft_cli("sweep d.yaml --launcher slurm --output sweeps/ds", w.dir / "ds.log") == 0);
+  const auto script = read("sweeps/ds/slurm/sweep.sbatch");
+  CHECK(script.find("#SBATCH --ntasks=2\n") != std::string::npos);
+  CHECK(script.find(" --trial \"$SLURM_ARRAY_TASK_ID\" --srun\n") != std::string::npos);
+  // The array task as Slurm runs it, srun being a stand-in that starts the tasks here.
+  const auto bin = w.dir / "bin";
+  fs::create_directories(bin);
+  fs::create_symlink(fs::path(GRAFT_TESTS_SOURCE_DIR) / "integration" / "fake-srun", bin / "srun");
+  const auto task = "cd / && PATH=" + shell_quote(bin.string()) +
+                    ":\"$PATH\" SLURM_ARRAY_TASK_ID=0 SLURM_JOB_ID=" +
+                    std::to_string(getpid() % 20000) + " SLURM_JOB_NODELIST=localhost bash " +
+                    shell_quote((w.dir / "sweeps/ds/slurm/sweep.sbatch").string()) + " >" +
+                    shell_quote((w.dir / "task.log").string()) + " 2>&1";
+  CHECK(std::system(task.c_str()) == 0);
+  const auto ds = load_sweep("d.yaml", "sweeps/ds");
+  CHECK(io::read_json_file(ds.trials[0].dir / "manifest.json").at("distributed").at("launcher") ==
+        "slurm");
 }
 
 TEST_CASE("report plots: 19+ series stay distinguishable, and a line's seed spread is a band") {

@@ -50,6 +50,7 @@ struct Sweep {
   std::string metric = "loss";   ///< an eval metric of summary.json's eval_after
   bool lower_is_better = true;
   int trial_threads = 1;          ///< intra-op threads of each trial (fixed: results reproduce)
+  int trial_nproc = 1;  ///< processes of each trial (a distributed run: graft run --nproc, srun)
   int workers = 1;                ///< trials run at once (the command line may override)
   std::vector<std::string> axes;  ///< swept keys in order ("case" for named cases)
   std::vector<Trial> trials;
@@ -117,6 +118,9 @@ struct SweepOptions {
   std::vector<std::string> plugin_dirs;  ///< passed on to every trial
   std::optional<std::size_t> only;       ///< run just this trial (by index): a Slurm array task
   std::int64_t max_trials = 0;           ///< stop claiming after this many (0 = no limit)
+  /// Slurm's srun: a trial of several processes starts its ranks with it (inside an allocation
+  /// of that many tasks: the job array script); empty: with graft run --nproc on this machine.
+  std::filesystem::path srun;
   bool retry_failed = false;
   std::ostream* log = nullptr;  ///< progress lines (none when null)
 };

@@ -1,12 +1,15 @@
 // graft sweep and graft report: many recipes over seeds and settings, and their tables.
+#include <graft/distributed.h>
 #include <graft/io/file.h>
 #include <graft/plugin.h>
 #include <graft/sweep.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <array>
 #include <cstdio>
 #include <iostream>
+#include <sstream>
 
 #include "cli/options.h"
 
@@ -16,6 +19,15 @@ namespace fs = std::filesystem;
 namespace {
 
 fs::path this_executable() { return fs::canonical("/proc/self/exe"); }
+
+// A program on PATH, or an empty path.
+fs::path on_path(const std::string& name) {
+  const char* path = std::getenv("PATH");
+  std::istringstream dirs(path ? path : "");
+  for (std::string dir; std::getline(dirs, dir, ':');)
+    if (!dir.empty() && access((fs::path(dir) / name).c_str(), X_OK) == 0) return fs::path(dir) / name;
+  return {};
+}
 
 std::vector<std::string> plugin_dirs(const po::variables_map& vm) {
   std::vector<std::string> dirs;
@@ -59,6 +71,8 @@ int run_sweep(const Args& args) {
                                           po::value<std::string>()->default_value("local"),
                                           "local: run here; slurm: write a Slurm job array script")(
       "submit", "with --launcher slurm: submit the script with sbatch")(
+      "srun", "start each trial's processes (trial_nproc) with srun, one per task (the job "
+              "array script says it)")(
       "sbatch", po::value<std::vector<std::string>>(),
       "with --launcher slurm: an extra #SBATCH option, e.g. --sbatch=--partition=cpu (repeatable)")(
       "time", po::value<std::string>()->default_value(""),
@@ -126,12 +140,19 @@ int run_sweep(const Args& args) {
     throw Error(sweep.file.string() + ": trial_threads: " + std::to_string(sweep.trial_threads) +
                 " is more than this machine's " + std::to_string(available_cores()) +
                 " cores (--launcher slurm takes any number)");
+  if (sweep.trial_nproc > 1 && !vm.count("srun") && distributed_backends().empty())
+    throw Error(sweep.file.string() + ": trial_nproc: " + std::to_string(sweep.trial_nproc) +
+                " needs distributed training, which this graft was built without (Gloo)");
   SweepOptions o;
   o.workers = sweep.workers;
   o.graft = this_executable();
   o.store = store;
   o.plugin_dirs = plugin_dirs(vm);
   if (vm.count("trial")) o.only = vm["trial"].as<std::size_t>();
+  if (vm.count("srun")) {
+    o.srun = on_path("srun");
+    if (o.srun.empty()) throw Error("--srun: no srun on PATH (run the job array script under Slurm)");
+  }
   o.max_trials = vm["max-trials"].as<std::int64_t>();
   o.retry_failed = vm.count("retry-failed") > 0;
   o.log = &std::cerr;

@@ -131,8 +131,15 @@ SweepOutcome run_sweep(const Sweep& sweep, const SweepOptions& o) {
       const bool resume = fs::exists(t.dir / "recipe.yaml") && !latest_checkpoint(t.dir).empty();
       if (!resume && fs::exists(t.dir)) fs::remove_all(t.dir);  // a start that left no checkpoint
       std::vector<std::string> argv{o.graft.string(), "run", sweep.recipe.string()};
+      if (sweep.trial_nproc > 1 && !o.srun.empty())  // one rank per task of the allocation
+        argv.insert(argv.begin(),
+                    {o.srun.string(), "--ntasks=" + std::to_string(sweep.trial_nproc),
+                     "--cpus-per-task=" + std::to_string(sweep.trial_threads),
+                     "--kill-on-bad-exit=1"});
       for (const auto& a : t.run_overrides()) argv.push_back(a);
       argv.insert(argv.end(), {"--threads", std::to_string(sweep.trial_threads)});
+      if (sweep.trial_nproc > 1 && o.srun.empty())
+        argv.insert(argv.end(), {"--nproc", std::to_string(sweep.trial_nproc)});
       for (const auto& d : o.plugin_dirs) argv.insert(argv.end(), {"--plugin-dir", d});
       if (resume) argv.push_back("--resume");
       const auto log = sweep.dir / "logs" / (t.id + ".log");

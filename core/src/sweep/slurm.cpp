@@ -34,7 +34,7 @@ std::string slurm_script(const Sweep& sweep, const SlurmOptions& o) {
     << "#SBATCH --job-name=graft-" << sweep.file.stem().string() << "\n"
     << "#SBATCH --array=0-" << sweep.trials.size() - 1
     << (o.concurrent > 0 ? "%" + std::to_string(o.concurrent) : "") << "\n"
-    << "#SBATCH --ntasks=1\n"
+    << "#SBATCH --ntasks=" << sweep.trial_nproc << "\n"
     << "#SBATCH --cpus-per-task=" << sweep.trial_threads << "\n"
     << "#SBATCH --output=" << (dir / "slurm" / "%A_%a.log").string() << "\n";
   if (!o.time.empty()) s << "#SBATCH --time=" << o.time << "\n";
@@ -44,6 +44,7 @@ std::string slurm_script(const Sweep& sweep, const SlurmOptions& o) {
     << "exec " << quoted(o.graft.string()) << " sweep " << quoted(sweep.file.string())
     << " --output " << quoted(sweep.dir.string()) << " --trial \"$SLURM_ARRAY_TASK_ID\"";
   if (!o.store.empty()) s << " --store " << quoted(o.store.string());
+  if (sweep.trial_nproc > 1) s << " --srun";  // the trial's ranks: srun, one per task
   for (const auto& d : o.plugin_dirs) s << " --plugin-dir " << quoted(d);
   s << "\n";
   return s.str();

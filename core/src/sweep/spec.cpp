@@ -157,7 +157,7 @@ Sweep load_sweep(const fs::path& file, const fs::path& output) {
   const auto p = read_yaml(file);
   map_of(p, "sweep keys");
   p.check_keys({"recipe", "output", "set", "cases", "grid", "paired", "random", "seeds", "metric",
-                "lower_is_better", "trial_threads", "workers"});
+                "lower_is_better", "trial_threads", "trial_nproc", "workers"});
   Sweep s;
   s.file = file;
   const auto& recipe = p.at("recipe");
@@ -172,6 +172,7 @@ Sweep load_sweep(const fs::path& file, const fs::path& output) {
   const bool lower = s.metric == "loss" || s.metric == "perplexity";
   s.lower_is_better = p.get_bool("lower_is_better", lower);
   s.trial_threads = static_cast<int>(p.get_positive_int("trial_threads", 1));
+  s.trial_nproc = static_cast<int>(p.get_positive_int("trial_nproc", 1));
   s.workers = static_cast<int>(p.get_positive_int("workers", 1));
 
   std::vector<std::string> fixed;
@@ -334,6 +335,7 @@ json Sweep::to_json() const {
           {"metric", metric},
           {"lower_is_better", lower_is_better},
           {"trial_threads", trial_threads},
+          {"trial_nproc", trial_nproc},
           {"workers", workers},
           {"axes", axes},
           {"trials", trials_json}};
@@ -347,6 +349,7 @@ Sweep Sweep::from_json(const json& j, const fs::path& dir) {
   s.metric = j.at("metric").get<std::string>();
   s.lower_is_better = j.at("lower_is_better").get<bool>();
   s.trial_threads = j.at("trial_threads").get<int>();
+  s.trial_nproc = j.value("trial_nproc", 1);
   s.workers = j.at("workers").get<int>();
   s.axes = j.at("axes").get<std::vector<std::string>>();
   for (const auto& tj : j.at("trials")) {
