@@ -21,20 +21,25 @@ if [[ ${1:-} == dist ]]; then
   [[ -d $root/data/sotu ]] || { echo "data/sotu is absent: run scripts/fetch-data.sh"; exit 1; }
   out=$(mktemp -d)
   trap 'rm -rf "$out"' EXIT
-  for n in 1 2; do
+  cores=$(nproc)
+  for run in 1x1 2x1 "1x$cores"; do
     "$build/graft" run "$root/recipes/quickstart.yaml" train.steps=300 train.log_every=100 \
-      eval.batches=1 "generate.prompt=" "$@" "output.dir=$out/n$n" --nproc $n --threads 1 \
-      >"$out/n$n.log" 2>&1 || { cat "$out/n$n.log"; exit 1; }
+      eval.batches=1 "generate.prompt=" "$@" "output.dir=$out/$run" --nproc "${run%x*}" \
+      --threads "${run#*x}" >"$out/$run.log" 2>&1 || { cat "$out/$run.log"; exit 1; }
   done
-  python3 - "$out" <<'PY'
+  python3 - "$out" "$cores" <<'PY'
 import json, sys
-s = {n: json.load(open(f"{sys.argv[1]}/n{n}/summary.json")) for n in (1, 2)}
-for n in (1, 2):
-    t = s[n]
-    print(f"{n} process{'es' if n > 1 else ''} x 1 thread: {t['tokens_per_second']:9.0f} tokens/s, "
-          f"waiting for sums {100 * t['communication_seconds'] / t['wall_seconds']:4.1f}% of the "
-          f"training time ({t['trainable_parameters']} trainable parameters)")
-print(f"2 processes / 1: {s[2]['tokens_per_second'] / s[1]['tokens_per_second']:.2f}x the tokens/s")
+out, cores = sys.argv[1], sys.argv[2]
+s = {r: json.load(open(f"{out}/{r}/summary.json")) for r in ("1x1", "2x1", f"1x{cores}")}
+for r, t in s.items():
+    n, threads = r.split("x")
+    print(f"{n} process{'es' if n != '1' else ''} x {threads} thread{'s' if threads != '1' else ''}: "
+          f"{t['tokens_per_second']:9.0f} tokens/s, waiting for the ranks' sums "
+          f"{100 * t['communication_seconds'] / t['wall_seconds']:4.1f}% of the training time")
+base = s["1x1"]["tokens_per_second"]
+print(f"2 processes x 1 thread / 1 x 1: {s['2x1']['tokens_per_second'] / base:.2f}x the tokens/s; "
+      f"1 process x {cores} threads / 1 x 1: {s[f'1x{cores}']['tokens_per_second'] / base:.2f}x "
+      f"({s['1x1']['trainable_parameters']} trainable parameters)")
 PY
   exit 0
 fi
