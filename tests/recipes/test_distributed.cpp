@@ -107,8 +107,9 @@ TEST_CASE("a distributed launch comes from torchrun's or Slurm's environment") {
   CHECK(m.master_addr == "10.0.0.1");
   CHECK(m.master_port == 1234);
   // torchrun's variables come first when both are there (torchrun inside an allocation).
-  CHECK(launch_of({{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}})
-            .launcher == "torchrun");
+  CHECK(
+      launch_of({{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}})
+          .launcher == "torchrun");
 
   CHECK(first_slurm_host("node1") == "node1");
   CHECK(first_slurm_host("a,b") == "a");
@@ -126,8 +127,9 @@ TEST_CASE("a distributed launch comes from torchrun's or Slurm's environment") {
         std::string::npos);
 }
 
-TEST_CASE("two ranks train what one process trains, for LoRA, a bottleneck adapter, prefix "
-          "tuning and full fine-tuning") {
+TEST_CASE(
+    "two ranks train what one process trains, for LoRA, a bottleneck adapter, prefix "
+    "tuning and full fine-tuning") {
   if (distributed_backends().empty()) {
     MESSAGE("this graft was built without Gloo: distributed runs are refused (tested in cli.sh)");
     return;
@@ -158,7 +160,8 @@ TEST_CASE("two ranks train what one process trains, for LoRA, a bottleneck adapt
       CHECK(torch::equal(v, acc.at(k)));
     }
     CHECK(io::read_json_file(name + "/two/summary.json").at("world_size") == 2);
-    CHECK(io::read_json_file(name + "/two/manifest.json").at("distributed").at("backend") == "gloo");
+    CHECK(io::read_json_file(name + "/two/manifest.json").at("distributed").at("backend") ==
+          "gloo");
 
     // One process with the whole batch sums the same terms in another order. One SGD step, whose
     // update is lr times the gradient: the two runs differ by at most twice gamma_n of that
@@ -198,8 +201,8 @@ TEST_CASE("a distributed run resumes with its number of ranks and refuses anothe
   const std::string lora = "[{name: lora, r: 4, targets: [all-linear]}]";
   const auto log = w.dir / "log";
   REQUIRE(graft_cli("run " + base(lora, "whole") + " train.batch_size=4 --nproc 2", log) == 0);
-  REQUIRE(graft_cli("run " + base(lora, "cut") + " train.batch_size=4 --nproc 2 --stop-at 2", log) ==
-          0);
+  REQUIRE(graft_cli("run " + base(lora, "cut") + " train.batch_size=4 --nproc 2 --stop-at 2",
+                    log) == 0);
   CHECK(graft_cli("run " + base(lora, "cut") + " train.batch_size=4 --resume", log) == 2);
   const auto said = read(log);
   CHECK(lines_of(said) == 1);
@@ -211,8 +214,9 @@ TEST_CASE("a distributed run resumes with its number of ranks and refuses anothe
   for (const auto& [k, v] : a) CHECK(torch::equal(v, b.at(k)));
 }
 
-TEST_CASE("ranks started with torchrun's or Slurm's variables form one run; one that cannot "
-          "join or dies stops the run with one line") {
+TEST_CASE(
+    "ranks started with torchrun's or Slurm's variables form one run; one that cannot "
+    "join or dies stops the run with one line") {
   if (distributed_backends().empty()) return;
   Workspace w;
   InDir in(w.dir);
@@ -238,15 +242,14 @@ TEST_CASE("ranks started with torchrun's or Slurm's variables form one run; one 
     const auto port = std::to_string(free_port());
     std::vector<pid_t> pids;
     for (int k = 0; k < 2; ++k)
-      pids.push_back(start_graft(args("torch"), w.dir / ("torch" + std::to_string(k)),
-                                 {"RANK=" + std::to_string(k), "WORLD_SIZE=2",
-                                  "LOCAL_RANK=" + std::to_string(k), "LOCAL_WORLD_SIZE=2",
-                                  "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + port}));
+      pids.push_back(start_graft(
+          args("torch"), w.dir / ("torch" + std::to_string(k)),
+          {"RANK=" + std::to_string(k), "WORLD_SIZE=2", "LOCAL_RANK=" + std::to_string(k),
+           "LOCAL_WORLD_SIZE=2", "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + port}));
     for (auto p : pids) CHECK(wait_for(p) == 0);
     const auto a = adapter("ref"), b = adapter("torch");
     for (const auto& [k, v] : a) CHECK(torch::equal(v, b.at(k)));
-    CHECK(io::read_json_file("torch/manifest.json").at("distributed").at("launcher") ==
-          "torchrun");
+    CHECK(io::read_json_file("torch/manifest.json").at("distributed").at("launcher") == "torchrun");
     CHECK(read(w.dir / "torch1").empty());  // ranks other than 0 say nothing when all is well
   }
   SUBCASE("Slurm") {

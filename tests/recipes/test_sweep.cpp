@@ -409,11 +409,12 @@ trial_nproc: 2
   const auto bin = w.dir / "bin";
   fs::create_directories(bin);
   fs::create_symlink(fs::path(GRAFT_TESTS_SOURCE_DIR) / "integration" / "fake-srun", bin / "srun");
-  const auto task = "cd / && PATH=" + shell_quote(bin.string()) +
-                    ":\"$PATH\" SLURM_ARRAY_TASK_ID=0 SLURM_JOB_ID=" +
-                    std::to_string(getpid() % 20000) + " SLURM_JOB_NODELIST=localhost bash " +
-                    shell_quote((w.dir / "sweeps/ds/slurm/sweep.sbatch").string()) + " >" +
-                    shell_quote((w.dir / "task.log").string()) + " 2>&1";
+  const auto task =
+      "cd / && PATH=" + shell_quote(bin.string()) +
+      ":\"$PATH\" SLURM_ARRAY_TASK_ID=0 SLURM_JOB_ID=" + std::to_string(getpid() % 20000) +
+      " SLURM_JOB_NODELIST=localhost bash " +
+      shell_quote((w.dir / "sweeps/ds/slurm/sweep.sbatch").string()) + " >" +
+      shell_quote((w.dir / "task.log").string()) + " 2>&1";
   CHECK(std::system(task.c_str()) == 0);
   const auto ds = load_sweep("d.yaml", "sweeps/ds");
   CHECK(io::read_json_file(ds.trials[0].dir / "manifest.json").at("distributed").at("launcher") ==

@@ -7,7 +7,6 @@
 #include <graft/plugin.h>
 #include <graft/recipe.h>
 #include <graft/train.h>
-
 #include <sys/wait.h>
 #include <unistd.h>
 

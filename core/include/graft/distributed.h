@@ -20,10 +20,10 @@ namespace graft {
 
 /// Where this process sits in a run, as its launcher described it.
 struct Launch {
-  int rank = 0;              ///< 0 .. world_size - 1; rank 0 writes the run folder
-  int world_size = 1;        ///< processes in the run
-  int local_rank = 0;        ///< rank among the processes on this machine
-  int local_world_size = 1;  ///< processes on this machine
+  int rank = 0;                           ///< 0 .. world_size - 1; rank 0 writes the run folder
+  int world_size = 1;                     ///< processes in the run
+  int local_rank = 0;                     ///< rank among the processes on this machine
+  int local_world_size = 1;               ///< processes on this machine
   std::string master_addr = "127.0.0.1";  ///< where rank 0 listens for the others
   int master_port = 29500;
   /// Who started the process: "" (on its own), "graft" (graft run --nproc), "torchrun",
@@ -38,10 +38,10 @@ struct Launch {
 /// SLURM_JOB_NODELIST; MASTER_ADDR and MASTER_PORT win when set, else the port is 20000 plus
 /// SLURM_JOB_ID modulo 20000), else one process. An incomplete or inconsistent set is an Error
 /// naming the variable. `env` looks a variable up (std::getenv by default; tests pass their own).
-Launch launch_from_environment(
-    const std::function<const char*(const char*)>& env = [](const char* name) {
-      return static_cast<const char*>(std::getenv(name));
-    });
+Launch launch_from_environment(const std::function<const char*(const char*)>& env =
+                                   [](const char* name) {
+                                     return static_cast<const char*>(std::getenv(name));
+                                   });
 
 /// The first host of a Slurm node list ("node[03-05,9],gpu1" -> "node03").
 std::string first_slurm_host(const std::string& nodelist);

@@ -49,9 +49,9 @@ struct Sweep {
   std::filesystem::path dir;     ///< the sweep folder
   std::string metric = "loss";   ///< an eval metric of summary.json's eval_after
   bool lower_is_better = true;
-  int trial_threads = 1;          ///< intra-op threads of each trial (fixed: results reproduce)
-  int trial_nproc = 1;  ///< processes of each trial (a distributed run: graft run --nproc, srun)
-  int workers = 1;                ///< trials run at once (the command line may override)
+  int trial_threads = 1;  ///< intra-op threads of each trial (fixed: results reproduce)
+  int trial_nproc = 1;    ///< processes of each trial (a distributed run: graft run --nproc, srun)
+  int workers = 1;        ///< trials run at once (the command line may override)
   std::vector<std::string> axes;  ///< swept keys in order ("case" for named cases)
   std::vector<Trial> trials;
 

@@ -16,8 +16,8 @@
 #include <graft/distributed.h>
 #include <graft/recipe.h>
 
-#include <cstdint>
 #include <chrono>
+#include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <nlohmann/json.hpp>

@@ -6,13 +6,12 @@
 #include <graft/plugin.h>
 #include <graft/recipe.h>
 #include <graft/train.h>
-#include <torch/torch.h>
-
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <torch/torch.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -88,8 +87,7 @@ int free_port() {
   if (fd < 0 || bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
       getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
     if (fd >= 0) close(fd);
-    throw SystemError(std::string("cannot find a free port on 127.0.0.1: ") +
-                      std::strerror(errno));
+    throw SystemError(std::string("cannot find a free port on 127.0.0.1: ") + std::strerror(errno));
   }
   close(fd);
   return ntohs(a.sin_port);
@@ -110,8 +108,7 @@ void forward_signal(int sig) {
 int launch_ranks(int n, bool threads_given) {
   auto argv = command_without_nproc();
   if (!threads_given)
-    argv.insert(argv.end(),
-                {"--threads", std::to_string(std::max(1, available_cores() / n))});
+    argv.insert(argv.end(), {"--threads", std::to_string(std::max(1, available_cores() / n))});
   const auto port = std::to_string(free_port());
   std::vector<char*> cargv;
   for (auto& a : argv) cargv.push_back(a.data());

@@ -25,7 +25,8 @@ fs::path on_path(const std::string& name) {
   const char* path = std::getenv("PATH");
   std::istringstream dirs(path ? path : "");
   for (std::string dir; std::getline(dirs, dir, ':');)
-    if (!dir.empty() && access((fs::path(dir) / name).c_str(), X_OK) == 0) return fs::path(dir) / name;
+    if (!dir.empty() && access((fs::path(dir) / name).c_str(), X_OK) == 0)
+      return fs::path(dir) / name;
   return {};
 }
 
@@ -71,8 +72,9 @@ int run_sweep(const Args& args) {
                                           po::value<std::string>()->default_value("local"),
                                           "local: run here; slurm: write a Slurm job array script")(
       "submit", "with --launcher slurm: submit the script with sbatch")(
-      "srun", "start each trial's processes (trial_nproc) with srun, one per task (the job "
-              "array script says it)")(
+      "srun",
+      "start each trial's processes (trial_nproc) with srun, one per task (the job "
+      "array script says it)")(
       "sbatch", po::value<std::vector<std::string>>(),
       "with --launcher slurm: an extra #SBATCH option, e.g. --sbatch=--partition=cpu (repeatable)")(
       "time", po::value<std::string>()->default_value(""),
@@ -151,7 +153,8 @@ int run_sweep(const Args& args) {
   if (vm.count("trial")) o.only = vm["trial"].as<std::size_t>();
   if (vm.count("srun")) {
     o.srun = on_path("srun");
-    if (o.srun.empty()) throw Error("--srun: no srun on PATH (run the job array script under Slurm)");
+    if (o.srun.empty())
+      throw Error("--srun: no srun on PATH (run the job array script under Slurm)");
   }
   o.max_trials = vm["max-trials"].as<std::int64_t>();
   o.retry_failed = vm.count("retry-failed") > 0;

@@ -12,8 +12,9 @@ namespace {
 // A variable holding a whole number in [lo, hi], or an Error naming it.
 int whole(const std::function<const char*(const char*)>& env, const char* name, int lo, int hi) {
   const char* v = env(name);
-  if (!v) throw Error(std::string("the environment sets ") + name + "'s companions but not " +
-                      name + " (a launcher sets them all)");
+  if (!v)
+    throw Error(std::string("the environment sets ") + name + "'s companions but not " + name +
+                " (a launcher sets them all)");
   const std::string s = v;
   std::size_t used = 0;
   long n = -1;
@@ -86,7 +87,8 @@ Launch launch_from_environment(const std::function<const char*(const char*)>& en
     if (env("MASTER_ADDR")) {
       l.master_addr = text("MASTER_ADDR", l.master_addr);
     } else {
-      const char* nodes = env("SLURM_JOB_NODELIST") ? env("SLURM_JOB_NODELIST") : env("SLURM_NODELIST");
+      const char* nodes =
+          env("SLURM_JOB_NODELIST") ? env("SLURM_JOB_NODELIST") : env("SLURM_NODELIST");
       if (!nodes)
         throw Error("SLURM_NTASKS=" + std::to_string(l.world_size) +
                     " without SLURM_JOB_NODELIST or MASTER_ADDR: where does rank 0 run?");

@@ -48,9 +48,7 @@ class Alone final : public ProcessGroup {
   void barrier() override {}
 };
 
-std::string where(const Launch& l) {
-  return l.master_addr + ":" + std::to_string(l.master_port);
-}
+std::string where(const Launch& l) { return l.master_addr + ":" + std::to_string(l.master_port); }
 
 std::string seconds(std::chrono::milliseconds t) {
   return std::to_string((t.count() + 999) / 1000) + " s";
@@ -90,9 +88,9 @@ void reach(const Launch& l, std::chrono::milliseconds timeout) {
       freeaddrinfo(found);
     }
     if (std::chrono::steady_clock::now() >= deadline)
-      throw SystemError("rank " + std::to_string(l.rank) + " of " +
-                        std::to_string(l.world_size) + ": could not reach rank 0 at " + where(l) + " within " + seconds(timeout) +
-                  " (MASTER_ADDR, MASTER_PORT; is rank 0 running?)");
+      throw SystemError("rank " + std::to_string(l.rank) + " of " + std::to_string(l.world_size) +
+                        ": could not reach rank 0 at " + where(l) + " within " + seconds(timeout) +
+                        " (MASTER_ADDR, MASTER_PORT; is rank 0 running?)");
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
 }
@@ -150,7 +148,7 @@ class C10dGroup final : public ProcessGroup {
   [[noreturn]] void lost(const std::exception& e) const {
     throw SystemError("rank " + std::to_string(rank()) + " of " + std::to_string(size()) +
                       ": lost contact with the other ranks (" + first_line(e) +
-                "); a rank stopped or its machine cannot be reached");
+                      "); a rank stopped or its machine cannot be reached");
   }
 
  private:
@@ -173,7 +171,7 @@ c10::intrusive_ptr<c10d::Store> rendezvous(const Launch& l, std::chrono::millise
   } catch (const std::exception& e) {
     if (l.rank == 0)
       throw SystemError(who + ": the other ranks did not all join at " + where(l) + " within " +
-                  seconds(timeout) + " (" + first_line(e) + ")");
+                        seconds(timeout) + " (" + first_line(e) + ")");
     throw SystemError(who + ": could not join the run at " + where(l) + " (" + first_line(e) + ")");
   }
 }
@@ -209,8 +207,8 @@ std::unique_ptr<ProcessGroup> ProcessGroup::join(const Launch& l, const torch::D
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, l.rank, l.world_size, o);
     return std::make_unique<C10dGroup<c10d::ProcessGroupGloo>>(l, "gloo", store, pg, device);
   } catch (const std::exception& e) {
-    throw SystemError("rank " + std::to_string(l.rank) + " of " +
-                      std::to_string(l.world_size) + ": could not connect to the other ranks (" + first_line(e) + ")");
+    throw SystemError("rank " + std::to_string(l.rank) + " of " + std::to_string(l.world_size) +
+                      ": could not connect to the other ranks (" + first_line(e) + ")");
   }
 #else
   (void)device;

@@ -47,9 +47,8 @@ GradientReducer::GradientReducer(ProcessGroup& group, std::vector<at::Tensor> pa
     }
   }
   for (std::size_t k = 0; k < n; ++k)
-    hook_ids_.push_back(params_[k].register_hook([this, k](at::Tensor grad) {
-      on_gradient(k, grad);
-    }));
+    hook_ids_.push_back(
+        params_[k].register_hook([this, k](at::Tensor grad) { on_gradient(k, grad); }));
 }
 
 GradientReducer::~GradientReducer() {

@@ -48,12 +48,12 @@ class GradientReducer {
 
   ProcessGroup& group_;
   std::vector<at::Tensor> params_;
-  std::vector<at::Tensor> slots_;     // each tensor's place in its bucket
+  std::vector<at::Tensor> slots_;  // each tensor's place in its bucket
   std::vector<std::size_t> bucket_of_;
   std::vector<unsigned> hook_ids_;
-  std::vector<float> had_;            // 1: a gradient arrived this step
+  std::vector<float> had_;  // 1: a gradient arrived this step
   std::vector<Bucket> buckets_;
-  std::size_t next_ = 0;              // the next bucket to send
+  std::size_t next_ = 0;  // the next bucket to send
   bool last_ = false;
   double waiting_ = 0;
 };

@@ -834,9 +834,9 @@ void refuse_other_world_size(const fs::path& dir, const ProcessGroup& group) {
   const auto j = io::read_json_file(dir / "trainer.json");
   const auto written_by = j.value("world_size", 1);
   if (written_by != group.size())
-    throw Error(dir.string() + ": written by a run of " + std::to_string(written_by) +
-                " process" + (written_by == 1 ? "" : "es") + ", resumed with " +
-                std::to_string(group.size()) + "; resume with the same number (" +
+    throw Error(dir.string() + ": written by a run of " + std::to_string(written_by) + " process" +
+                (written_by == 1 ? "" : "es") + ", resumed with " + std::to_string(group.size()) +
+                "; resume with the same number (" +
                 (written_by == 1 ? std::string("one process, no --nproc")
                                  : "--nproc " + std::to_string(written_by)) +
                 "): each rank's random state belongs to its rank");
@@ -851,9 +851,9 @@ json load_checkpoint_trainer(torch::optim::Optimizer& opt, const fs::path& dir, 
   {
     const auto it = t.find(rng_key(group.rank()));
     if (it == t.end())
-      throw FileError((dir / "state.safetensors").string(),
-                      "lacks " + rng_key(group.rank()) + ", the random state of rank " +
-                          std::to_string(group.rank()));
+      throw FileError((dir / "state.safetensors").string(), "lacks " + rng_key(group.rank()) +
+                                                                ", the random state of rank " +
+                                                                std::to_string(group.rank()));
     auto gen = at::detail::getDefaultCPUGenerator();  // a handle to the process's generator
     gen.set_state(it->second);
   }
@@ -1038,8 +1038,9 @@ std::ostream& nowhere() {
 torch::Device rank_device(const Recipe& r, const Launch& l) {
   torch::Device d(r.model.device);
   if (l.distributed() && d.is_cuda() && !d.has_index() && torch::cuda::is_available())
-    d = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(
-                                        l.local_rank % static_cast<int>(torch::cuda::device_count())));
+    d = torch::Device(torch::kCUDA,
+                      static_cast<c10::DeviceIndex>(l.local_rank %
+                                                    static_cast<int>(torch::cuda::device_count())));
   return d;
 }
 
@@ -1155,9 +1156,9 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
                              " records dropped: " + dropped_reason(r.task) + ")"
                        : "")
       << ", " << total << " steps"
-      << (group->size() > 1 ? ", " + std::to_string(group->size()) + " ranks (" +
-                                  group->backend() + ", " + std::to_string(reducer->buckets()) +
-                                  " gradient bucket" + (reducer->buckets() == 1 ? "" : "s") + ")"
+      << (group->size() > 1 ? ", " + std::to_string(group->size()) + " ranks (" + group->backend() +
+                                  ", " + std::to_string(reducer->buckets()) + " gradient bucket" +
+                                  (reducer->buckets() == 1 ? "" : "s") + ")"
                             : "")
       << "\n";
   log << trainable_summary(s.model(), raw) << "\n";
@@ -1245,10 +1246,11 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
     int sig = pos.step + 1 < total ? signals.pending() : 0;
     double step_loss = step_part;
     if (group->size() > 1) {
-      auto t = torch::tensor({step_part, static_cast<double>(step_tokens),
-                              static_cast<double>(sig == SIGINT), static_cast<double>(sig == SIGTERM)},
-                             torch::kDouble)
-                   .to(s.device);
+      auto t =
+          torch::tensor({step_part, static_cast<double>(step_tokens),
+                         static_cast<double>(sig == SIGINT), static_cast<double>(sig == SIGTERM)},
+                        torch::kDouble)
+              .to(s.device);
       const auto t0 = Clock::now();
       group->allreduce_sum(t);
       waiting += std::chrono::duration<double>(Clock::now() - t0).count();

@@ -132,10 +132,9 @@ SweepOutcome run_sweep(const Sweep& sweep, const SweepOptions& o) {
       if (!resume && fs::exists(t.dir)) fs::remove_all(t.dir);  // a start that left no checkpoint
       std::vector<std::string> argv{o.graft.string(), "run", sweep.recipe.string()};
       if (sweep.trial_nproc > 1 && !o.srun.empty())  // one rank per task of the allocation
-        argv.insert(argv.begin(),
-                    {o.srun.string(), "--ntasks=" + std::to_string(sweep.trial_nproc),
-                     "--cpus-per-task=" + std::to_string(sweep.trial_threads),
-                     "--kill-on-bad-exit=1"});
+        argv.insert(argv.begin(), {o.srun.string(), "--ntasks=" + std::to_string(sweep.trial_nproc),
+                                   "--cpus-per-task=" + std::to_string(sweep.trial_threads),
+                                   "--kill-on-bad-exit=1"});
       for (const auto& a : t.run_overrides()) argv.push_back(a);
       argv.insert(argv.end(), {"--threads", std::to_string(sweep.trial_threads)});
       if (sweep.trial_nproc > 1 && o.srun.empty())
