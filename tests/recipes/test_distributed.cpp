@@ -6,9 +6,7 @@
 #include <graft/distributed.h>
 #include <graft/io/json.h>
 #include <graft/io/safetensors.h>
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 
 #include <map>
 
@@ -40,19 +38,6 @@ std::string error_of(const Env& env) {
 
 io::TensorMap adapter(const fs::path& run) {
   return io::read_safetensors((run / "adapter" / "adapter.safetensors").string()).tensors;
-}
-
-// A port nothing listens on now (for runs started by hand with torchrun's or Slurm's variables).
-int free_port() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  REQUIRE(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0);
-  close(fd);
-  return ntohs(a.sin_port);
 }
 
 std::size_t lines_of(const std::string& text) {
@@ -239,7 +224,7 @@ TEST_CASE(
           0);
 
   SUBCASE("torchrun") {
-    const auto port = std::to_string(free_port());
+    const auto port = std::to_string(free_loopback_port());
     std::vector<pid_t> pids;
     for (int k = 0; k < 2; ++k)
       pids.push_back(start_graft(
@@ -253,7 +238,7 @@ TEST_CASE(
     CHECK(read(w.dir / "torch1").empty());  // ranks other than 0 say nothing when all is well
   }
   SUBCASE("Slurm") {
-    const auto port = std::to_string(free_port());
+    const auto port = std::to_string(free_loopback_port());
     std::vector<pid_t> pids;
     for (int k = 0; k < 2; ++k)
       pids.push_back(start_graft(args("slurm"), w.dir / ("slurm" + std::to_string(k)),
@@ -266,7 +251,7 @@ TEST_CASE(
     CHECK(io::read_json_file("slurm/manifest.json").at("distributed").at("launcher") == "slurm");
   }
   SUBCASE("a rank that cannot reach rank 0") {
-    const auto port = std::to_string(free_port());
+    const auto port = std::to_string(free_loopback_port());
     const auto pid = start_graft(
         {"run", "lm.yaml", "output.dir=alone", "--rendezvous-timeout", "1"}, w.dir / "alone.log",
         {"RANK=1", "WORLD_SIZE=2", "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + port});
@@ -278,7 +263,7 @@ TEST_CASE(
     CHECK_FALSE(fs::exists("alone"));
   }
   SUBCASE("a rank that dies") {
-    const auto port = std::to_string(free_port());
+    const auto port = std::to_string(free_loopback_port());
     std::vector<pid_t> pids;
     for (int k = 0; k < 2; ++k) {
       std::vector<std::string> env{"RANK=" + std::to_string(k), "WORLD_SIZE=2",

@@ -46,6 +46,10 @@ Launch launch_from_environment(const std::function<const char*(const char*)>& en
 /// The first host of a Slurm node list ("node[03-05,9],gpu1" -> "node03").
 std::string first_slurm_host(const std::string& nodelist);
 
+/// A TCP port on 127.0.0.1 that nothing listens on now (for a launcher's MASTER_PORT), or a
+/// SystemError.
+int free_loopback_port();
+
 /// The backends this build of graft can use ("gloo", "nccl"); empty when libtorch's c10d or
 /// Gloo's headers were missing at build time (distributed runs are then refused).
 std::vector<std::string> distributed_backends();

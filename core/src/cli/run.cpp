@@ -6,10 +6,8 @@
 #include <graft/plugin.h>
 #include <graft/recipe.h>
 #include <graft/train.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -77,22 +75,6 @@ std::vector<std::string> command_without_nproc() {
   return out;
 }
 
-// A port on the loopback that nothing listens on now.
-int free_port() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  if (fd < 0 || bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
-      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
-    if (fd >= 0) close(fd);
-    throw SystemError(std::string("cannot find a free port on 127.0.0.1: ") + std::strerror(errno));
-  }
-  close(fd);
-  return ntohs(a.sin_port);
-}
-
 std::vector<pid_t>* g_ranks = nullptr;
 void forward_signal(int sig) {
   if (g_ranks)
@@ -109,7 +91,7 @@ int launch_ranks(int n, bool threads_given) {
   auto argv = command_without_nproc();
   if (!threads_given)
     argv.insert(argv.end(), {"--threads", std::to_string(std::max(1, available_cores() / n))});
-  const auto port = std::to_string(free_port());
+  const auto port = std::to_string(free_loopback_port());
   std::vector<char*> cargv;
   for (auto& a : argv) cargv.push_back(a.data());
   cargv.push_back(nullptr);

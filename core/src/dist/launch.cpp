@@ -1,8 +1,13 @@
 // Where a process sits in a distributed run: torchrun's environment, Slurm's, or neither.
 #include <graft/distributed.h>
 #include <graft/error.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <cctype>
+#include <cerrno>
+#include <cstring>
 #include <string>
 
 namespace graft {
@@ -51,6 +56,22 @@ std::string first_slurm_host(const std::string& nodelist) {
   }
   if (out.empty()) throw Error("SLURM_JOB_NODELIST is empty");
   return out;
+}
+
+int free_loopback_port() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (fd < 0 || bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    const std::string why = std::strerror(errno);
+    if (fd >= 0) close(fd);
+    throw SystemError("cannot find a free port on 127.0.0.1: " + why);
+  }
+  close(fd);
+  return ntohs(a.sin_port);
 }
 
 Launch launch_from_environment(const std::function<const char*(const char*)>& env) {
