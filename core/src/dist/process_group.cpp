@@ -193,10 +193,18 @@ std::unique_ptr<ProcessGroup> ProcessGroup::join(const Launch& l, const torch::D
                                                  std::chrono::milliseconds timeout) {
   if (!l.distributed()) return std::make_unique<Alone>();
 #if GRAFT_HAVE_GLOO
+  // GRAFT_DIST_BACKEND=gloo keeps CUDA tensors on Gloo (several ranks sharing one GPU, which
+  // NCCL refuses); =nccl insists on NCCL.
+  const char* asked = std::getenv("GRAFT_DIST_BACKEND");
+  const std::string backend = asked ? asked : "";
+  if (!backend.empty() && backend != "gloo" && backend != "nccl")
+    throw Error("GRAFT_DIST_BACKEND=" + backend + ": expected gloo or nccl");
+  if (backend == "nccl" && (!GRAFT_HAVE_NCCL || !device.is_cuda()))
+    throw Error("GRAFT_DIST_BACKEND=nccl: NCCL needs a CUDA device and a graft built with NCCL");
   auto store = rendezvous(l, timeout);
   try {
 #if GRAFT_HAVE_NCCL
-    if (device.is_cuda()) {
+    if (device.is_cuda() && backend != "gloo") {
       auto o = c10d::ProcessGroupNCCL::Options::create();
       auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, l.rank, l.world_size, o);
       return std::make_unique<C10dGroup<c10d::ProcessGroupNCCL>>(l, "nccl", store, pg, device);
