@@ -28,7 +28,7 @@ cmake --build "$build" -j "$(nproc)" --target graft graft_plugins >"$out/build.l
 echo "built"
 export GRAFT_PLUGIN_PATH=$build/plugins
 q=(train.steps=8 train.warmup_steps=1 eval.batches=2 train.log_every=4 model.device=cuda)
-"$build/graft" run "$root/recipes/quickstart.yaml" "${q[@]}" "output.dir=$out/cuda" 2>&1 | tee "$out/cuda.log" | tail -4
+"$build/graft" -v run "$root/recipes/quickstart.yaml" "${q[@]}" "output.dir=$out/cuda" 2>&1 | tee "$out/cuda.log" | tail -30
 "$build/graft" run "$root/recipes/quickstart.yaml" "${q[@]}" "output.dir=$out/acc" train.batch_size=4 \
   train.gradient_accumulation=2 --threads 1 >"$out/acc.log" 2>&1 || tail -3 "$out/acc.log"
 GRAFT_DIST_BACKEND=gloo "$build/graft" run "$root/recipes/quickstart.yaml" "${q[@]}" \

@@ -138,8 +138,9 @@ LmScore score_causal_lm(Model& model, const Batch& batch, std::int64_t chunk_row
   auto* head = model.linear("head");
   const auto weight = plain_head_weight(model);
   const auto n = hidden.size(0), rows = rows_per_chunk(chunk_rows, head->out_features);
-  auto loss = torch::zeros({}, torch::kDouble);
-  auto correct = torch::zeros({}, torch::kLong);
+  const auto on = torch::TensorOptions().device(hidden.device());  // sums stay on the device
+  auto loss = torch::zeros({}, on.dtype(torch::kDouble));
+  auto correct = torch::zeros({}, on.dtype(torch::kLong));
   LmScore s;
   for (std::int64_t start = 0; start < n; start += rows) {
     const auto len = std::min(rows, n - start);
