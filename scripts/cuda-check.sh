@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds graft against a CUDA libtorch (the one of python3's torch) and checks that it trains on
 # the GPU: the quickstart for a few steps on CUDA, then two ranks sharing the GPU over Gloo
-# (--nproc 2, GRAFT_DIST_BACKEND=gloo) against one process accumulating the same halves, and
-# reports which distributed backends the build has. For a GPU machine without Debian's -dev
+# (--nproc 2, GRAFT_DIST_BACKEND=gloo) against one process accumulating the same halves, then
+# two ranks on NCCL (which needs a GPU per rank: refused in one line on a machine of one GPU). For a GPU machine without Debian's -dev
 # packages: DEPS names a folder of Debian .deb files (yaml-cpp, Boost, ICU, SQLite, nlohmann-json,
 # doctest, gloo) unpacked into a private prefix. Output: a log per step in OUT (default /tmp).
 # Usage: scripts/cuda-check.sh [BUILD_DIR]     (GRAFT_MODELS must find stories260K)

@@ -6,6 +6,7 @@
 #include <graft/error.h>
 #include <netdb.h>
 #include <sys/socket.h>
+#include <torch/cuda.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -201,10 +202,18 @@ std::unique_ptr<ProcessGroup> ProcessGroup::join(const Launch& l, const torch::D
     throw Error("GRAFT_DIST_BACKEND=" + backend + ": expected gloo or nccl");
   if (backend == "nccl" && (!GRAFT_HAVE_NCCL || !device.is_cuda()))
     throw Error("GRAFT_DIST_BACKEND=nccl: NCCL needs a CUDA device and a graft built with NCCL");
+#if GRAFT_HAVE_NCCL
+  const bool nccl = device.is_cuda() && backend != "gloo";
+  const auto gpus = static_cast<int>(torch::cuda::device_count());
+  if (nccl && l.local_world_size > gpus)  // NCCL refuses two ranks on one GPU, late and vaguely
+    throw Error(std::to_string(l.local_world_size) + " ranks on this machine share its " +
+                std::to_string(gpus) + " GPU" + (gpus == 1 ? "" : "s") +
+                ": NCCL needs a GPU per rank; start fewer ranks, or set GRAFT_DIST_BACKEND=gloo");
+#endif
   auto store = rendezvous(l, timeout);
   try {
 #if GRAFT_HAVE_NCCL
-    if (device.is_cuda() && backend != "gloo") {
+    if (nccl) {
       auto o = c10d::ProcessGroupNCCL::Options::create();
       auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, l.rank, l.world_size, o);
       return std::make_unique<C10dGroup<c10d::ProcessGroupNCCL>>(l, "nccl", store, pg, device);
