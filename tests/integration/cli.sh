@@ -338,6 +338,27 @@ if [[ -d $root/data/sotu ]]; then
       "output.dir=$work/ddp-two" --nproc 2 --threads 1
     cmp -s "$work/ddp-one/adapter/adapter.safetensors" "$work/ddp-two/adapter/adapter.safetensors" ||
       { echo "FAIL: two ranks trained another adapter than one process with accumulation"; fail=1; }
+    # Ctrl-C reaches both ranks (through the launcher): they stop at the same step, rank 0
+    # writes the checkpoint, and --resume with two ranks finishes exactly as an uninterrupted run.
+    ddp=(run "$root/recipes/quickstart.yaml" train.steps=40 train.warmup_steps=2 train.log_every=1
+      eval.every=0 eval.batches=1 generate.max_new_tokens=4 --nproc 2 --threads 1)
+    "$graft" "${ddp[@]}" "output.dir=$work/ddp-int" >"$work/ddp-int.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 300); do grep -qs "^step 3/40" "$work/ddp-int.log" && break; sleep 0.1; done
+    kill -INT "$pid"
+    wait "$pid"
+    code=$?
+    if [[ $code -ne 130 ]] || ! grep -q "interrupted (SIGINT) after step" "$work/ddp-int.log" ||
+      grep -q "rank 1" "$work/ddp-int.log"; then
+      echo "FAIL: Ctrl-C during graft run --nproc 2: exit $code (wanted 130); output:"
+      cat "$work/ddp-int.log"
+      fail=1
+    fi
+    check "resume two ranks after Ctrl-C" 0 "resumed from .*step" -- "$graft" "${ddp[@]}" \
+      "output.dir=$work/ddp-int" --resume
+    "$graft" "${ddp[@]}" "output.dir=$work/ddp-whole" >/dev/null 2>&1
+    cmp -s "$work/ddp-int/adapter/adapter.safetensors" "$work/ddp-whole/adapter/adapter.safetensors" ||
+      { echo "FAIL: two ranks interrupted and resumed trained another adapter than without a stop"; fail=1; }
     check "--nproc inside a launched rank" 2 "--nproc 2 inside a process that torchrun started" -- \
       env RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=1 "$graft" run "$root/recipes/quickstart.yaml" --nproc 2
   else

@@ -156,7 +156,7 @@ int launch_ranks(int n, bool threads_given) {
 
   std::map<pid_t, int> rank_of;
   for (int k = 0; k < n; ++k) rank_of[pids[static_cast<std::size_t>(k)]] = k;
-  std::vector<int> code(static_cast<std::size_t>(n), -1);
+  std::vector<int> code(static_cast<std::size_t>(n), -1), killed_by(static_cast<std::size_t>(n), 0);
   std::optional<std::chrono::steady_clock::time_point> failed_at;
   int left = n;
   while (left > 0) {
@@ -166,6 +166,7 @@ int launch_ranks(int n, bool threads_given) {
       const int k = rank_of[pid];
       code[static_cast<std::size_t>(k)] =
           WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      if (WIFSIGNALED(status)) killed_by[static_cast<std::size_t>(k)] = WTERMSIG(status);
       --left;
       if (code[static_cast<std::size_t>(k)] != 0 && !failed_at)
         failed_at = std::chrono::steady_clock::now();
@@ -193,14 +194,15 @@ int launch_ranks(int n, bool threads_given) {
     const int c = code[static_cast<std::size_t>(k)];
     if (c == 0) continue;
     if (result == 0) result = c;
-    if (first == 2) continue;  // rank 0 refused the input: every rank did, in the same words
+    // Rank 0 refused the input (every rank did, in the same words), or all were interrupted.
+    if (first == 2 || (c == first && !killed_by[static_cast<std::size_t>(k)])) continue;
     std::istringstream lines(said[static_cast<std::size_t>(k)]);
     std::string line, last;
     while (std::getline(lines, line))
       if (line.rfind("graft", 0) == 0) last = line;
-    if (c > 128 && last.empty())
-      std::cerr << "graft: error: rank " << k << " was killed by signal " << c - 128 << " ("
-                << strsignal(c - 128) << ")\n";
+    if (const int sig = killed_by[static_cast<std::size_t>(k)]; sig && last.empty())
+      std::cerr << "graft: error: rank " << k << " was killed by signal " << sig << " ("
+                << strsignal(sig) << ")\n";
     else if (!last.empty() && last.find("lost contact") == std::string::npos)
       std::cerr << "graft: rank " << k << ": " << last.substr(last.find(':') + 2) << "\n";
   }
