@@ -10,6 +10,25 @@ model=$models/stories260K/stories260K.gguf
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 fail=0
+# interrupt RUN_DIR graft-arguments...: Ctrl-C once step 3 is logged; the run must exit 130 with a
+# checkpoint in RUN_DIR (its output goes to RUN_DIR.log).
+interrupt() {
+  local dir=$1
+  shift
+  "$graft" "$@" >"$dir.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 300); do grep -qs "^step 3/" "$dir.log" && break; sleep 0.1; done
+  kill -INT "$pid"
+  wait "$pid"
+  local code=$?
+  if [[ $code -ne 130 ]] || ! grep -q "interrupted (SIGINT) after step" "$dir.log" ||
+    ! ls "$dir"/checkpoints/step-*/trainer.json >/dev/null 2>&1; then
+    echo "FAIL: Ctrl-C during graft $*: exit $code (wanted 130); output:"
+    cat "$dir.log"
+    fail=1
+  fi
+}
+
 check() {  # check NAME EXPECTED_EXIT PATTERN -- command...
   local name=$1 want=$2 pattern=$3
   shift 4
@@ -286,18 +305,7 @@ if [[ -d $root/data/sotu ]]; then
   # Ctrl-C: a checkpoint at the next step boundary, exit 130; --resume finishes the run.
   int=(run "$root/recipes/quickstart.yaml" train.steps=40 train.warmup_steps=2 train.log_every=1
     eval.every=0 eval.batches=1 generate.max_new_tokens=4 "output.dir=$work/int")
-  "$graft" "${int[@]}" >"$work/int.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 300); do grep -qs "^step 3/40" "$work/int.log" && break; sleep 0.1; done
-  kill -INT "$pid"
-  wait "$pid"
-  code=$?
-  if [[ $code -ne 130 ]] || ! grep -q "interrupted (SIGINT) after step" "$work/int.log" ||
-    ! ls "$work"/int/checkpoints/step-*/trainer.json >/dev/null 2>&1; then
-    echo "FAIL: Ctrl-C during graft run: exit $code (wanted 130); output:"
-    cat "$work/int.log"
-    fail=1
-  fi
+  interrupt "$work/int" "${int[@]}"
   check "resume after Ctrl-C" 0 "resumed from .*step" -- "$graft" "${int[@]}" --resume
   check "merge into GGUF keeps the tokenizer" 0 "wrote .*merged.gguf" -- "$graft" merge \
     --model "$model" --adapter "$work/lora.gguf" --out "$work/merged.gguf"
@@ -342,18 +350,8 @@ if [[ -d $root/data/sotu ]]; then
     # writes the checkpoint, and --resume with two ranks finishes exactly as an uninterrupted run.
     ddp=(run "$root/recipes/quickstart.yaml" train.steps=40 train.warmup_steps=2 train.log_every=1
       eval.every=0 eval.batches=1 generate.max_new_tokens=4 --nproc 2 --threads 1)
-    "$graft" "${ddp[@]}" "output.dir=$work/ddp-int" >"$work/ddp-int.log" 2>&1 &
-    pid=$!
-    for _ in $(seq 300); do grep -qs "^step 3/40" "$work/ddp-int.log" && break; sleep 0.1; done
-    kill -INT "$pid"
-    wait "$pid"
-    code=$?
-    if [[ $code -ne 130 ]] || ! grep -q "interrupted (SIGINT) after step" "$work/ddp-int.log" ||
-      grep -q "rank 1" "$work/ddp-int.log"; then
-      echo "FAIL: Ctrl-C during graft run --nproc 2: exit $code (wanted 130); output:"
-      cat "$work/ddp-int.log"
-      fail=1
-    fi
+    interrupt "$work/ddp-int" "${ddp[@]}" "output.dir=$work/ddp-int"
+    grep -q "rank 1" "$work/ddp-int.log" && { echo "FAIL: rank 1 spoke when stopped with rank 0"; fail=1; }
     check "resume two ranks after Ctrl-C" 0 "resumed from .*step" -- "$graft" "${ddp[@]}" \
       "output.dir=$work/ddp-int" --resume
     "$graft" "${ddp[@]}" "output.dir=$work/ddp-whole" >/dev/null 2>&1
