@@ -200,7 +200,7 @@ TEST_CASE("a distributed run resumes with its number of ranks and refuses anothe
 }
 
 TEST_CASE(
-    "ranks started with torchrun's or Slurm's variables form one run; one that cannot "
+    "ranks started with torchrun's or Slurm's variables form one run, and one that cannot "
     "join or dies stops the run with one line") {
   if (distributed_backends().empty()) return;
   Workspace w;

@@ -272,7 +272,8 @@ TEST_CASE("train.precision: bf16 trains float32 master weights under autocast, r
     CHECK_MESSAGE((t.scalar_type() == torch::kFloat), name);
 }
 
-TEST_CASE("SIGINT stops a run at a step boundary with a checkpoint; --resume continues exactly") {
+TEST_CASE(
+    "SIGINT stops a run at a step boundary with a checkpoint, and --resume continues exactly") {
   Workspace w;
   InDir in(w.dir);
   auto whole = w.recipe("lm.yaml", {"output.dir=runs/whole"});
@@ -301,7 +302,8 @@ TEST_CASE("SIGINT stops a run at a step boundary with a checkpoint; --resume con
         read("runs/int/adapter/adapter.safetensors"));
 }
 
-TEST_CASE("a run folder without progress starts again; --overwrite replaces graft's files only") {
+TEST_CASE(
+    "a run folder without progress starts again, and --overwrite replaces graft's files only") {
   Workspace w;
   InDir in(w.dir);
   auto r = w.recipe("lm.yaml", {"output.dir=runs/x"});

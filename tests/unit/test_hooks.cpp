@@ -90,7 +90,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "sublayer transforms at every activation point change the output; detaching restores it") {
+    "sublayer transforms at every activation point change the output, and detaching restores it") {
   for (const std::string family : {"llama", "gpt2", "bert"}) {
     CAPTURE(family);
     auto m = tiny_model(family);

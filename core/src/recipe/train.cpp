@@ -842,10 +842,10 @@ void refuse_other_world_size(const fs::path& dir, const ProcessGroup& group) {
                 "): each rank's random state belongs to its rank");
 }
 
-// The optimizer, this rank's random state, the data position and the metrics so far.
+// The optimizer, this rank's random state, the data position and the metrics so far (from a
+// checkpoint refuse_other_world_size() accepted).
 json load_checkpoint_trainer(torch::optim::Optimizer& opt, const fs::path& dir, Position& pos,
                              std::vector<json>& metrics, const ProcessGroup& group) {
-  refuse_other_world_size(dir, group);
   const auto j = io::read_json_file(dir / "trainer.json");
   const auto t = io::read_safetensors((dir / "state.safetensors").string()).tensors;
   {
@@ -1044,6 +1044,19 @@ torch::Device rank_device(const Recipe& r, const Launch& l) {
   return d;
 }
 
+// The signal that stops a run at this step boundary: this process's, or in a run of several
+// ranks any rank's (SIGINT before SIGTERM), so that every rank stops at the same step.
+int agreed_signal(int mine, ProcessGroup& group, const torch::Device& device) {
+  if (group.size() == 1) return mine;
+  auto t =
+      torch::tensor({static_cast<double>(mine == SIGINT), static_cast<double>(mine == SIGTERM)},
+                    torch::kDouble)
+          .to(device);
+  group.allreduce_sum(t);
+  t = t.cpu();
+  return mine ? mine : t[0].item<double>() > 0 ? SIGINT : t[1].item<double>() > 0 ? SIGTERM : 0;
+}
+
 // The rows of a global batch that rank k of N takes: [k n / N, (k + 1) n / N).
 std::vector<std::size_t> shard(const std::vector<std::size_t>& which, const ProcessGroup& g) {
   const auto n = which.size(), N = static_cast<std::size_t>(g.size()),
@@ -1064,8 +1077,12 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
   std::ostream& log = writer ? std::cerr : nowhere();
   const bool clear = check_run_folder(run, recipe_text, options, log);
   if (clear) o.resume = false;  // nothing to continue there: a fresh start
-  if (o.resume && !latest_checkpoint(run).empty())
-    refuse_other_world_size(latest_checkpoint(run), *group);
+  fs::path resume_from;         // refused early when another number of ranks wrote it
+  if (o.resume) {
+    resume_from = latest_checkpoint(run);
+    if (resume_from.empty()) throw Error(run.string() + ": no checkpoint to resume from");
+    refuse_other_world_size(resume_from, *group);
+  }
   StopSignals signals(o.handle_signals);
 
   torch::manual_seed(r.seed);
@@ -1113,12 +1130,7 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
     return to_device(make_batch(data.train, which, s.pad_id, s.classification), s.device);
   };
 
-  fs::path resume_from;
-  if (o.resume) {
-    resume_from = latest_checkpoint(run);
-    if (resume_from.empty()) throw Error(run.string() + ": no checkpoint to resume from");
-    load_checkpoint_methods(s, resume_from);
-  }
+  if (o.resume) load_checkpoint_methods(s, resume_from);
   // Methods that choose what to train from data see the first batches of epoch 0 (whole, on
   // every rank: every rank chooses the same).
   for (auto& m : s.methods)
@@ -1242,23 +1254,17 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
       share.backward();
     }
     if (reducer) reducer->finish_step();
-    // The step's loss, its tokens and the signals of every rank: all ranks stop at the same step.
-    int sig = pos.step + 1 < total ? signals.pending() : 0;
+    // The step's loss and tokens over all ranks.
     double step_loss = step_part;
     if (group->size() > 1) {
       auto t =
-          torch::tensor({step_part, static_cast<double>(step_tokens),
-                         static_cast<double>(sig == SIGINT), static_cast<double>(sig == SIGTERM)},
-                        torch::kDouble)
-              .to(s.device);
+          torch::tensor({step_part, static_cast<double>(step_tokens)}, torch::kDouble).to(s.device);
       const auto t0 = Clock::now();
       group->allreduce_sum(t);
       waiting += std::chrono::duration<double>(Clock::now() - t0).count();
       t = t.cpu();
-      const auto* v = t.data_ptr<double>();
-      step_loss = v[0];
-      step_tokens = static_cast<std::int64_t>(v[1]);
-      if (sig == 0) sig = v[2] > 0 ? SIGINT : v[3] > 0 ? SIGTERM : 0;
+      step_loss = t[0].item<double>();
+      step_tokens = static_cast<std::int64_t>(t[1].item<double>());
     }
     tokens += step_tokens;
     if (!std::isfinite(step_loss)) {
@@ -1313,6 +1319,7 @@ json run_recipe(const Recipe& r, const RunOptions& options) {
     if (writer) write_metrics(run / "metrics.jsonl", metrics);
     if (o.on_step) o.on_step(pos.step);
     const bool stop_here = o.stop_at > 0 && pos.step == o.stop_at && pos.step < total;
+    const int sig = pos.step < total ? agreed_signal(signals.pending(), *group, s.device) : 0;
     if ((r.checkpoint.every > 0 && pos.step % r.checkpoint.every == 0) || stop_here || sig)
       save_checkpoint(s, *opt, pos, metrics, extra, run, r.checkpoint.keep, *group);
     if (sig) {
