@@ -54,6 +54,11 @@ int free_loopback_port();
 /// Gloo's headers were missing at build time (distributed runs are then refused).
 std::vector<std::string> distributed_backends();
 
+/// Nothing where this build can run distributed; else an Error: "<what>: this graft was built
+/// without distributed training (...)", the one refusal `--nproc`, `trial_nproc` and a launcher's
+/// WORLD_SIZE above 1 share.
+void require_distributed(const std::string& what);
+
 /// The ranks of a run, joined through a c10d TCPStore at the launch's address. Every rank must
 /// make the same calls in the same order. A failure of a collective (a rank that died, a machine
 /// gone) is an Error saying so in one line. A group of one process does no communication.

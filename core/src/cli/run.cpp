@@ -1,5 +1,4 @@
 // graft run, graft validate, graft eval: recipes from the command line.
-#include <fcntl.h>
 #include <graft/distributed.h>
 #include <graft/error.h>
 #include <graft/load.h>
@@ -242,11 +241,7 @@ int run_run(const Args& args) {
   if (!(timeout > 0)) throw UsageError("--rendezvous-timeout: expected seconds above 0");
   const auto recipe = read(vm);  // a bad recipe is refused once, before any rank starts
   if (nproc > 1) {
-    if (distributed_backends().empty())
-      throw Error("--nproc " + std::to_string(nproc) +
-                  ": this graft was built without distributed training (libtorch's c10d Gloo "
-                  "backend or Gloo's headers were not found at build time: install libgloo-dev "
-                  "and build again)");
+    require_distributed("--nproc " + std::to_string(nproc));
     return launch_ranks(nproc, !vm["threads"].defaulted());
   }
   // A rank of a distributed run computes with its share of the cores (Slurm binds each task to

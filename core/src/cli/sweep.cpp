@@ -142,9 +142,9 @@ int run_sweep(const Args& args) {
     throw Error(sweep.file.string() + ": trial_threads: " + std::to_string(sweep.trial_threads) +
                 " is more than this machine's " + std::to_string(available_cores()) +
                 " cores (--launcher slurm takes any number)");
-  if (sweep.trial_nproc > 1 && !vm.count("srun") && distributed_backends().empty())
-    throw Error(sweep.file.string() + ": trial_nproc: " + std::to_string(sweep.trial_nproc) +
-                " needs distributed training, which this graft was built without (Gloo)");
+  if (sweep.trial_nproc > 1 && !vm.count("srun"))
+    require_distributed(sweep.file.string() +
+                        ": trial_nproc: " + std::to_string(sweep.trial_nproc));
   SweepOptions o;
   o.workers = sweep.workers;
   o.graft = this_executable();

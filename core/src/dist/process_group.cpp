@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <stdexcept>
 #include <thread>
 
 #if GRAFT_HAVE_GLOO
@@ -31,6 +32,14 @@ std::vector<std::string> distributed_backends() {
   out.emplace_back("nccl");
 #endif
   return out;
+}
+
+void require_distributed(const std::string& what) {
+  if (distributed_backends().empty())
+    throw Error(what +
+                ": this graft was built without distributed training (libtorch's c10d Gloo "
+                "backend or Gloo's headers were not found at build time: install libgloo-dev and "
+                "build again)");
 }
 
 namespace {
@@ -230,10 +239,8 @@ std::unique_ptr<ProcessGroup> ProcessGroup::join(const Launch& l, const torch::D
 #else
   (void)device;
   (void)timeout;
-  throw Error("WORLD_SIZE " + std::to_string(l.world_size) +
-              ": this graft was built without distributed training (libtorch's c10d Gloo "
-              "backend or Gloo's headers were not found at build time: install libgloo-dev and "
-              "build again)");
+  require_distributed("WORLD_SIZE " + std::to_string(l.world_size));  // throws: no backend here
+  throw std::logic_error("distributed_backends() lists a backend this build left out");
 #endif
 }
 
